@@ -1,0 +1,252 @@
+"""Typed configuration: `configs/<model>.yaml`, chosen and overridden by `params.yaml`.
+
+params.yaml names the config file (`config:`) and may override any section with the
+knobs an engineer sweeps through `dvc exp run -S calibration.method=minmax`: a section
+given in params.yaml is merged key by key over the same section of the config file.
+A misspelt key or a wrong type is rejected with its dotted path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    name: str = "input"
+    shape: list[int] = Field(description="one sample's shape, without the batch axis (e.g. [3, 224, 224])")
+    dtype: Literal["float32", "float16"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(d <= 0 for d in v):
+            raise ValueError("every dimension must be a positive integer")
+        return v
+
+
+class TrainConfig(_Strict):
+    """Only for the built-in `digits_cnn`: trained deterministically in `prepare`."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.003, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    source: Literal["builtin", "torchvision", "factory"] = "builtin"
+    arch: str = Field(description="builtin name, torchvision architecture, or module:function factory")
+    checkpoint: Optional[str] = None
+    num_classes: int = Field(10, ge=1)
+    input: InputSpec
+    output_names: list[str] = ["logits"]
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _factory_form(self) -> "ModelConfig":
+        if self.source == "factory" and ":" not in self.arch:
+            raise ValueError("model.arch must be 'module:function' when model.source is 'factory'")
+        return self
+
+
+class PreprocessConfig(_Strict):
+    resize: Optional[int] = Field(None, ge=1, description="shorter side, before the centre crop")
+    center_crop: Optional[int] = Field(None, ge=1)
+    scale: float = Field(1.0, gt=0, description="multiply raw pixel values by this first")
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class SplitConfig(_Strict):
+    train: float = Field(0.6, ge=0, le=1)
+    calibration: float = Field(0.2, gt=0, le=1)
+    evaluation: float = Field(0.2, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitConfig":
+        total = self.train + self.calibration + self.evaluation
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"split fractions add up to {total:g}; they must add up to at most 1")
+        return self
+
+
+class DataConfig(_Strict):
+    source: Literal["digits", "npz", "npy", "image_folder", "factory"] = "digits"
+    path: Optional[str] = Field(None, description="file or folder for npz/npy/image_folder, module:function for factory")
+    calibration_path: Optional[str] = Field(None, description="separate calibration data; else split from `path`")
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    max_samples: Optional[int] = Field(None, ge=1)
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(17, ge=11, le=21)
+    dynamic_batch: bool = True
+
+
+class ValidateConfig(_Strict):
+    num_samples: int = Field(256, ge=1)
+    atol: float = Field(1e-4, ge=0, description="largest allowed max |onnxruntime - PyTorch| per output")
+    min_cosine: float = Field(0.99999, ge=-1, le=1)
+    batch_size: int = Field(64, ge=1)
+
+
+class CalibrationConfig(_Strict):
+    method: Literal["entropy", "minmax", "percentile"] = "entropy"
+    percentile: float = Field(99.99, gt=0, le=100)
+    num_samples: int = Field(512, ge=1)
+    batch_size: int = Field(32, ge=1)
+    num_bins: int = Field(2048, ge=128)
+    seed: int = 0
+
+
+class ProfileConfig(_Strict):
+    """Batch range of the optimization profile (dynamic batch axis)."""
+
+    min_batch: int = Field(1, ge=1)
+    opt_batch: int = Field(32, ge=1)
+    max_batch: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ProfileConfig":
+        if not self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ValueError(
+                f"need min_batch <= opt_batch <= max_batch, got {self.min_batch} / {self.opt_batch} / {self.max_batch}"
+            )
+        return self
+
+
+class BuildConfig(_Strict):
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
+    workspace_mb: int = Field(1024, ge=16)
+    profile: ProfileConfig = ProfileConfig()
+    timing_cache: Optional[str] = "artifacts/timing.cache"
+    int8_route: Literal["implicit", "explicit"] = "implicit"
+    int8_calibrator: Literal["entropy2", "minmax"] = "entropy2"
+    calibration_source: Literal["tensorrt", "cache"] = Field(
+        "tensorrt", description="implicit INT8: calibrate with TensorRT, or reuse the calibrate stage's cache"
+    )
+    layer_precisions: dict[str, Literal["fp32", "fp16"]] = Field(
+        default_factory=dict, description="layer-name glob -> precision pinned in the engine"
+    )
+
+
+class LatencyConfig(_Strict):
+    warmup: int = Field(10, ge=0)
+    iterations: int = Field(100, ge=1)
+    batch_sizes: list[int] = [1, 32]
+
+
+class EvaluateConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    latency: LatencyConfig = LatencyConfig()
+    metrics: list[str] = ["top1", "top5"]
+
+
+class GateThresholds(_Strict):
+    max_drop: dict[str, float] = Field(default_factory=dict, description="metric -> largest drop vs fp32 (points)")
+    min_agreement: dict[str, float] = Field(default_factory=dict, description="agreement metric -> least value")
+    max_latency_regression: Optional[float] = Field(None, ge=0, description="fraction vs baseline, e.g. 0.2")
+
+
+class GateConfig(_Strict):
+    thresholds: dict[Precision, GateThresholds] = Field(default_factory=dict)
+
+
+class PublishConfig(_Strict):
+    registry: str = "artifacts/registry"
+    precisions: list[Precision] = list(PRECISIONS)
+
+
+class Config(_Strict):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    export: ExportConfig = ExportConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    calibration: CalibrationConfig = CalibrationConfig()
+    build: BuildConfig = BuildConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
+    publish: PublishConfig = PublishConfig()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def raw(self) -> dict[str, Any]:
+        """The resolved config as plain data (for manifests and hashes)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join("validate" if p == "validate_" else str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}' (check its spelling)")
+        elif err["type"] == "missing":
+            parts.append(f"missing key '{loc}'")
+        else:
+            got = err.get("input")
+            got_s = "" if isinstance(got, (dict, list)) else f", got {got!r}"
+            parts.append(f"'{loc}': {err['msg']}{got_s}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; create it or point params.yaml 'config:' at an existing one")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+PARAMS_META_KEYS = {"config", "precisions"}
+
+
+def load_config(config_path: str | Path | None = None, params_path: str | Path = "params.yaml") -> Config:
+    """Load the config named by params.yaml (or `config_path`), with params.yaml's sections merged over it."""
+    params: dict[str, Any] = {}
+    params_path = Path(params_path)
+    if params_path.is_file():
+        params = _read_yaml(params_path)
+    if config_path is None:
+        config_path = params.get("config")
+        if not config_path:
+            raise ConfigError(f"{params_path}: no 'config:' key naming a configs/<model>.yaml (or pass --config)")
+    config_path = Path(config_path)
+    data = _read_yaml(config_path)
+    overrides = {k: v for k, v in params.items() if k not in PARAMS_META_KEYS}
+    source = f"{config_path}" + (f" (+ overrides from {params_path})" if overrides else "")
+    try:
+        return Config.model_validate(_merge(data, overrides))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
