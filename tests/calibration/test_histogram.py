@@ -1,0 +1,160 @@
+"""AbsHistogram: DESIGN.md section 4, step 1 (2048 bins over the first batch's max|x|,
+same-width bins appended for a larger later max, old counts never rescaled)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from calibration.errors import CalibrationError
+from calibration.histogram import AbsHistogram
+
+
+def _np_hist(values, num_bins, width):
+    """np.histogram of |values| over the bins [k*width, (k+1)*width), last one closed.
+    In float64: numpy 2 would otherwise put the edges of a float32 array in float32."""
+    absolute = np.abs(np.asarray(values, dtype=np.float64))
+    return np.histogram(absolute, bins=num_bins, range=(0.0, num_bins * width))[0]
+
+
+def test_first_batch_sets_2048_bins_over_its_max():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (8, 3, 50, 50)).astype(np.float32)
+    hist = AbsHistogram()
+    hist.update(x)
+    top = float(np.max(np.abs(x)))
+    assert hist.num_bins == 2048
+    assert hist.bin_width == top / 2048
+    assert hist.max_abs == top
+    assert hist.num_samples == x.size
+    assert hist.counts.sum() == x.size
+    np.testing.assert_array_equal(hist.counts, _np_hist(x, 2048, top / 2048))
+    assert hist.edges[-1] == top
+
+
+def test_value_equal_to_top_goes_in_last_bin():
+    hist = AbsHistogram(num_bins=4)
+    hist.update(np.array([0.0, -1.0, 4.0, -4.0]))
+    np.testing.assert_array_equal(hist.counts, [1, 1, 0, 2])
+    hist.update(np.array([4.0]))  # same max: no growth
+    assert hist.num_bins == 4
+    assert hist.counts[-1] == 3
+
+
+def test_smaller_later_batch_only_adds_counts():
+    rng = np.random.default_rng(1)
+    first, second = rng.normal(0, 2, 10_000), rng.normal(0, 1, 10_000)
+    second = second[np.abs(second) < np.abs(first).max()]
+    hist = AbsHistogram()
+    hist.update(first)
+    width = hist.bin_width
+    hist.update(second)
+    assert hist.num_bins == 2048 and hist.bin_width == width
+    np.testing.assert_array_equal(hist.counts, _np_hist(first, 2048, width) + _np_hist(second, 2048, width))
+
+
+def test_larger_later_batch_appends_bins_of_the_same_width():
+    rng = np.random.default_rng(2)
+    first = rng.normal(0, 1, 20_000)
+    hist = AbsHistogram()
+    hist.update(first)
+    width = hist.bin_width
+    old = hist.counts.copy()
+    second = rng.normal(0, 3, 20_000)
+    hist.update(second)
+    expected_bins = math.ceil(np.abs(second).max() / width)
+    assert hist.num_bins == expected_bins > 2048
+    assert hist.bin_width == width  # never rescaled
+    assert hist.max_abs == np.abs(second).max()
+    np.testing.assert_array_equal(hist.counts[:2048] - _np_hist(second, expected_bins, width)[:2048], old)
+    np.testing.assert_array_equal(hist.counts, np.concatenate([old, np.zeros(expected_bins - 2048, int)])
+                                  + _np_hist(second, expected_bins, width))
+    assert hist.edges[-1] >= hist.max_abs
+
+
+def test_growth_over_several_batches_matches_per_batch_histograms():
+    """Each batch is binned with the bins that exist once it is seen (|x| == the top edge
+    of that moment lands in the then-last bin), and earlier counts stay where they were."""
+    rng = np.random.default_rng(3)
+    batches = [rng.laplace(0, s, 5_000) for s in (1.0, 0.5, 2.0, 1.0, 4.0)]
+    hist = AbsHistogram()
+    per_batch = []
+    for b in batches:
+        hist.update(b)
+        per_batch.append(_np_hist(b, hist.num_bins, hist.bin_width))
+    width = np.abs(batches[0]).max() / 2048
+    assert hist.bin_width == width
+    assert hist.num_bins == math.ceil(max(np.abs(b).max() for b in batches) / width)
+    want = sum(np.pad(h, (0, hist.num_bins - h.size)) for h in per_batch)
+    np.testing.assert_array_equal(hist.counts, want)
+    assert hist.num_samples == sum(b.size for b in batches)
+
+
+def test_large_batch_is_binned_in_chunks_identically():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, 3_000_001).astype(np.float32)  # several internal chunks
+    hist = AbsHistogram()
+    hist.update(x)
+    np.testing.assert_array_equal(hist.counts, _np_hist(x, 2048, hist.bin_width))
+
+
+def test_non_contiguous_and_other_real_dtypes():
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1, (64, 32)).astype(np.float16)
+    a, b = AbsHistogram(), AbsHistogram()
+    a.update(x.T)
+    b.update(np.ascontiguousarray(x.T).astype(np.float64))
+    np.testing.assert_array_equal(a.counts, b.counts)
+    ints = AbsHistogram(num_bins=8)
+    ints.update(np.array([-8, 0, 3, 7], dtype=np.int32))
+    assert ints.max_abs == 8.0 and ints.counts.sum() == 4
+
+
+def test_all_zero_first_batch_defers_the_width():
+    hist = AbsHistogram()
+    hist.update(np.zeros((4, 10), np.float32))
+    assert hist.bin_width == 0.0 and hist.num_bins == 0 and hist.max_abs == 0.0
+    assert hist.num_samples == 40
+    hist.update(np.array([0.0, 1.0, -2.0]))
+    assert hist.bin_width == 2.0 / 2048
+    assert hist.counts[0] == 41  # the 40 earlier zeros plus this batch's one
+    assert hist.counts.sum() == 43 == hist.num_samples
+
+
+def test_empty_batch_is_ignored():
+    hist = AbsHistogram()
+    hist.update(np.zeros((0, 3), np.float32))
+    assert hist.num_samples == 0 and hist.num_bins == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_raise_naming_the_tensor(bad):
+    hist = AbsHistogram(name="/layer1/relu_output_0")
+    hist.update(np.ones(10))
+    before = hist.counts.copy()
+    x = np.ones(100, np.float32)
+    x[17] = bad
+    with pytest.raises(CalibrationError, match="/layer1/relu_output_0") as err:
+        hist.update(x)
+    assert "NaN" in str(err.value) and "Check the calibration data" in str(err.value)
+    np.testing.assert_array_equal(hist.counts, before)  # a rejected batch changes nothing
+    assert hist.num_samples == 10
+
+
+def test_non_real_dtype_is_rejected():
+    with pytest.raises(CalibrationError, match="dtype complex128"):
+        AbsHistogram(name="t").update(np.ones(3, dtype=complex))
+
+
+def test_counts_are_read_only():
+    hist = AbsHistogram()
+    hist.update(np.arange(10.0))
+    with pytest.raises(ValueError):
+        hist.counts[0] = 5
+
+
+def test_bad_num_bins():
+    with pytest.raises(CalibrationError, match="2048"):
+        AbsHistogram(num_bins=0)
