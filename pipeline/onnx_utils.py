@@ -1,0 +1,62 @@
+"""Loading ONNX files and onnxruntime sessions with errors a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+
+def load_onnx(path: str | Path, check: bool = True) -> Any:
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: ONNX file not found; run the export stage (dvc repro export) first")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:
+        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-run export") from None
+    if check:
+        try:
+            onnx.checker.check_model(model)
+        except Exception as e:
+            raise ModelError(f"{path}: ONNX checker rejects the model ({str(e).splitlines()[0][:200]})") from None
+    return model
+
+
+def ort_session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None) -> Any:
+    """A CPU onnxruntime session; `optimized_path` saves the graph onnxruntime optimized."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: ONNX file not found")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if optimized_path is not None:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(optimized_path)
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:300]
+        raise ModelError(f"{path}: onnxruntime cannot load it ({msg})") from None
+
+
+def run_batched(session: Any, x: Any, batch_size: int, input_name: str | None = None) -> list[Any]:
+    """Run `x` through `session` in batches; returns one concatenated array per output."""
+    import numpy as np
+
+    name = input_name or session.get_inputs()[0].name
+    outs: list[list[Any]] = []
+    for i in range(0, len(x), batch_size):
+        res = session.run(None, {name: x[i : i + batch_size]})
+        if not outs:
+            outs = [[] for _ in res]
+        for acc, r in zip(outs, res):
+            acc.append(r)
+    return [np.concatenate(a) for a in outs]
