@@ -1,0 +1,32 @@
+# Quick start (a fresh machine with Python 3.10+):
+#   make repro   set up .venv and run the whole pipeline on the embedded default (dvc repro)
+#   make test    set up .venv and run the tests (GPU tests are skipped without TensorRT + GPU)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# PyTorch is pinned to the build this workplace's machines install from local disk.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup repro test test-fast gpu-test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+repro: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	@cat artifacts/compare/compare.md
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not gpu" -q
+
+test-fast: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not gpu and not slow" -q
+
+clean:
+	rm -rf $(VENV)
