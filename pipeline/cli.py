@@ -74,7 +74,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     build_dir = a.build_dir or Path(A, "build", a.precision)
     out = a.out or Path(A, "eval", f"{a.precision}.json")
     r = evaluate.run(_cfg(a), a.precision, build_dir, a.fp32_dir, a.eval_data, a.reference, out)
-    m = ", ".join(f"{k} {v:.2f}%" for k, v in r["metrics"].items())
+    m = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
     _print(r, a.json, f"evaluate@{a.precision}: {r['backend']}: {m} -> {out}")
 
 
@@ -164,6 +164,8 @@ _extra_commands: list[Callable[[Any], None]] = []
 def _load_extras() -> None:
     import importlib
 
+    if _extra_commands:
+        return
     for mod in ("pipeline.gate_cli", "pipeline.artifacts_cli"):
         try:
             m = importlib.import_module(mod)

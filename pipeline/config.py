@@ -8,6 +8,7 @@ A misspelt key or a wrong type is rejected with its dotted path and what was exp
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -154,20 +155,98 @@ class LatencyConfig(_Strict):
     batch_sizes: list[int] = [1, 32]
 
 
+_TOPK = re.compile(r"^top[1-9][0-9]*$")
+
+
+class MetricSpec(_Strict):
+    """A user task metric: `module:function` called as fn(outputs, labels, **kwargs) -> {name: float}.
+
+    `outputs` maps each output name to the variant's numpy outputs over the evaluation
+    set; `labels` is the `y` array of eval.npz (None without labels). A function that
+    declares a `reference` or `inputs` parameter also gets the PyTorch outputs (same
+    form as `outputs`) or the evaluation inputs."""
+
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:function")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the function")
+
+
 class EvaluateConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     latency: LatencyConfig = LatencyConfig()
-    metrics: list[str] = ["top1", "top5"]
+    metrics: list[str | MetricSpec] = Field(
+        default_factory=lambda: ["top1", "top5"],
+        description="built-in topK (top1, top5, ...) or 'module:function' (or {function, kwargs}) user metrics",
+    )
+    primary_metric: Optional[str] = Field(None, description="accuracy axis of tradeoff.png (default: the first metric)")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known(cls, v: list[Any]) -> list[Any]:
+        out = []
+        for m in v:
+            if isinstance(m, str) and not _TOPK.match(m):
+                if ":" not in m:
+                    raise ValueError(f"'{m}' is neither a built-in metric (top1, top5, topK) nor a 'module:function'")
+                m = MetricSpec(function=m)
+            out.append(m)
+        return out
+
+
+# Agreement statistics (pipeline.metrics.agreement) by direction; the gate checks the first
+# group with `min_agreement` and the second with `max_divergence`.
+AGREEMENT_HIGHER_BETTER = ("cosine", "cosine_min", "top1_agreement", "snr_db")
+AGREEMENT_LOWER_BETTER = ("max_abs_diff", "mean_abs_diff", "rel_l2")
+AGREEMENT_REFERENCES = ("fp32", "pytorch")
+
+
+def _agreement_keys(keys: Any, allowed: tuple[str, ...], where: str) -> None:
+    for k in keys:
+        base = k.split("_", 1)[1] if k.split("_", 1)[0] in AGREEMENT_REFERENCES else k
+        if base not in allowed:
+            raise ValueError(
+                f"{where}: '{k}' is not one of {', '.join(allowed)} "
+                "(optionally prefixed fp32_ or pytorch_; without a prefix it is measured against fp32)"
+            )
 
 
 class GateThresholds(_Strict):
+    """Per precision. A drop is measured in the metric's own unit (top-k: percentage points)."""
+
     max_drop: dict[str, float] = Field(default_factory=dict, description="metric -> largest drop vs fp32 (points)")
+    max_drop_vs_pytorch: dict[str, float] = Field(default_factory=dict, description="metric -> largest drop vs PyTorch")
+    max_drop_vs_baseline: dict[str, float] = Field(
+        default_factory=dict, description="metric -> largest drop vs the same variant in the --baseline report"
+    )
     min_agreement: dict[str, float] = Field(default_factory=dict, description="agreement metric -> least value")
+    max_divergence: dict[str, float] = Field(
+        default_factory=dict, description="max_abs_diff / mean_abs_diff / rel_l2 (vs fp32, or pytorch_...) -> largest value"
+    )
     max_latency_regression: Optional[float] = Field(None, ge=0, description="fraction vs baseline, e.g. 0.2")
+    min_speedup: Optional[float] = Field(None, gt=0, description="least latency speedup vs fp32 (fp32 p / this p)")
+
+    @field_validator("min_agreement")
+    @classmethod
+    def _higher(cls, v: dict[str, float]) -> dict[str, float]:
+        _agreement_keys(v, AGREEMENT_HIGHER_BETTER, "min_agreement")
+        return v
+
+    @field_validator("max_divergence")
+    @classmethod
+    def _lower(cls, v: dict[str, float]) -> dict[str, float]:
+        _agreement_keys(v, AGREEMENT_LOWER_BETTER, "max_divergence")
+        return v
+
+
+class GateLatency(_Strict):
+    percentile: Literal["p50", "p90", "p99", "mean"] = "p50"
+    batch_sizes: Optional[list[int]] = Field(None, description="batch sizes to check (default: every one in both reports)")
+    slack_ms: float = Field(0.0, ge=0, description="ignore a regression smaller than this many ms (timer noise)")
 
 
 class GateConfig(_Strict):
     thresholds: dict[Precision, GateThresholds] = Field(default_factory=dict)
+    lower_is_better: list[str] = Field(default_factory=list, description="task metrics where smaller is better (a loss)")
+    latency: GateLatency = GateLatency()
 
 
 class PublishConfig(_Strict):

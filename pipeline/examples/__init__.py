@@ -1,0 +1,1 @@
+"""Examples of user extension points (e.g. task metrics for `evaluate.metrics`)."""
