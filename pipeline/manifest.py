@@ -1,36 +1,106 @@
 """manifest.json: what a published engine is, what it was made from, and where it runs.
 
-Version string: `<model>-<precision>-<backend><version>-<device>-<hash8>`, where hash8
-is taken over the hashes of every input (checkpoint, ONNX, calibration data, cache,
-resolved config) and the build settings, so the same inputs always give the same
-version."""
+Version string: `<model>-<precision>-<backend><version>-<device>-<hash8>`, where hash8 is
+the start of `inputs_digest`, a sha256 over the variant's identity: model, precision,
+backend and its version, device (sm<cc> or cpu), the hashes of every input (checkpoint,
+ONNX, calibration data and cache, the config sections that shape the variant) and the
+build settings. The same inputs always give the same version; the version can be
+recomputed from the manifest alone, so an edited manifest is caught by `verify`.
+
+What is *not* in the digest is descriptive: timings, metrics, dates, file hashes of the
+outputs. `files` lists every file of the version folder except manifest.json itself, with
+sha256, size and role; the roles in IDENTITY_ROLES are the published content proper (a
+republish with other bytes under those roles is refused), the others are records of how
+it was made and measured (build.json, eval.json)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import ArtifactError
 
 SCHEMA_VERSION = 1
+KIND = "trtpipe.manifest"
+MANIFEST = "manifest.json"
+
+# Roles of the files in a version folder.
+ROLE_ARTIFACT = "artifact"  # the engine (TensorRT) or model (onnxruntime)
+ROLE_CACHE = "calibration_cache"
+ROLE_LAYERS = "layers"  # TensorRT engine inspector output
+ROLE_BUILD = "build_report"  # build.json
+ROLE_METRICS = "metrics"  # eval.json
+IDENTITY_ROLES = (ROLE_ARTIFACT, ROLE_CACHE, ROLE_LAYERS)
 
 
-def device_tag(build: Mapping[str, Any]) -> str:
-    env = build.get("environment", {})
-    if build.get("backend") == "tensorrt":
-        cc = str(env.get("compute_capability", "")).replace(".", "")
-        return f"sm{cc}" if cc else "gpu"
-    return "cpu"
+def normalize_cc(cc: Any) -> Optional[str]:
+    """Compute capability as 'major.minor' from '9.0', 'sm_90', 'sm90', '90', 9.0 or (9, 0)."""
+    if cc is None or cc == "":
+        return None
+    if isinstance(cc, (tuple, list)) and len(cc) == 2:
+        return f"{int(cc[0])}.{int(cc[1])}"
+    s = str(cc).strip().lower().removeprefix("sm_").removeprefix("sm")
+    if re.fullmatch(r"\d+\.\d+", s):
+        major, minor = s.split(".")
+        return f"{int(major)}.{int(minor)}"
+    if re.fullmatch(r"\d{2,3}", s):
+        return f"{int(s[:-1])}.{int(s[-1])}"
+    return str(cc)
 
 
-def inputs_digest(inputs: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    blob = json.dumps({"inputs": inputs, "settings": settings}, sort_keys=True, default=str).encode()
+_ENV_KEYS = ("tensorrt", "gpu", "compute_capability", "driver", "driver_cuda", "cuda_runtime", "cpu", "cores")
+
+
+def build_environment(build: Mapping[str, Any]) -> dict[str, Any]:
+    """The software and hardware facts of a build.json, flat: tensorrt, gpu,
+    compute_capability, driver, cuda_runtime (TensorRT) or device, cpu (onnxruntime).
+
+    Read from, in rising precedence: build['device'] and environment['device'] when they
+    are dicts (the TensorRT backend's device_info), environment's own keys, and
+    build['software'] / build['hardware']."""
+    env = build.get("environment") or {}
+    layers: list[Mapping[str, Any]] = []
+    for d in (build.get("device"), env.get("device")):
+        if isinstance(d, Mapping):
+            layers.append(d)
+    layers += [env, build.get("software") or {}, build.get("hardware") or {}]
+    flat: dict[str, Any] = {}
+    for src in layers:
+        for k in _ENV_KEYS:
+            if src.get(k) is not None:
+                flat[k] = src[k]
+    if isinstance(env.get("device"), str):
+        flat["device"] = env["device"]
+    if flat.get("compute_capability") is not None:
+        flat["compute_capability"] = normalize_cc(flat["compute_capability"])
+    if build.get("backend") == "tensorrt" and not flat.get("tensorrt") and build.get("backend_version"):
+        flat["tensorrt"] = build["backend_version"]
+    return flat
+
+
+def device_tag(backend: str, environment: Mapping[str, Any]) -> str:
+    """`sm90` for a TensorRT engine built on a compute capability 9.0 GPU, `cpu` for onnxruntime."""
+    if backend == "tensorrt":
+        cc = normalize_cc(environment.get("compute_capability"))
+        return f"sm{cc.replace('.', '')}" if cc else "gpu"
+    return str(environment.get("device") or "cpu")
+
+
+def identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a manifest the version is derived from."""
+    return {k: manifest.get(k) for k in ("model", "precision", "backend", "backend_version", "device", "inputs", "settings")}
+
+
+def digest_of(ident: Mapping[str, Any]) -> str:
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
-def version_string(model: str, precision: str, build: Mapping[str, Any], digest: str) -> str:
-    backend = f"{build['backend']}{build.get('backend_version', '')}"
-    raw = f"{model}-{precision}-{backend}-{device_tag(build)}-{digest[:8]}"
+def version_string(model: str, precision: str, backend: str, backend_version: Any, device: str, digest: str) -> str:
+    raw = f"{model}-{precision}-{backend}{backend_version or ''}-{device}-{digest[:8]}"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
 
 
@@ -43,24 +113,91 @@ def make_manifest(
     metrics: Mapping[str, Any],
     files: Mapping[str, Mapping[str, Any]],
     software: Mapping[str, Any],
+    config: Optional[Mapping[str, Any]] = None,
+    io: Optional[Mapping[str, Any]] = None,
+    published_at: Optional[str] = None,
+    notes: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    digest = inputs_digest(inputs, settings)
-    env = build.get("environment", {})
-    return {
+    env = build_environment(build)
+    backend = build["backend"]
+    m: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "version": version_string(model, precision, build, digest),
+        "kind": KIND,
+        "version": "",
         "model": model,
         "precision": precision,
-        "backend": build["backend"],
+        "backend": backend,
+        "backend_version": str(build.get("backend_version") or ""),
+        "device": device_tag(backend, env),
         "artifact": build["artifact"],
         "inputs": dict(inputs),
-        "inputs_digest": digest,
-        "software": dict(software),
-        "hardware": {
-            k: env.get(k) for k in ("gpu", "compute_capability", "driver", "cuda_runtime", "device", "cpu") if env.get(k) is not None
-        },
-        "build": {k: build.get(k) for k in ("flags", "profile", "workspace_mb", "build_seconds", "engine_bytes", "calibration", "backend_version")},
         "settings": dict(settings),
-        "metrics": dict(metrics),
-        "files": {name: dict(v) for name, v in files.items()},
     }
+    m["inputs_digest"] = digest_of(identity(m))
+    m["version"] = version_string(model, precision, backend, m["backend_version"], m["device"], m["inputs_digest"])
+    hardware = {k: env.get(k) for k in ("gpu", "compute_capability", "driver", "cuda_runtime", "device", "cpu") if env.get(k) is not None}
+    m.update(
+        {
+            "software": dict(software),
+            "hardware": hardware,
+            "build": {
+                k: build.get(k)
+                for k in ("flags", "profile", "workspace_mb", "calibration", "build_seconds", "engine_bytes", "built_at", "backend_requested")
+                if k in build
+            },
+            "config": dict(config or {}),
+            "io": dict(io or {}),
+            "metrics": dict(metrics),
+            "files": {name: dict(v) for name, v in sorted(files.items())},
+            "published_at": published_at,
+            "notes": list(notes or []),
+        }
+    )
+    return m
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a version folder, checked for form (not yet for content: see registry.verify)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no manifest; this folder is not a published trtpipe version (or was half-copied)")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({e}); the version folder is damaged: restore it (dvc checkout) or republish") from None
+    if not isinstance(m, dict) or m.get("kind") != KIND:
+        raise ArtifactError(f"{path}: not a trtpipe manifest (kind {m.get('kind') if isinstance(m, dict) else type(m).__name__!r})")
+    sv = m.get("schema_version")
+    if sv != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: manifest schema_version {sv}, this trtpipe reads {SCHEMA_VERSION}; use the trtpipe that published it"
+        )
+    missing = [k for k in ("version", "model", "precision", "backend", "artifact", "inputs", "settings", "inputs_digest", "files") if k not in m]
+    if missing:
+        raise ArtifactError(f"{path}: manifest lacks {', '.join(missing)}; the version folder is damaged")
+    return m
+
+
+def consistency_findings(m: Mapping[str, Any]) -> list[str]:
+    """Whether the manifest still derives its own version: catches an edited identity
+    (inputs, settings, backend version, device) or a renamed version."""
+    out = []
+    digest = digest_of(identity(m))
+    if digest != m.get("inputs_digest"):
+        out.append(
+            f"inputs_digest {str(m.get('inputs_digest'))[:12]}… does not match the manifest's own inputs and settings "
+            f"({digest[:12]}…): the manifest was edited after publishing"
+        )
+    expect = version_string(m["model"], m["precision"], m["backend"], m.get("backend_version"), m.get("device", ""), digest)
+    if expect != m.get("version"):
+        out.append(f"version {m.get('version')} does not follow from the manifest's contents (expected {expect})")
+    if m.get("artifact") not in m.get("files", {}):
+        out.append(f"artifact {m.get('artifact')} is not listed in files")
+    if m.get("backend") == "tensorrt":
+        cc = normalize_cc((m.get("hardware") or {}).get("compute_capability"))
+        if cc and m.get("device") != f"sm{cc.replace('.', '')}":
+            out.append(f"hardware.compute_capability {cc} does not match device {m.get('device')} in the version")
+        trt = (m.get("software") or {}).get("tensorrt")
+        if trt and str(trt) != str(m.get("backend_version")):
+            out.append(f"software.tensorrt {trt} does not match backend_version {m.get('backend_version')} in the version")
+    return out

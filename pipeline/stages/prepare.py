@@ -61,6 +61,7 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
 
     start = time.perf_counter()
     splits = load_splits(cfg.data, cfg.model.input)
+    torch.manual_seed(cfg.model.train.seed)  # initial weights too: same config, same model.pt
     model = build_model(cfg.model)
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)
