@@ -1,0 +1,98 @@
+"""What the TensorRT builder and runner share: importing tensorrt with an actionable
+error, its version, and ONE process-wide logger (TensorRT keeps the first logger it is
+given, so every builder and runtime here uses this one) that can capture messages."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Any, Iterator
+
+from ..errors import BackendError
+
+SUPPORTED = "TensorRT >= 8.6, < 11"
+
+
+def require_tensorrt() -> Any:
+    """`import tensorrt`, or a BackendError that says what to install."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or a broken install (libnvinfer missing)
+        raise BackendError(
+            f"tensorrt does not import ({type(e).__name__}: {e}); install it with pip install 'trtpipe[tensorrt]' "
+            f"({SUPPORTED}, plus pycuda) on a machine with an NVIDIA GPU and driver, "
+            "or set build.backend: onnxruntime (or auto) to use the CPU backend"
+        ) from None
+    return trt
+
+
+def trt_version(trt: Any = None) -> tuple[int, int, int]:
+    trt = trt or require_tensorrt()
+    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(trt.__version__).split(".")[:3]]
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, str]] = []  # (severity name, text)
+
+    def errors(self) -> list[str]:
+        return [m for s, m in self.messages if s in ("ERROR", "INTERNAL_ERROR")]
+
+    def warnings(self) -> list[str]:
+        return [m for s, m in self.messages if s == "WARNING"]
+
+    def matching(self, *needles: str) -> list[str]:
+        return [m for _, m in self.messages if any(n.lower() in m.lower() for n in needles)]
+
+
+_LOGGER: Any = None
+_LOCK = threading.Lock()
+
+
+def get_logger() -> Any:
+    """The process-wide trt.ILogger: prints warnings and errors to stderr (INFO too when
+    `logger.verbose` is set) and records every message into active `capture()` blocks."""
+    global _LOGGER
+    with _LOCK:
+        if _LOGGER is None:
+            trt = require_tensorrt()
+
+            class _Logger(trt.ILogger):  # type: ignore[misc, valid-type]
+                def __init__(self) -> None:
+                    trt.ILogger.__init__(self)
+                    self.captures: list[_Capture] = []
+                    self.verbose = False
+                    self.quiet = False
+
+                def log(self, severity: Any, msg: str) -> None:
+                    name = getattr(severity, "name", str(severity)).split(".")[-1]
+                    if name == "VERBOSE":
+                        return
+                    for c in list(self.captures):
+                        c.messages.append((name, msg))
+                    if self.quiet:
+                        return
+                    if name in ("ERROR", "INTERNAL_ERROR", "WARNING") or (self.verbose and name == "INFO"):
+                        print(f"[TensorRT {name}] {msg}", file=sys.stderr, flush=True)
+
+            _LOGGER = _Logger()  # records INFO and above; VERBOSE is dropped at once
+        return _LOGGER
+
+
+@contextlib.contextmanager
+def capture(quiet: bool = False) -> Iterator[_Capture]:
+    """Record TensorRT's log messages for the block (and silence printing if `quiet`)."""
+    logger = get_logger()
+    c = _Capture()
+    logger.captures.append(c)
+    was_quiet = logger.quiet
+    logger.quiet = quiet or was_quiet
+    try:
+        yield c
+    finally:
+        logger.captures.remove(c)
+        logger.quiet = was_quiet

@@ -1,0 +1,358 @@
+"""Run a serialized TensorRT engine: `TrtRunner(engine_path)`.
+
+Importable without torch (and without tensorrt: it is imported when a runner is made),
+so a user's server can use it as is::
+
+    with TrtRunner("model.engine") as r:
+        out = r.infer({"input": batch})            # any batch inside the engine's profile
+
+Loading checks the engine's manifest first (this machine's TensorRT version and GPU
+compute capability against what built it), then deserializes; a file that is not an
+engine, or comes from another TensorRT, is an ArtifactError naming the file.
+
+Only the name-based tensor API is used (num_io_tensors, get_tensor_name,
+get_tensor_mode, set_input_shape, set_tensor_address, execute_async_v3). Inputs are
+copied into pinned host buffers and moved with async copies on one stream; device
+buffers grow when a larger batch arrives. `use_cuda_graph=True` captures the
+enqueue once per input shape and replays it (needs cuda-python, see cuda_memory).
+A runner is not thread-safe: use one per thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time as _time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+from ..backends.base import Runner
+from ..compat import check_runs_here
+from ..errors import ArtifactError, BackendError, DataError
+from .cuda_device import device_info
+from .cuda_memory import CudaGraph, DeviceBuffer, HostBuffer, open_memory
+from .trt_common import capture, get_logger, require_tensorrt
+
+ManifestArg = Union[None, str, Path, Mapping[str, Any]]
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    is_input: bool
+    dtype: np.dtype
+    shape: tuple[int, ...]  # as the engine declares it; -1 on dynamic axes
+    profile: Optional[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = None  # inputs: min, opt, max
+
+
+def manifest_from_build_info(build_info: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The parts of a build.json that `check_runs_here` reads, in manifest form."""
+    if not build_info:
+        return None
+    if "software" in build_info and "hardware" in build_info:
+        return {"backend": build_info.get("backend", "tensorrt"), "software": build_info["software"],
+                "hardware": build_info["hardware"]}
+    dev = build_info.get("device") or {}
+    return {
+        "backend": build_info.get("backend", "tensorrt"),
+        "software": {"tensorrt": build_info.get("tensorrt") or build_info.get("version")},
+        "hardware": {"compute_capability": dev.get("compute_capability"), "gpu": dev.get("gpu")},
+    }
+
+
+def _load_manifest(manifest: ManifestArg, engine_path: Path) -> tuple[Optional[Mapping[str, Any]], str]:
+    if isinstance(manifest, Mapping):
+        return manifest, f"manifest of {engine_path}"
+    path = Path(manifest) if manifest is not None else engine_path.parent / "manifest.json"
+    if manifest is None and not path.is_file():
+        return None, ""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: manifest not found (given for engine {engine_path})")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({e}); republish the engine") from None
+
+
+def _deserialize_error(path: Path, errors: list[str], version: str) -> ArtifactError:
+    text = " | ".join(errors) or "no message from TensorRT"
+    low = text.lower()
+    if "magic tag" in low:
+        what = "is not a TensorRT engine (its header has no engine magic tag)"
+    elif "version tag" in low or ("version" in low and "serializ" in low):
+        what = f"was built by another TensorRT version than this machine's TensorRT {version}"
+    else:
+        what = f"could not be deserialized by TensorRT {version} (truncated, not an engine, or from another TensorRT)"
+    return ArtifactError(f"{path}: {what}; TensorRT said: {text}. Rebuild the engine here with `trtpipe build`")
+
+
+class TrtRunner(Runner):
+    backend = "tensorrt"
+
+    def __init__(
+        self,
+        engine_path: Union[str, Path],
+        memory: str = "auto",
+        manifest: ManifestArg = None,
+        use_cuda_graph: bool = False,
+        device: int = 0,
+    ) -> None:
+        """`manifest`: a dict, a path, or None to use manifest.json beside the engine when
+        there is one. `memory`: "auto" | "pycuda" | "cuda-python"."""
+        self._closed = True
+        self.engine_path = Path(engine_path)
+        if not self.engine_path.is_file():
+            raise ArtifactError(f"{self.engine_path}: engine file not found; build it with `trtpipe build`")
+        data = self.engine_path.read_bytes()
+        if not data:
+            raise ArtifactError(f"{self.engine_path}: empty file, not a TensorRT engine; rebuild it with `trtpipe build`")
+        trt = require_tensorrt()
+        self._trt = trt
+        self._device_info = device_info(device)
+        here = {"tensorrt": trt.__version__, "compute_capability": self._device_info["compute_capability"],
+                "gpu": self._device_info["gpu"]}
+        man, where = _load_manifest(manifest, self.engine_path)
+        if man is not None:
+            check_runs_here(man, here, where=where)
+
+        self.use_cuda_graph = bool(use_cuda_graph)
+        self._mem = open_memory(memory, device)
+        self._engine = self._context = self._runtime = None
+        self._graphs: dict[tuple, CudaGraph] = {}
+        self._dev: dict[str, DeviceBuffer] = {}
+        self._host: dict[str, HostBuffer] = {}
+        self._views: dict[str, np.ndarray] = {}
+        self._shape_key: Optional[tuple] = None
+        try:
+            with self._mem.activate():
+                self._runtime = trt.Runtime(get_logger())
+                with capture(quiet=True) as cap:
+                    engine = self._runtime.deserialize_cuda_engine(data)
+                if engine is None:
+                    raise _deserialize_error(self.engine_path, cap.errors(), trt.__version__)
+                self._engine = engine
+                self.specs = self._read_specs(engine)
+                self._context = engine.create_execution_context()
+                if self._context is None:
+                    raise BackendError(f"{self.engine_path}: TensorRT could not create an execution context "
+                                       "(out of GPU memory?)")
+                self._stream = self._mem.create_stream()
+                self._events = (self._mem.create_event(), self._mem.create_event())
+        except BaseException:
+            self._context = self._engine = self._runtime = None
+            self._mem.close()
+            raise
+        self.input_names = [s.name for s in self.specs if s.is_input]
+        self.output_names = [s.name for s in self.specs if not s.is_input]
+        self._closed = False
+
+    # -- engine description --------------------------------------------------------------
+    def _read_specs(self, engine: Any) -> list[TensorSpec]:
+        trt = self._trt
+        specs = []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            if is_input and engine.is_shape_inference_io(name):
+                raise BackendError(f"{self.engine_path}: input '{name}' is a shape tensor; TrtRunner supports data inputs only")
+            spec = TensorSpec(name, is_input, np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
+                              tuple(int(d) for d in engine.get_tensor_shape(name)))
+            if is_input:
+                mn, opt, mx = engine.get_tensor_profile_shape(name, 0)
+                spec.profile = (tuple(mn), tuple(opt), tuple(mx))
+            specs.append(spec)
+        return specs
+
+    @property
+    def profile(self) -> dict[str, dict[str, list[int]]]:
+        return {s.name: {"min": list(s.profile[0]), "opt": list(s.profile[1]), "max": list(s.profile[2])}
+                for s in self.specs if s.is_input and s.profile}
+
+    def device(self) -> dict[str, Any]:
+        return {**self._device_info, "tensorrt": self._trt.__version__, "memory": self._mem.name}
+
+    # -- preparing a batch ---------------------------------------------------------------
+    def _check_input(self, spec: TensorSpec, shape: tuple[int, ...]) -> None:
+        if len(shape) != len(spec.shape):
+            raise DataError(f"input '{spec.name}' has shape {shape}; the engine expects rank {len(spec.shape)} {spec.shape}")
+        for axis, (got, want) in enumerate(zip(shape, spec.shape)):
+            if want >= 0 and got != want:
+                raise DataError(f"input '{spec.name}' has shape {shape}; axis {axis} must be {want} (engine shape {spec.shape})")
+        mn, _, mx = spec.profile
+        if any(g < lo or g > hi for g, lo, hi in zip(shape, mn, mx)):
+            raise DataError(
+                f"input '{spec.name}' shape {shape} is outside the engine's optimization profile "
+                f"(min {mn}, max {mx}); split the batch, or rebuild with a wider build.profile (min_batch/max_batch)"
+            )
+
+    def _ensure(self, spec: TensorSpec, shape: tuple[int, ...]) -> bool:
+        nbytes = int(math.prod(shape)) * spec.dtype.itemsize
+        dev = self._dev.get(spec.name)
+        if dev is not None and dev.nbytes >= nbytes:
+            return False
+        if dev is not None:
+            dev.free()
+            self._host[spec.name].free()
+        self._dev[spec.name] = self._mem.alloc_device(nbytes)
+        self._host[spec.name] = self._mem.alloc_host(nbytes)
+        return True
+
+    def _prepare(self, feeds: Mapping[str, np.ndarray]) -> tuple:
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.input_names]
+        if missing or extra:
+            raise DataError(f"feeds must name exactly the engine inputs {self.input_names}; "
+                            f"missing {missing}, unknown {extra}")
+        arrays = {}
+        for spec in self.specs:
+            if spec.is_input:
+                a = np.asarray(feeds[spec.name])
+                self._check_input(spec, tuple(a.shape))
+                arrays[spec.name] = a
+        key = tuple(tuple(a.shape) for a in arrays.values())
+        if key != self._shape_key:
+            self._shape_key = None
+            ctx = self._context
+            for name, a in arrays.items():
+                if not ctx.set_input_shape(name, tuple(a.shape)):
+                    raise BackendError(f"TensorRT refused input shape {a.shape} for '{name}'")
+            grown = False
+            shapes = {}
+            for spec in self.specs:
+                shape = tuple(arrays[spec.name].shape) if spec.is_input else tuple(ctx.get_tensor_shape(spec.name))
+                if any(d < 0 for d in shape):
+                    raise BackendError(f"output '{spec.name}' has a data-dependent shape {shape}; TrtRunner does not support it")
+                shapes[spec.name] = shape
+                grown |= self._ensure(spec, shape)
+            for spec in self.specs:
+                ctx.set_tensor_address(spec.name, self._dev[spec.name].ptr)
+                self._views[spec.name] = self._host[spec.name].view(shapes[spec.name], spec.dtype)
+            if grown:
+                self._drop_graphs()
+            self._shape_key = key
+        for name, a in arrays.items():
+            try:
+                np.copyto(self._views[name], a, casting="same_kind")
+            except TypeError:
+                raise DataError(f"input '{name}' has dtype {a.dtype}; the engine takes {self._views[name].dtype}") from None
+        return key
+
+    # -- running ---------------------------------------------------------------------------
+    def _enqueue(self) -> None:
+        if not self._context.execute_async_v3(self._stream.handle):
+            raise BackendError(f"{self.engine_path}: execute_async_v3 failed; see TensorRT's messages above")
+
+    def _graph(self, key: tuple) -> CudaGraph:
+        graph = self._graphs.get(key)
+        if graph is None:
+            mem, s = self._mem, self._stream
+            self._enqueue()  # TensorRT needs one plain enqueue after a shape change before capture
+            mem.synchronize(s)
+            mem.begin_capture(s)
+            try:
+                self._enqueue()
+            except BaseException:
+                mem.abort_capture(s)
+                raise
+            try:
+                graph = mem.end_capture(s)
+            except BackendError as e:
+                raise BackendError(f"{self.engine_path}: CUDA graph capture of the engine failed ({e}); "
+                                   "run it without use_cuda_graph") from None
+            self._graphs[key] = graph
+        return graph
+
+    def _run(self, key: tuple, timed: bool) -> None:
+        mem, s = self._mem, self._stream
+        for spec in self.specs:
+            if spec.is_input:
+                mem.htod_async(self._dev[spec.name].ptr, self._views[spec.name], s)
+        if self.use_cuda_graph:
+            graph = self._graph(key)
+            if timed:
+                mem.record(self._events[0], s)
+            graph.launch(s)
+        else:
+            if timed:
+                mem.record(self._events[0], s)
+            self._enqueue()
+        if timed:
+            mem.record(self._events[1], s)
+        for spec in self.specs:
+            if not spec.is_input:
+                mem.dtoh_async(self._views[spec.name], self._dev[spec.name].ptr, s)
+        mem.synchronize(s)
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_open()
+        with self._mem.activate():
+            key = self._prepare(feeds)
+            self._run(key, timed=False)
+            return {n: self._views[n].copy() for n in self.output_names}
+
+    def time(self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int) -> dict[str, Any]:
+        """`gpu_times_ms`: CUDA events around the enqueue (or graph launch) alone;
+        `times_ms`: host clock around H2D + execute + D2H + stream sync."""
+        self._check_open()
+        if iterations < 1:
+            raise DataError(f"iterations must be >= 1, got {iterations}")
+        times, gpu = [], []
+        with self._mem.activate():
+            key = self._prepare(feeds)
+            for _ in range(max(0, warmup)):
+                self._run(key, timed=False)
+            for _ in range(iterations):
+                t0 = _time.perf_counter()
+                self._run(key, timed=True)
+                times.append((_time.perf_counter() - t0) * 1e3)
+                gpu.append(self._mem.elapsed_ms(*self._events))
+        batch = int(key[0][0]) if key and key[0] else 1
+        how = "CUDA graph replay of execute_async_v3" if self.use_cuda_graph else "execute_async_v3"
+        return {
+            "times_ms": times,
+            "gpu_times_ms": gpu,
+            "batch_size": batch,
+            "warmup": int(warmup),
+            "iterations": int(iterations),
+            "cuda_graph": self.use_cuda_graph,
+            "memory": self._mem.name,
+            "method": (
+                f"tensorrt {self._trt.__version__} {how} on one CUDA stream ({self._mem.name}); "
+                "gpu_times_ms = CUDA events around the enqueue; times_ms = host clock around "
+                "H2D + execute + D2H + stream sync from pinned host buffers"
+            ),
+        }
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError(f"{self.engine_path}: runner is closed")
+
+    def _drop_graphs(self) -> None:
+        for g in self._graphs.values():
+            g.close()
+        self._graphs.clear()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._mem.activate():
+            self._mem.synchronize(self._stream)
+            self._drop_graphs()
+            self._context = None
+            self._engine = None
+            self._runtime = None
+            for buf in list(self._dev.values()) + list(self._host.values()):
+                buf.free()
+            self._dev.clear()
+            self._host.clear()
+            self._views.clear()
+            destroy = getattr(self._mem, "destroy", None)
+            if destroy is not None:
+                for obj in (*self._events, self._stream):
+                    destroy(obj)
+        self._mem.close()

@@ -1,0 +1,214 @@
+"""Shared pieces of the TensorRT GPU tests: tiny networks built with onnx.helper (no
+torch on the GPU kit), onnxruntime references, configs, and engines built once per
+session. Every test here is marked `gpu` and skipped, with the reason, where TensorRT or
+a GPU is missing (CI, laptops)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+
+IN_SHAPE = (3, 32, 32)  # channel counts and sizes big enough that TensorRT picks INT8/FP16 kernels
+PROFILE = {"min_batch": 1, "opt_batch": 8, "max_batch": 16}
+CALIB_BATCH = 16
+CALIB_SAMPLES = 64
+NODES = ["/conv1/Conv", "/relu1/Relu", "/conv2/Conv", "/relu2/Relu", "/pool/GlobalAveragePool",
+         "/flatten/Flatten", "/fc/Gemm"]
+
+
+def _gpu_reason() -> Optional[str]:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:
+        return f"TensorRT is not installed here ({type(e).__name__}); run these on the GPU device with the kit (shared/gpu/README.md)"
+    try:
+        from pipeline.runtime.cuda_device import gpu_count
+
+        if gpu_count() < 1:
+            return "no CUDA GPU visible"
+    except Exception as e:
+        return f"no usable CUDA driver ({e})"
+    return None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_gpu() -> None:
+    reason = _gpu_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+# -- tiny networks -------------------------------------------------------------------------------
+def _weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def he(*shape: int) -> np.ndarray:
+        fan_in = int(np.prod(shape[1:]))
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return {"W1": he(32, 3, 3, 3), "B1": (rng.standard_normal(32) * 0.1).astype(np.float32),
+            "W2": he(64, 32, 3, 3), "B2": (rng.standard_normal(64) * 0.1).astype(np.float32),
+            "W3": he(10, 64), "B3": (rng.standard_normal(10) * 0.1).astype(np.float32)}
+
+
+def _save(model: Any, path: Path) -> Path:
+    import onnx
+
+    model.ir_version = 8  # TensorRT 8.6's parser knows IR <= 8
+    onnx.save(model, str(path))
+    return path
+
+
+def make_tiny_onnx(path: Path, extra_outputs: tuple[str, ...] = (), custom_op: bool = False) -> Path:
+    """conv-relu-conv-relu-pool-flatten-gemm, dynamic batch, seeded weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = _weights()
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    nodes = [
+        helper.make_node("Conv", ["input", "W1", "B1"], ["c1"], name="/conv1/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="/relu1/Relu"),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], name="/conv2/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="/relu2/Relu"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="/pool/GlobalAveragePool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="/flatten/Flatten", axis=1),
+        helper.make_node("Gemm", ["f", "W3", "B3"], ["logits"], name="/fc/Gemm", transB=1),
+    ]
+    opsets = [helper.make_opsetid("", 17)]
+    if custom_op:
+        nodes.insert(2, helper.make_node("FooBarUnknownOp", ["r1"], ["r1x"], name="/custom/FooBar", domain="trtpipe.test"))
+        nodes[3].input[0] = "r1x"
+        opsets.append(helper.make_opsetid("trtpipe.test", 1))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])]
+    outputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in extra_outputs]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *IN_SHAPE])],
+                              outputs, inits)
+    return _save(helper.make_model(graph, opset_imports=opsets), path)
+
+
+def make_qdq_onnx(path: Path, calib: np.ndarray, tmp: Path) -> Path:
+    """The tiny net with QuantizeLinear/DequantizeLinear on both conv inputs (per-tensor,
+    amax from the calibration data) and weights (per output channel); biases and the
+    Gemm stay float, as TensorRT's explicit route expects."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    probe = make_tiny_onnx(tmp / "probe.onnx", extra_outputs=("r1",))
+    sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    _, r1 = sess.run(None, {"input": calib})
+    amax = {"input": float(np.abs(calib).max()), "r1": float(np.abs(r1).max())}
+    w = _weights()
+    inits = [numpy_helper.from_array(w[k], k) for k in ("B1", "B2", "W3", "B3", "W1", "W2")]
+    nodes = []
+
+    def qdq(src: str, scale: np.ndarray, axis: Optional[int] = None) -> str:
+        s, z = f"{src}_scale", f"{src}_zp"
+        inits.append(numpy_helper.from_array(scale.astype(np.float32), s))
+        inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int8), z))
+        kw = {} if axis is None else {"axis": axis}
+        nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [f"{src}_q"], name=f"/q/{src}", **kw))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{src}_q", s, z], [f"{src}_dq"], name=f"/dq/{src}", **kw))
+        return f"{src}_dq"
+
+    def per_channel(name: str) -> np.ndarray:
+        return np.abs(w[name]).reshape(w[name].shape[0], -1).max(axis=1) / 127.0
+
+    x = qdq("input", np.array(amax["input"] / 127.0))
+    w1 = qdq("W1", per_channel("W1"), axis=0)
+    nodes.append(helper.make_node("Conv", [x, w1, "B1"], ["c1"], name="/conv1/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Relu", ["c1"], ["r1"], name="/relu1/Relu"))
+    r1 = qdq("r1", np.array(amax["r1"] / 127.0))
+    w2 = qdq("W2", per_channel("W2"), axis=0)
+    nodes += [
+        helper.make_node("Conv", [r1, w2, "B2"], ["c2"], name="/conv2/Conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="/relu2/Relu"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="/pool/GlobalAveragePool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="/flatten/Flatten", axis=1),
+        helper.make_node("Gemm", ["f", "W3", "B3"], ["logits"], name="/fc/Gemm", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "tiny_qdq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *IN_SHAPE])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def ort_run(onnx_path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return sess.run(["logits"], {"input": x})[0]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def inputs(batch: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, *IN_SHAPE)).astype(np.float32)
+
+
+def make_config(**build: Any) -> Any:
+    from pipeline.config import Config
+
+    b = {"backend": "tensorrt", "workspace_mb": 256, "profile": dict(PROFILE)}
+    b.update(build)
+    return Config.model_validate({
+        "model": {"name": "tiny", "arch": "tiny", "input": {"name": "input", "shape": list(IN_SHAPE)}},
+        "calibration": {"batch_size": CALIB_BATCH, "num_samples": CALIB_SAMPLES},
+        "build": b,
+    })
+
+
+class Env:
+    """Paths and helpers of one test session (test modules reach the helpers through
+    this fixture object rather than importing conftest)."""
+
+    inputs = staticmethod(inputs)
+    cosine = staticmethod(cosine)
+    ort_run = staticmethod(ort_run)
+    make_config = staticmethod(make_config)
+    make_tiny_onnx = staticmethod(make_tiny_onnx)
+    make_qdq_onnx = staticmethod(make_qdq_onnx)
+    NODES = NODES
+    PROFILE = PROFILE
+    IN_SHAPE = IN_SHAPE
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.onnx = make_tiny_onnx(root / "tiny.onnx")
+        self.calib = inputs(CALIB_SAMPLES, seed=7)
+        self.calib_npy = root / "calib.npy"
+        np.save(self.calib_npy, self.calib)
+        self.timing_cache = root / "timing.cache"
+        self.x7 = inputs(7)
+        self.ref7 = ort_run(self.onnx, self.x7)
+
+    def build(self, precision: str, name: str, calib_dir: Optional[Path] = None, onnx: Optional[Path] = None,
+              memory: str = "auto", **build: Any) -> tuple[Path, dict[str, Any]]:
+        from pipeline.backends.base import BuildRequest
+        from pipeline.backends.tensorrt_backend import TensorRTBackend
+
+        build.setdefault("timing_cache", str(self.timing_cache))
+        out = self.root / name
+        shutil.rmtree(out, ignore_errors=True)
+        req = BuildRequest(precision=precision, onnx_path=onnx or self.onnx, out_dir=out, config=make_config(**build),
+                           calib_dir=calib_dir, calib_data=self.calib_npy)
+        res = TensorRTBackend(memory=memory, heartbeat_s=5.0).build(req)
+        return out / res.artifact, res.info
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
+    return Env(tmp_path_factory.mktemp("trt"))
+
+
+@pytest.fixture(scope="session")
+def engines(env: Env) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """FP32 (cold timing cache), FP16 and INT8 (calibrated from the data) engines, built once."""
+    return {p: env.build(p, f"build_{p}") for p in ("fp32", "fp16", "int8")}

@@ -1,0 +1,110 @@
+"""TensorRT builds of a tiny network: FP32/FP16/INT8 accuracy against onnxruntime,
+build.json facts, timing cache, layer precision pins, parser and profile errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorrt", reason="TensorRT is not installed: run on the GPU device with the kit (shared/gpu/README.md)")
+pytestmark = pytest.mark.gpu
+
+from pipeline.errors import BackendError, ConfigError  # noqa: E402
+
+
+def _run(engine, x):
+    from pipeline.runtime.trt_runner import TrtRunner
+
+    with TrtRunner(engine) as r:
+        return r.infer({"input": x})["logits"]
+
+
+@pytest.mark.parametrize("precision,min_cos,atol", [("fp32", 0.99999, 2e-2), ("fp16", 0.9999, 5e-2), ("int8", 0.99, None)])
+def test_engine_matches_onnxruntime(env, engines, precision, min_cos, atol):
+    engine, info = engines[precision]
+    out = _run(engine, env.x7)
+    assert out.shape == env.ref7.shape
+    cos = env.cosine(out, env.ref7)
+    assert cos > min_cos, f"{precision}: cosine {cos} vs onnxruntime FP32"
+    if atol is not None:
+        np.testing.assert_allclose(out, env.ref7, atol=atol, rtol=atol)
+    flags = set(info["flags"])
+    assert ("FP16" in flags) == (precision == "fp16")
+    assert ("INT8" in flags) == (precision == "int8")
+
+
+def test_build_info(env, engines):
+    engine, info = engines["fp16"]
+    for key in ("tensorrt", "flags", "profile", "workspace_mb", "build_seconds", "engine_bytes", "sha256",
+                "timing_cache", "device", "software", "hardware"):
+        assert key in info, key
+    assert info["backend"] == "tensorrt"
+    assert info["engine_bytes"] == engine.stat().st_size
+    c, h, w = env.IN_SHAPE
+    assert info["profile"]["input"] == {"min": [1, c, h, w], "opt": [8, c, h, w], "max": [16, c, h, w]}
+    assert info["network_flags"] == ["EXPLICIT_BATCH"]  # 8.x enum has it
+    assert info["hardware"]["compute_capability"].count(".") == 1
+    layers = json.loads((engine.parent / "layers.json").read_text())
+    assert layers["Layers"] and info["engine_layers"] == len(layers["Layers"])
+
+
+def test_implicit_int8_engine_runs_int8_layers(engines):
+    """The tiny net is big enough that TensorRT really picks INT8 kernels (layers.json). (In the
+    FP16 build TensorRT 8.6 on an H100 picks FP32 kernels for it: faster at this size.)"""
+    by_type = engines["int8"][1]["by_output_type"]
+    assert by_type.get("INT8", 0) >= 2, by_type
+
+
+def test_timing_cache_cold_then_warm(env, engines):
+    cold, warm = engines["fp32"][1]["timing_cache"], engines["fp16"][1]["timing_cache"]
+    assert cold["warm"] is False and cold["saved_bytes"] > 0
+    assert warm["warm"] is True and warm["loaded_bytes"] > 0
+    assert env.timing_cache.is_file()
+
+
+def test_layer_precision_pins_show_in_layers_json(env):
+    """conv1 pinned to fp32 and conv2 to fp16 in an fp16 build. Unpinned, TensorRT runs both in
+    FP32 on this tiny net, so the FP16 pin shows that the constraints reach the engine."""
+    from pipeline.backends.trt_build import layer_precision
+
+    engine, info = env.build("fp16", "pinned", layer_precisions={"/conv1/*": "fp32", "/conv2/Conv": "fp16"})
+    assert info["layer_precisions"]["pinned"] == {"/conv1/Conv": "fp32", "/conv2/Conv": "fp16"}
+    assert "OBEY_PRECISION_CONSTRAINTS" in info["flags"]
+    layers = json.loads((engine.parent / "layers.json").read_text())["Layers"]
+
+    def layer(node):
+        found = [ly for ly in layers if node in ly.get("Name", "").split(" + ")]
+        assert found, [ly.get("Name") for ly in layers]
+        return found[0]
+
+    assert layer_precision(layer("/conv1/Conv")) == "FP32", layer("/conv1/Conv")
+    assert layer_precision(layer("/conv2/Conv")) == "FP16", layer("/conv2/Conv")
+    assert env.cosine(_run(engine, env.x7), env.ref7) > 0.9999
+
+
+def test_pattern_that_matches_nothing_is_an_error(env):
+    with pytest.raises(ConfigError, match=r"/nope/\*"):
+        env.build("fp16", "nomatch", layer_precisions={"/nope/*": "fp32"})
+
+
+def test_unparseable_op_names_the_node(env):
+    bad = env.make_tiny_onnx(env.root / "custom.onnx", custom_op=True)
+    with pytest.raises(BackendError) as e:
+        env.build("fp32", "custom", onnx=bad)
+    msg = str(e.value)
+    assert "/custom/FooBar" in msg and "FooBarUnknownOp" in msg and "custom.onnx" in msg, msg
+
+
+def test_profile_min_above_max_is_a_clear_error(env):
+    from pipeline.backends.base import BuildRequest
+    from pipeline.backends.tensorrt_backend import TensorRTBackend
+    from pipeline.config import BuildConfig, ProfileConfig
+
+    bad = ProfileConfig.model_construct(min_batch=8, opt_batch=4, max_batch=2)  # skips the config validator
+    build = BuildConfig.model_construct(**{**BuildConfig(backend="tensorrt").__dict__, "profile": bad})
+    cfg = env.make_config().model_copy(update={"build": build})
+    req = BuildRequest(precision="fp32", onnx_path=env.onnx, out_dir=env.root / "badprofile", config=cfg)
+    with pytest.raises(ConfigError, match=r"min_batch 8.*max_batch 2"):
+        TensorRTBackend().build(req)
