@@ -227,6 +227,12 @@ class TensorRTBackend(Backend):
         samples: Any = []
         if req.calib_data is not None:
             samples = self._load_samples(Path(req.calib_data), shape["opt"][1:])
+            # The same samples, in the same order, as the calibrate stage's own calibration,
+            # so TensorRT's cache and ours can be compared tensor by tensor.
+            from calibration.datasets import calibration_indices
+
+            c = req.config.calibration
+            samples = samples[calibration_indices(int(samples.shape[0]), c.num_samples, c.seed)]
             batch = min(batch, int(samples.shape[0]))
         elif read_from is None:
             raise DataError("implicit INT8 calibration needs the prepared calibration samples (calib.npy from "
