@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": {"name": Path(args.onnx).stem, "arch": "bench", "input": {"name": args.input_name, "shape": list(x.shape[1:])}},
         "calibration": {"method": "entropy", "num_samples": args.num_samples, "batch_size": bs},
         "build": {"backend": "tensorrt", "profile": {"min_batch": 1, "opt_batch": bs, "max_batch": bs},
-                  "timing_cache": str(Path(args.workdir) / "timing.cache"), "workspace_mb": 4096},
+                  "timing_cache": str(Path(args.workdir) / "timing.cache"), "workspace_mb": 4096, "tf32": not args.no_tf32},
     })
     work = Path(args.workdir)
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t2 = time.perf_counter()
     out = compare(work / "calibrate" / "ranges.json", work / "build" / "calibration.cache")
     out["seconds"] = {"ours_calibrate": round(t1 - t0, 2), "tensorrt_int8_build_with_calibration": round(t2 - t1, 2)}
-    out["samples"], out["batch_size"] = args.num_samples, bs
+    out["samples"], out["batch_size"], out["tf32"] = args.num_samples, bs, not args.no_tf32
     return out
 
 
@@ -108,6 +108,7 @@ def main() -> None:
     r.add_argument("--num-samples", type=int, default=256)
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--workdir", type=Path, required=True)
+    r.add_argument("--no-tf32", action="store_true", help="calibrate in true FP32 (TensorRT's FP32 layers may use TF32 by default)")
     r.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     result = compare(args.ranges, args.trt_cache) if args.mode == "compare" else run(args)

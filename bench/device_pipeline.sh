@@ -11,9 +11,10 @@ mkdir -p "$OUT"
 : "${KITPY:?set KITPY (the TensorRT kit python)}"
 TORCHPY=${TORCHPY:-python3}
 ROOT=$(pwd)
+KIT_PATH=${PYTHONPATH:-}  # the kit's env.sh puts its site-packages here; the torch python must not see them
 P=$OUT/params-tensorrt.yaml
 with_build() {  # params.yaml with build.<key>: <value> overrides -> $1
-  "$KITPY" - "$@" <<'PY'
+  PYTHONPATH="$KIT_PATH" "$KITPY" - "$@" <<'PY'
 import sys, yaml
 out, pairs = sys.argv[1], sys.argv[2:]
 d = yaml.safe_load(open("params.yaml"))
@@ -23,7 +24,7 @@ PY
 }
 with_build "$P" backend=${BACKEND:-tensorrt}
 torchpy() { PYTHONPATH="$ROOT:${TORCH_SITE:-}" "$TORCHPY" -m pipeline "$@" --params "$P"; }
-kitpy() { PYTHONPATH="$ROOT" "$KITPY" -m pipeline "$@" --params "$P"; }
+kitpy() { PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" -m pipeline "$@" --params "$P"; }
 t0=$(date +%s)
 torchpy prepare --out artifacts/prepare
 torchpy export --checkpoint artifacts/prepare/model.pt --out artifacts/export
@@ -33,12 +34,12 @@ for p in fp32 fp16 int8; do kitpy build --precision $p; done
 for p in fp32 fp16 int8; do kitpy evaluate --precision $p; done
 torchpy compare
 kitpy publish
-PYTHONPATH="$ROOT" "$KITPY" -m pipeline artifacts verify
+PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" -m pipeline artifacts verify
 echo "pipeline wall seconds: $(( $(date +%s) - t0 ))"
 cp artifacts/compare/compare.md artifacts/compare/compare.json "$OUT/"
 # The explicit route: TensorRT builds the calibrate stage's Q/DQ ONNX.
 with_build "$OUT/params-explicit.yaml" backend=tensorrt int8_route=explicit
-PYTHONPATH="$ROOT" "$KITPY" -m pipeline build --precision int8 --params "$OUT/params-explicit.yaml" --out artifacts/build/int8-explicit
-PYTHONPATH="$ROOT" "$KITPY" bench/int8_routes.py --out "$OUT/int8_routes_digits.json"
-PYTHONPATH="$ROOT" "$KITPY" bench/calibration_fidelity.py compare --ranges artifacts/calibrate/ranges.json \
+PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" -m pipeline build --precision int8 --params "$OUT/params-explicit.yaml" --out artifacts/build/int8-explicit
+PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" bench/int8_routes.py --out "$OUT/int8_routes_digits.json"
+PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" bench/calibration_fidelity.py compare --ranges artifacts/calibrate/ranges.json \
   --trt-cache artifacts/build/int8/calibration.cache --out "$OUT/fidelity_digits.json"

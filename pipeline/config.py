@@ -140,6 +140,7 @@ class BuildConfig(_Strict):
     profile: ProfileConfig = ProfileConfig()
     timing_cache: Optional[str] = "artifacts/timing.cache"
     int8_route: Literal["implicit", "explicit"] = "implicit"
+    tf32: bool = Field(True, description="let FP32 layers use TF32 tensor cores (TensorRT's default; trtexec --noTF32)")
     int8_calibrator: Literal["entropy2", "minmax"] = "entropy2"
     calibration_source: Literal["tensorrt", "cache"] = Field(
         "tensorrt", description="implicit INT8: calibrate with TensorRT, or reuse the calibrate stage's cache"

@@ -103,6 +103,8 @@ class TensorRTBackend(Backend):
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
         if req.precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
+        if not cfg.tf32 and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # trtexec --noTF32: FP32 layers in true FP32
         if int8 and not strongly_typed:
             config.set_flag(trt.BuilderFlag.INT8)
         pins = self._pin_layers(trt, network, config, cfg.layer_precisions, req.precision)
