@@ -52,7 +52,6 @@ CASES = ("digits", "resnet18")
 
 # -- inputs (child process: torch stays out of the measured processes) --------------------------
 def prepare_digits(folder: Path) -> dict[str, Any]:
-    import torch
 
     from calibration.datasets import load_splits
     from pipeline.config import load_config

@@ -41,7 +41,6 @@ calibrator (TensorRT's own) should do the same to see the same batches.
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 from calibration.errors import CalibrationError
 from pipeline.config import DataConfig, InputSpec, PreprocessConfig
 from pipeline.errors import DataError
+from pipeline.plugins import load_callable
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")
 
@@ -163,16 +163,7 @@ def _image_folder(data: DataConfig, location: Optional[str], key: str) -> _Image
 
 def _factory(data: DataConfig, location: Optional[str], key: str) -> Samples:
     spec = location or ""
-    module_name, _, func_name = spec.partition(":")
-    if not module_name or not func_name:
-        raise DataError(f"{key} '{spec}': data.source 'factory' needs 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise DataError(f"{key} '{spec}': cannot import module '{module_name}' ({e}); is it on PYTHONPATH?") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise DataError(f"{key} '{spec}': module '{module_name}' has no callable '{func_name}'")
+    fn = load_callable(spec, key, DataError)
     xs: list[np.ndarray] = []
     ys: list[Optional[np.ndarray]] = []
     count = 0
@@ -447,6 +438,24 @@ def load_splits(data: DataConfig, spec: InputSpec) -> Splits:
 
 
 # -- which calibration samples, in which batches ------------------------------------------------
+def load_calibration_samples(path: Path, input_shape: list[int]) -> np.ndarray:
+    """The prepared samples, memory-mapped, checked against the model's input shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: calibration samples not found; run the prepare stage first")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        raise DataError(f"{path}: calibration samples must be a float array, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}; re-run prepare")
+    if list(x.shape[1:]) != list(input_shape):
+        raise DataError(f"{path}: samples have shape {list(x.shape[1:])}, the model input expects "
+                        f"{list(input_shape)}; re-run prepare with this config")
+    return x
+
+
 def calibration_indices(num_available: int, num_samples: int, seed: int) -> np.ndarray:
     """Indices of the prepared calibration samples to use, in the order they are fed.
 

@@ -4,18 +4,16 @@ Task metrics are pluggable: see `resolve_metrics` below."""
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from .errors import ConfigError
+from .plugins import load_callable
 
 
 def agreement(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
@@ -101,22 +99,7 @@ class TaskMetric:
 
 
 def _import_function(spec: str) -> Callable[..., Any]:
-    module_name, _, func_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        # The console script does not put the working directory on sys.path; a project's own
-        # metrics module usually lives there.
-        if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
-            raise ConfigError(f"evaluate.metrics '{spec}': cannot import '{module_name}' ({e}); is it on PYTHONPATH?") from None
-        sys.path.append(os.getcwd())
-        return _import_function(spec)
-    except ImportError as e:
-        raise ConfigError(f"evaluate.metrics '{spec}': cannot import '{module_name}' ({e})") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ConfigError(f"evaluate.metrics '{spec}': module '{module_name}' has no callable '{func_name}'")
-    return fn
+    return load_callable(spec, "evaluate.metrics", ConfigError)
 
 
 def _topk_metric(k: int) -> Callable[..., dict[str, float]]:

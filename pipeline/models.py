@@ -5,12 +5,12 @@ GPU-side stages never do."""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Callable
 
 from .config import ModelConfig
 from .errors import ConfigError, ModelError
+from .plugins import load_callable
 
 
 def digits_cnn(num_classes: int = 10) -> Any:
@@ -38,15 +38,7 @@ BUILTINS: dict[str, Callable[..., Any]] = {"digits_cnn": digits_cnn}
 
 
 def _resolve_factory(spec: str) -> Callable[..., Any]:
-    module_name, _, func_name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"model.arch '{spec}': cannot import module '{module_name}' ({e}); is it on PYTHONPATH?") from None
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ConfigError(f"model.arch '{spec}': module '{module_name}' has no callable '{func_name}'")
-    return fn
+    return load_callable(spec, "model.arch", ConfigError)
 
 
 def build_model(cfg: ModelConfig) -> Any:

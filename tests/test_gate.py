@@ -19,7 +19,7 @@ import yaml
 
 from pipeline import cli
 from pipeline.config import GateConfig
-from pipeline.gate import GateInputError, evaluate_gate
+from pipeline.gate import evaluate_gate
 from pipeline.stages import compare
 from tests._digits_run import digits_run
 from tests.stages.test_compare import synthetic_evals

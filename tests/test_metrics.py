@@ -116,7 +116,7 @@ def test_user_metric_from_the_working_directory(tmp_path: Path, monkeypatch: pyt
 @pytest.mark.parametrize(
     "spec, fragment",
     [
-        ("no_such_module_xyz:fn", "cannot import 'no_such_module_xyz'"),
+        ("no_such_module_xyz:fn", "cannot import module 'no_such_module_xyz'"),
         (f"{EX}:no_such_function", "has no callable 'no_such_function'"),
         ("top0", "neither a built-in"),
     ],

@@ -18,8 +18,8 @@ import yaml
 from pipeline import cli, registry
 from pipeline.compat import check_runs_here, compat_findings, probe_here
 from pipeline.config import Config, _merge
-from pipeline.errors import ArtifactError, PipelineError
-from pipeline.fileio import read_json, sha256_file, write_json
+from pipeline.errors import ArtifactError
+from pipeline.fileio import sha256_file, write_json
 from pipeline.manifest import read_manifest
 from pipeline.stages import build, evaluate, export, prepare, publish, validate
 from pipeline.stages.evaluate import predict

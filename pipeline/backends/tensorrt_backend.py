@@ -228,13 +228,13 @@ class TensorRTBackend(Backend):
             batch = int(shape["opt"][0])
         samples: Any = []
         if req.calib_data is not None:
-            samples = self._load_samples(Path(req.calib_data), shape["opt"][1:])
             # The same samples, in the same order, as the calibrate stage's own calibration,
             # so TensorRT's cache and ours can be compared tensor by tensor.
-            from calibration.datasets import calibration_indices
+            from calibration.datasets import calibration_indices, load_calibration_samples
 
             c = req.config.calibration
-            samples = samples[calibration_indices(int(samples.shape[0]), c.num_samples, c.seed)]
+            samples = load_calibration_samples(Path(req.calib_data), shape["opt"][1:])
+            samples = samples[calibration_indices(int(samples.shape[0]), c.num_samples, c.seed)].astype(np.float32, copy=False)
             batch = min(batch, int(samples.shape[0]))
         elif read_from is None:
             raise DataError("implicit INT8 calibration needs the prepared calibration samples (calib.npy from "
@@ -242,21 +242,6 @@ class TensorRTBackend(Backend):
         cal = make_calibrator(cfg.int8_calibrator, samples, out_dir / CACHE_FILE, batch_size=batch,
                               read_cache_from=read_from, memory=self.memory, progress=self.progress, log=_log)
         return cal, calibration_shapes(shapes, cal.batch_size)
-
-    @staticmethod
-    def _load_samples(path: Path, sample_shape: list[int]) -> np.ndarray:
-        if not path.is_file():
-            raise DataError(f"{path}: calibration samples not found; run `trtpipe prepare`")
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except Exception as e:
-            raise DataError(f"{path}: not a readable .npy file ({e}); rerun `trtpipe prepare`") from None
-        if arr.ndim != len(sample_shape) + 1 or list(arr.shape[1:]) != list(sample_shape) or arr.shape[0] == 0:
-            raise DataError(f"{path}: calibration samples have shape {tuple(arr.shape)}; the network input needs "
-                            f"(N, {', '.join(map(str, sample_shape))}) with N >= 1")
-        if arr.dtype != np.float32:
-            raise DataError(f"{path}: calibration samples are {arr.dtype}; expected float32 (preprocessed)")
-        return arr
 
     @staticmethod
     def _calibration_info(cal: Any, out_dir: Path, cap: Any) -> dict[str, Any]:

@@ -40,36 +40,17 @@ import numpy as np
 from calibration.algorithms import amax_to_scale, compute_amax
 from calibration.cache import cache_header, scale_to_hex, write_cache
 from calibration.collect import collect_histograms
-from calibration.datasets import calibration_batches, calibration_indices
+from calibration.datasets import calibration_batches, calibration_indices, load_calibration_samples
 from calibration.errors import CalibrationError
 from calibration.qdq import quantize_qdq
 
 from ..config import Config
-from ..errors import DataError
 from ..fileio import sha256_file, staging_dir, write_json
 
 DEFAULT_TRT_VERSION = "8.6.0"
 CACHE_ALGORITHM = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration", "percentile": "EntropyCalibration2"}
 OUTPUTS = ("ranges.json", "calibration.cache", "model.qdq.onnx")
 CHECK_SAMPLES = 8  # Q/DQ vs FP32 sanity check on the first samples of the first batch
-
-
-def load_calibration_samples(path: Path, input_shape: list[int]) -> np.ndarray:
-    """The prepared samples, memory-mapped, checked against the model's input shape."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: calibration samples not found; run the prepare stage first")
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") from None
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        raise DataError(f"{path}: calibration samples must be a float array, got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}; re-run prepare")
-    if list(x.shape[1:]) != list(input_shape):
-        raise DataError(f"{path}: samples have shape {list(x.shape[1:])}, the model input expects "
-                        f"{list(input_shape)}; re-run prepare with this config")
-    return x
 
 
 def _peak_rss_mb() -> float:
