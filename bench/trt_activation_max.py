@@ -39,7 +39,7 @@ def main() -> None:
     have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for name in ranges:
         if name not in have:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     a.workdir.mkdir(parents=True, exist_ok=True)
     exposed = a.workdir / "exposed.onnx"
     onnx.save(model, str(exposed))

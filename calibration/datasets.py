@@ -376,7 +376,7 @@ def _load_source(data: DataConfig, location: Optional[str], key: str) -> _Raw:
     raw = SOURCES[data.source](data, location, key)
     if len(raw) == 0:
         where = f" ({location})" if location else ""
-        raise DataError(f"data.source={data.source}{where}: dataset is empty")
+        raise DataError(f"data.source={data.source}{where}: dataset is empty; point {key} at data with at least one sample")
     return raw
 
 
