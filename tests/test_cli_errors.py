@@ -43,8 +43,8 @@ def test_misspelt_key(project: Path) -> None:
 
 
 def test_wrong_type(project: Path) -> None:
-    edit_config(lambda d: d["calibration"].update({"batch_size": "thirty-two"}))
-    assert_one_line_error(trtpipe("prepare"), "prepare", "'calibration.batch_size'", "valid integer", "thirty-two")
+    edit_config(lambda d: d["validate"].update({"num_samples": "two hundred"}))
+    assert_one_line_error(trtpipe("prepare"), "prepare", "'validate.num_samples'", "valid integer", "two hundred")
 
 
 def test_checkpoint_that_does_not_exist(project: Path) -> None:
