@@ -159,83 +159,69 @@ def publish_variant(
     onnx_path: Path,
     published_at: Optional[str] = None,
 ) -> dict[str, Any]:
+    # scratch holds a temporary folder when layers.json must be regenerated from the engine
     with contextlib.ExitStack() as scratch:
-        return _publish_variant(scratch, cfg, precision, build_dir, eval_path, registry, prepare_dir, calib_dir, onnx_path, published_at)
+        build = read_json(build_dir / "build.json", "build report")
+        evaluation = read_json(eval_path, "evaluation report")
+        onnx_sha = sha256_file(onnx_path)
+        artifact = _check_consistent(precision, build_dir, build, eval_path, evaluation, onnx_sha)
+        backend = build["backend"]
+        notes: list[str] = []
 
+        # Files of the version folder: name -> (source, role).
+        sources: dict[str, tuple[Path, str]] = {
+            build["artifact"]: (artifact, ROLE_ARTIFACT),
+            "build.json": (build_dir / "build.json", ROLE_BUILD),
+            "eval.json": (Path(eval_path), ROLE_METRICS),
+        }
+        inputs: dict[str, Any] = {"checkpoint": sha256_file(prepare_dir / "model.pt"), "onnx": onnx_sha}
+        config = config_subset(cfg, precision, backend)
+        inputs["config"] = _sha_json(config)
+        if precision == "int8":
+            inputs["calibration_data"] = sha256_file(prepare_dir / "calib.npy")
+            # The cache the calibrate stage wrote is an input; the one a build used (its own
+            # folder's, e.g. TensorRT's calibrator output) is what ships with the engine.
+            stage_cache = calib_dir / CACHE
+            inputs["calibration_cache"] = sha256_file(stage_cache) if stage_cache.is_file() else None
+            ranges = calib_dir / "ranges.json"
+            if ranges.is_file():
+                inputs["calibration_ranges"] = sha256_file(ranges)
+            ship = build_dir / CACHE if (build_dir / CACHE).is_file() else stage_cache
+            if ship.is_file():
+                sources[CACHE] = (ship, ROLE_CACHE)
+            else:
+                notes.append("no calibration cache: neither the build nor the calibrate stage wrote calibration.cache")
+        if backend == "tensorrt":
+            layers = build_dir / LAYERS
+            if not layers.is_file():
+                info = _layers_from_engine(artifact)
+                if info is not None:
+                    layers = Path(scratch.enter_context(tempfile.TemporaryDirectory())) / LAYERS
+                    layers.write_text(info)
+            if layers.is_file():
+                sources[LAYERS] = (layers, ROLE_LAYERS)
+            else:
+                notes.append("no layer information: the build wrote no layers.json and TensorRT is not available here to inspect the engine")
 
-def _publish_variant(
-    scratch: contextlib.ExitStack,
-    cfg: Config,
-    precision: str,
-    build_dir: Path,
-    eval_path: Path,
-    registry: Path,
-    prepare_dir: Path,
-    calib_dir: Path,
-    onnx_path: Path,
-    published_at: Optional[str],
-) -> dict[str, Any]:
-    build = read_json(build_dir / "build.json", "build report")
-    evaluation = read_json(eval_path, "evaluation report")
-    onnx_sha = sha256_file(onnx_path)
-    artifact = _check_consistent(precision, build_dir, build, eval_path, evaluation, onnx_sha)
-    backend = build["backend"]
-    notes: list[str] = []
-
-    # Files of the version folder: name -> (source, role).
-    sources: dict[str, tuple[Path, str]] = {
-        build["artifact"]: (artifact, ROLE_ARTIFACT),
-        "build.json": (build_dir / "build.json", ROLE_BUILD),
-        "eval.json": (Path(eval_path), ROLE_METRICS),
-    }
-    inputs: dict[str, Any] = {"checkpoint": sha256_file(prepare_dir / "model.pt"), "onnx": onnx_sha}
-    config = config_subset(cfg, precision, backend)
-    inputs["config"] = _sha_json(config)
-    if precision == "int8":
-        inputs["calibration_data"] = sha256_file(prepare_dir / "calib.npy")
-        # The cache the calibrate stage wrote is an input; the one a build used (its own
-        # folder's, e.g. TensorRT's calibrator output) is what ships with the engine.
-        stage_cache = calib_dir / CACHE
-        inputs["calibration_cache"] = sha256_file(stage_cache) if stage_cache.is_file() else None
-        ranges = calib_dir / "ranges.json"
-        if ranges.is_file():
-            inputs["calibration_ranges"] = sha256_file(ranges)
-        ship = build_dir / CACHE if (build_dir / CACHE).is_file() else stage_cache
-        if ship.is_file():
-            sources[CACHE] = (ship, ROLE_CACHE)
-        else:
-            notes.append("no calibration cache: neither the build nor the calibrate stage wrote calibration.cache")
-    if backend == "tensorrt":
-        layers = build_dir / LAYERS
-        if not layers.is_file():
-            info = _layers_from_engine(artifact)
-            if info is not None:
-                layers = Path(scratch.enter_context(tempfile.TemporaryDirectory())) / LAYERS
-                layers.write_text(info)
-        if layers.is_file():
-            sources[LAYERS] = (layers, ROLE_LAYERS)
-        else:
-            notes.append("no layer information: the build wrote no layers.json and TensorRT is not available here to inspect the engine")
-
-    export_json = Path(onnx_path).parent / "export.json"
-    export_info = read_json(export_json, "export report") if export_json.is_file() else {}
-    files = {name: {"sha256": sha256_file(src), "bytes": src.stat().st_size, "role": role} for name, (src, role) in sources.items()}
-    manifest = make_manifest(
-        cfg.model.name,
-        precision,
-        build,
-        inputs=inputs,
-        settings=_settings(precision, build),
-        metrics=_metrics(evaluation),
-        files=files,
-        software=_software(build, export_info),
-        config=config,
-        io={k: export_info[k] for k in ("inputs", "outputs", "opset") if k in export_info},
-        published_at=published_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        notes=notes,
-    )
-    status, dest = publish_version(registry, manifest, {n: s for n, (s, _) in sources.items()})
-    return {"precision": precision, "version": manifest["version"], "path": str(dest), "status": status, "notes": notes}
+        export_json = Path(onnx_path).parent / "export.json"
+        export_info = read_json(export_json, "export report") if export_json.is_file() else {}
+        files = {name: {"sha256": sha256_file(src), "bytes": src.stat().st_size, "role": role} for name, (src, role) in sources.items()}
+        manifest = make_manifest(
+            cfg.model.name,
+            precision,
+            build,
+            inputs=inputs,
+            settings=_settings(precision, build),
+            metrics=_metrics(evaluation),
+            files=files,
+            software=_software(build, export_info),
+            config=config,
+            io={k: export_info[k] for k in ("inputs", "outputs", "opset") if k in export_info},
+            published_at=published_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            notes=notes,
+        )
+        status, dest = publish_version(registry, manifest, {n: s for n, (s, _) in sources.items()})
+        return {"precision": precision, "version": manifest["version"], "path": str(dest), "status": status, "notes": notes}
 
 
 def run(
