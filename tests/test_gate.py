@@ -21,7 +21,6 @@ from pipeline import cli
 from pipeline.config import GateConfig
 from pipeline.gate import evaluate_gate
 from pipeline.stages import compare
-from tests._digits_run import digits_run
 from tests.stages.test_compare import synthetic_evals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,16 +50,6 @@ def write_report(path: Path, table: dict[str, Any]) -> Path:
 
 def synthetic_table(**kw: Any) -> dict[str, Any]:
     return {"model": "digits-cnn", **compare.build_table(synthetic_evals(**kw))}
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run(tmp_path_factory, "clean")
-
-
-@pytest.fixture(scope="module")
-def broken(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run(tmp_path_factory, "broken", int8_scale=100.0)
 
 
 # --- real runs ---------------------------------------------------------------------------

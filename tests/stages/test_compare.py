@@ -13,12 +13,7 @@ import pytest
 from pipeline.errors import ReportError
 from pipeline.fileio import read_json, write_json
 from pipeline.stages import compare
-from tests._digits_run import digits_config, digits_run
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run(tmp_path_factory, "clean")
+from tests._digits_run import digits_config
 
 
 def _strict_json(path: Path) -> Any:

@@ -13,19 +13,9 @@ from pipeline.backends.base import Runner
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.fileio import read_json
 from pipeline.stages import evaluate
-from tests._digits_run import digits_config, digits_run
+from tests._digits_run import digits_config
 
 EX = "pipeline.examples.task_metrics"
-
-
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run(tmp_path_factory, "clean")
-
-
-@pytest.fixture(scope="module")
-def broken(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return digits_run(tmp_path_factory, "broken", int8_scale=100.0)
 
 
 def _run(cfg: Any, d: Path, precision: str, out: Path) -> dict[str, Any]:
