@@ -15,6 +15,8 @@ NVIDIA's public reference (pytorch-quantization ``_compute_amax_entropy``) descr
      none (only possible in bin ``i-1``: empty itself but with tail mass behind it).
 4. The largest ``i`` among those with the minimal divergence; ``amax = i * bin_width``.
    "Minimal" is up to float64 rounding (``TIE_ATOL``), so exact ties stay ties.
+   TensorRT 8.6 itself puts amax half a bin higher, ``(i + 1/2) * bin_width``
+   (``bin_offset=0.5``; see :mod:`calibration.rules`).
 
 The naive loop costs O(bins^2). Here every sum over bins becomes a difference of prefix
 sums, so each candidate costs O(128): for candidate ``i`` with groups ``g`` covering bins
@@ -76,14 +78,15 @@ def entropy_divergences(counts: np.ndarray, num_quant_bins: int = NUM_QUANT_BINS
 
 
 def entropy_amax(counts: np.ndarray, bin_width: float, num_quant_bins: int = NUM_QUANT_BINS,
-                 start_bin: int = START_BIN) -> float:
-    """EntropyCalibration2's amax: ``i * bin_width`` for the largest minimising ``i``."""
+                 start_bin: int = START_BIN, bin_offset: float = 0.0) -> float:
+    """EntropyCalibration2's amax: ``(i + bin_offset) * bin_width`` for the largest
+    minimising ``i`` (offset 0: DESIGN.md's bin edge; 0.5: TensorRT 8.6's bin centre)."""
     counts = np.asarray(counts)
     if bin_width == 0.0 or not np.any(counts):
         return 0.0  # all-zero tensor (see calibration.histogram): nothing to clip
     candidates, divergences = entropy_divergences(counts, num_quant_bins, start_bin)
     best = _last_argmin(divergences)
-    return float(candidates[best] * bin_width)
+    return float((candidates[best] + bin_offset) * bin_width)
 
 
 def _prepared_bins(counts: np.ndarray, start_bin: int) -> np.ndarray:

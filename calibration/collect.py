@@ -2,8 +2,8 @@
 
 The model is augmented once: every tensor to calibrate becomes an extra graph output,
 and each batch runs through one onnxruntime session. The activations of that batch
-stream into one :class:`calibration.histogram.AbsHistogram` per tensor (the growth rule
-of DESIGN.md section 4) and are dropped before the next batch runs, so memory holds
+stream into one :class:`calibration.histogram.AbsHistogram` per tensor (growing by the
+rule ``growth`` names: TensorRT's doubling or DESIGN.md's appending) and are dropped before the next batch runs, so memory holds
 one batch of activations at most, whatever the dataset size.
 
 Which tensors: TensorRT's calibrator records a scale for nearly every tensor of the
@@ -166,7 +166,8 @@ class ActivationCollector:
     """
 
     def __init__(self, onnx_path: Union[str, Path], *, tensors: Optional[Sequence[str]] = None,
-                 scope: str = "all", num_bins: int = DEFAULT_NUM_BINS, threads: Optional[int] = None,
+                 scope: str = "all", num_bins: int = DEFAULT_NUM_BINS, growth: str = "append",
+                 threads: Optional[int] = None,
                  optimize: bool = True, pipeline: bool = True, source: str = "calibration data") -> None:
         from pipeline.onnx_utils import load_onnx
 
@@ -193,12 +194,15 @@ class ActivationCollector:
         self.input_names = graph_inputs
         self.output_names = [o.name for o in model.graph.output]
         self.tensor_names = names
+        #: (op_type, inputs, outputs) of every node, for rules that follow the graph.
+        self.node_ops = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
         self._fed = [n for n in names if n in graph_inputs]  # histogrammed from the feeds directly
         exposed = [n for n in names if n not in graph_inputs]
         # The model's own outputs are fetched too: the first batch's are kept as a reference.
         self._outputs = exposed + [n for n in self.output_names if n not in exposed]
         self.first_outputs: dict[str, np.ndarray] = {}
-        self.histograms: dict[str, AbsHistogram] = {n: AbsHistogram(num_bins, name=n) for n in names}
+        self.histograms: dict[str, AbsHistogram] = {n: AbsHistogram(num_bins, name=n, growth=growth)
+                                                       for n in names}
         if threads is None and self.pipeline:
             threads = max(1, available_cores() - 1)
         self.stats.intra_op_threads = int(threads or 0)

@@ -116,6 +116,9 @@ class CalibrationConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     num_bins: int = Field(2048, ge=128)
     seed: int = 0
+    rules: Literal["tensorrt", "reference"] = Field(
+        "tensorrt", description="tensorrt: what TensorRT 8.6's calibrator computes; reference: DESIGN.md section 4"
+    )
 
 
 class ProfileConfig(_Strict):
@@ -147,6 +150,14 @@ class BuildConfig(_Strict):
     )
     layer_precisions: dict[str, Literal["fp32", "fp16"]] = Field(
         default_factory=dict, description="layer-name glob -> precision pinned in the engine"
+    )
+    builder_optimization_level: Optional[int] = Field(
+        None, ge=0, le=5, description="TensorRT's builder optimization level 0-5 (trtexec --builderOptimizationLevel); "
+        "null: TensorRT's default (3)"
+    )
+    preview_features: dict[str, bool] = Field(
+        default_factory=dict, description="TensorRT preview features turned on/off by name, e.g. "
+        "{faster_dynamic_shapes_0805: false} (trtexec --preview=-fasterDynamicShapes0805)"
     )
 
 

@@ -9,12 +9,17 @@ Inputs: the FP32 ONNX (export) and the prepared calibration samples (prepare's
    batch is dropped, as TensorRT's calibrator with its fixed batch would see them).
 2. The FP32 ONNX runs in onnxruntime with every activation exposed; each batch streams
    into one |x| histogram per tensor (:mod:`calibration.collect`).
-3. amax per tensor by ``calibration.method`` (:mod:`calibration.algorithms`).
+3. amax per tensor by ``calibration.method`` (:mod:`calibration.algorithms`), under
+   ``calibration.rules`` (:mod:`calibration.rules`): ``tensorrt`` (default) reproduces
+   what TensorRT 8.6's IInt8EntropyCalibrator2 computes (doubling histogram, amax at the
+   bin centre, MaxPool outputs with their input's range); ``reference`` is DESIGN.md
+   section 4 as written.
 
 Outputs (``out_dir``, replaced atomically as a whole):
 
 * ``ranges.json``: per tensor amax, scale (= amax/127, float32; also as hex bits),
-  method, max_abs, num_bins, bin_width; plus the settings that produced them.
+  method, max_abs, num_bins, bin_width (and ``range_from`` where a MaxPool output took
+  its input's range); plus the settings and rules that produced them.
 * ``calibration.cache``: TensorRT's format. Header ``TRT-8600-EntropyCalibration2`` for
   ``entropy``, ``TRT-8600-MinMaxCalibration`` for ``minmax``. TensorRT has no percentile
   calibrator: ``percentile`` ranges are written under ``EntropyCalibration2`` (the
@@ -43,6 +48,7 @@ from calibration.collect import collect_histograms
 from calibration.datasets import calibration_batches, calibration_indices, load_calibration_samples
 from calibration.errors import CalibrationError
 from calibration.qdq import quantize_qdq
+from calibration.rules import CalibrationRules, get_rules, range_sources, share_ranges
 
 from ..config import Config
 from ..fileio import sha256_file, staging_dir, write_json
@@ -58,8 +64,13 @@ def _peak_rss_mb() -> float:
     return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
-def _amax_all(histograms: dict[str, Any], method: str, percentile: float) -> tuple[dict[str, float], list[float]]:
-    opts = {"percentile": percentile} if method == "percentile" else {}
+def _amax_all(histograms: dict[str, Any], method: str, percentile: float,
+              rules: CalibrationRules) -> tuple[dict[str, float], list[float]]:
+    opts: dict[str, float] = {}
+    if method == "percentile":
+        opts = {"percentile": percentile}
+    elif method == "entropy":
+        opts = {"bin_offset": rules.amax_bin_offset}
     amax: dict[str, float] = {}
     search_ms: list[float] = []
     for name, hist in histograms.items():
@@ -95,6 +106,7 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *,
     calibrate.json into ``out_dir`` (replaced atomically). Returns the calibrate.json dict."""
     start = time.perf_counter()
     c = cfg.calibration
+    rules = get_rules(c.rules)
     onnx_path, calib_data, out_dir = Path(onnx_path), Path(calib_data), Path(out_dir)
     x = load_calibration_samples(calib_data, cfg.model.input.shape)
     indices = calibration_indices(int(x.shape[0]), c.num_samples, c.seed)
@@ -104,9 +116,11 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *,
 
     t_collect = time.perf_counter()
     collector = collect_histograms(onnx_path, batches, total=num_batches, progress=progress,
-                                   num_bins=c.num_bins, threads=threads, source=str(calib_data))
+                                   num_bins=c.num_bins, growth=rules.growth, threads=threads,
+                                   source=str(calib_data))
     t_search = time.perf_counter()
-    amax, search_ms = _amax_all(collector.histograms, c.method, c.percentile)
+    amax, search_ms = _amax_all(collector.histograms, c.method, c.percentile, rules)
+    range_from = share_ranges(amax, range_sources(collector.node_ops)) if rules.range_from_input else {}
     t_write = time.perf_counter()
 
     algorithm = CACHE_ALGORITHM[c.method]
@@ -118,7 +132,9 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *,
         tensors[name] = {"amax": amax[name], "scale": float(scale), "scale_hex": scale_to_hex(scale),
                          "method": c.method, "max_abs": float(hist.max_abs), "num_bins": int(hist.num_bins),
                          "bin_width": float(hist.bin_width), "values": int(hist.num_samples)}
-    settings = {"method": c.method, "percentile": c.percentile if c.method == "percentile" else None,
+        if name in range_from:
+            tensors[name]["range_from"] = range_from[name]
+    settings = {"method": c.method, **rules.describe(), "percentile": c.percentile if c.method == "percentile" else None,
                 "num_bins": c.num_bins, "batch_size": c.batch_size, "batches": collector.stats.batches,
                 "samples": collector.stats.samples, "seed": c.seed}
 

@@ -108,6 +108,16 @@ def test_divergences_match_reference(name):
     np.testing.assert_allclose(div[finite], ref_div[finite], rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.parametrize("name", ["relu", "growing"])
+def test_bin_offset_moves_amax_half_a_bin_up(name):
+    """TensorRT 8.6's amax is the chosen end bin plus half a bin: the same i as the
+    reference, (i + 1/2) * width."""
+    hist = _HISTS[name]
+    i = round(reference_amax(hist.counts, hist.bin_width) / hist.bin_width)
+    got = entropy_amax(hist.counts, hist.bin_width, bin_offset=0.5)
+    assert got == pytest.approx((i + 0.5) * hist.bin_width, rel=1e-12)
+
+
 def test_group_of_bin_is_floor_128j_over_i():
     """The vectorised search puts bin j of candidate i in group floor(128*j/i); that is
     what the reference's digitize over linspace(0, i, 129) gives, multiple of 128 or not."""

@@ -1,5 +1,6 @@
 """AbsHistogram: DESIGN.md section 4, step 1 (2048 bins over the first batch's max|x|,
-same-width bins appended for a larger later max, old counts never rescaled)."""
+same-width bins appended for a larger later max, old counts never rescaled), and the
+``growth="double"`` rule TensorRT 8.6 follows (2048 bins kept, the range doubled)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ import pytest
 
 from calibration.errors import CalibrationError
 from calibration.histogram import AbsHistogram
+
+
+def _doubled_expectation(values, num_bins, width, first_max):
+    """np.histogram at the final width, with the first batch's max (counted in the last
+    bin before any doubling) kept in the bin below the edge it sits on, as merging
+    pairs of bins leaves it (and as TensorRT 8.6 leaves it)."""
+    want = _np_hist(values, num_bins, width)
+    k = first_max / width
+    if k == int(k) and 0 < k < num_bins:
+        hits = int(np.count_nonzero(np.abs(np.asarray(values, dtype=np.float64)) == first_max))
+        want[int(k)] -= hits
+        want[int(k) - 1] += hits
+    return want
 
 
 def _np_hist(values, num_bins, width):
@@ -90,6 +104,47 @@ def test_growth_over_several_batches_matches_per_batch_histograms():
     want = sum(np.pad(h, (0, hist.num_bins - h.size)) for h in per_batch)
     np.testing.assert_array_equal(hist.counts, want)
     assert hist.num_samples == sum(b.size for b in batches)
+
+
+def test_doubling_keeps_the_bin_count_and_equals_a_histogram_of_everything():
+    """growth='double': a larger later max doubles the range (pairs of bins merged), so the
+    result is the histogram of all values at twice the first width (bar the first max)."""
+    rng = np.random.default_rng(4)
+    first, second = rng.normal(0, 1, 20_000), rng.normal(0, 1.6, 20_000)
+    hist = AbsHistogram(growth="double")
+    hist.update(first)
+    width = hist.bin_width
+    assert 1 < np.abs(second).max() / np.abs(first).max() <= 2  # one doubling covers it
+    hist.update(second)
+    assert hist.num_bins == 2048
+    assert hist.bin_width == 2 * width
+    assert hist.edges[-1] == 2 * np.abs(first).max()
+    both = np.concatenate([first, second])
+    np.testing.assert_array_equal(hist.counts, _doubled_expectation(both, 2048, 2 * width, np.abs(first).max()))
+    assert hist.counts[1023] == _np_hist(both, 2048, 2 * width)[1023] + 1  # the first max, below its edge
+
+
+@pytest.mark.parametrize("num_bins", [2048, 301])
+def test_doubling_repeats_until_the_new_max_is_covered(num_bins):
+    rng = np.random.default_rng(5)
+    batches = [rng.laplace(0, 1, 5_000), rng.laplace(0, 0.5, 5_000), rng.laplace(0, 5, 5_000)]
+    hist = AbsHistogram(num_bins=num_bins, growth="double")
+    for b in batches:
+        hist.update(b)
+    first_max, overall = np.abs(batches[0]).max(), max(np.abs(b).max() for b in batches)
+    factor = 2 ** math.ceil(math.log2(overall / first_max))
+    assert factor >= 4
+    assert hist.num_bins == num_bins
+    assert hist.bin_width == pytest.approx(factor * first_max / num_bins, rel=1e-15)
+    assert hist.edges[-1] >= overall
+    np.testing.assert_array_equal(hist.counts, _doubled_expectation(np.concatenate(batches), num_bins,
+                                                                    hist.bin_width, first_max))
+    assert hist.counts.sum() == hist.num_samples
+
+
+def test_unknown_growth_rule_is_rejected():
+    with pytest.raises(CalibrationError, match="unknown histogram growth 'triple'.*append, double"):
+        AbsHistogram(growth="triple")
 
 
 def test_large_batch_is_binned_in_chunks_identically():
