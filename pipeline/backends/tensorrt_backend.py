@@ -29,7 +29,15 @@ from ..fileio import sha256_bytes, write_bytes, write_json
 from ..runtime.cuda_device import device_info
 from ..runtime.trt_common import capture, get_logger, require_tensorrt, trt_version
 from .base import Backend, BuildRequest, BuildResult, Runner
-from .trt_build import TimingCache, build_progress, engine_layers, layer_summary, network_flags, parse_onnx
+from .trt_build import (
+    TimingCache,
+    apply_builder_options,
+    build_progress,
+    engine_layers,
+    layer_summary,
+    network_flags,
+    parse_onnx,
+)
 from .trt_layers import apply_layer_precisions
 from .trt_profiles import calibration_shapes, onnx_inputs, profile_shapes
 
@@ -108,6 +116,7 @@ class TensorRTBackend(Backend):
         if int8 and not strongly_typed:
             config.set_flag(trt.BuilderFlag.INT8)
         pins = self._pin_layers(trt, network, config, cfg.layer_precisions, req.precision)
+        options = apply_builder_options(trt, config, cfg.builder_optimization_level, cfg.preview_features)
 
         profile = builder.create_optimization_profile()
         for name, s in shapes.items():
@@ -154,6 +163,7 @@ class TensorRTBackend(Backend):
                 "flags": [n for n, f in trt.BuilderFlag.__members__.items() if config.get_flag(f)],
                 "profile": {n: {k: s[k] for k in ("min", "opt", "max")} for n, s in shapes.items()},
                 "workspace_mb": int(cfg.workspace_mb),
+                **options,
                 "build_seconds": round(build_seconds, 3),
                 "total_seconds": round(time.monotonic() - t_start, 3),
                 "engine": ENGINE_FILE,

@@ -1,5 +1,6 @@
-"""TensorRT build helpers: network creation flags, ONNX parsing with errors that name the
-node, the timing cache, build progress, and the engine inspector. Each takes the
+"""TensorRT build helpers: network creation flags, builder options (optimization level,
+preview features), ONNX parsing with errors that name the node, the timing cache, build
+progress, and the engine inspector. Each takes the
 `tensorrt` module as an argument, so nothing here imports it at module level."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..errors import BackendError
+from ..errors import BackendError, ConfigError
 from ..fileio import write_bytes
 from ..runtime.trt_common import capture, get_logger
 
@@ -32,6 +33,39 @@ def network_flags(trt: Any, strongly_typed: bool = False) -> tuple[int, list[str
         flags |= 1 << int(enum.STRONGLY_TYPED)
         names.append("STRONGLY_TYPED")
     return flags, names
+
+
+# -- builder options ------------------------------------------------------------------------
+def _feature_key(name: str) -> str:
+    """'faster_dynamic_shapes_0805', 'FASTER_DYNAMIC_SHAPES_0805' and trtexec's
+    'fasterDynamicShapes0805' all name the same preview feature."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def apply_builder_options(trt: Any, config: Any, optimization_level: Optional[int],
+                          preview_features: dict[str, bool]) -> dict[str, Any]:
+    """Set ``builder_optimization_level`` and preview features on ``config``; returns what
+    the config holds afterwards (every preview feature this TensorRT knows, on or off)."""
+    out: dict[str, Any] = {}
+    if optimization_level is not None:
+        if not hasattr(config, "builder_optimization_level"):
+            raise ConfigError(f"build.builder_optimization_level needs TensorRT >= 8.6 (this is {trt.__version__}); "
+                              "remove it")
+        config.builder_optimization_level = int(optimization_level)
+    if hasattr(config, "builder_optimization_level"):
+        out["builder_optimization_level"] = int(config.builder_optimization_level)
+    enum = getattr(trt, "PreviewFeature", None)
+    members = dict(getattr(enum, "__members__", {})) if enum is not None else {}
+    known = {_feature_key(n): n for n in members}
+    for name, on in preview_features.items():
+        member = known.get(_feature_key(name))
+        if member is None:
+            raise ConfigError(f"build.preview_features: TensorRT {trt.__version__} has no preview feature {name!r}; "
+                              f"it has {', '.join(sorted(n.lower() for n in members)) or 'none'}")
+        config.set_preview_feature(members[member], bool(on))
+    if members:
+        out["preview_features"] = {n.lower(): bool(config.get_preview_feature(f)) for n, f in members.items()}
+    return out
 
 
 def _onnx_nodes(onnx_path: Path) -> list[tuple[str, str]]:

@@ -95,6 +95,34 @@ def test_network_flags_follow_the_enum():
         network_flags(_fake_trt("8.6.0", "EXPLICIT_BATCH"), strongly_typed=True)
 
 
+class _FakeConfig:
+    def __init__(self):
+        self.builder_optimization_level = 3
+        self.features = {"A": False, "B": True}
+
+    def set_preview_feature(self, feature, on):
+        self.features[feature] = on
+
+    def get_preview_feature(self, feature):
+        return self.features[feature]
+
+
+def test_builder_options_by_any_spelling():
+    from pipeline.backends.trt_build import apply_builder_options
+
+    enum = types.SimpleNamespace(__members__={"FASTER_DYNAMIC_SHAPES_0805": "A", "PROFILE_SHARING_0806": "B"})
+    trt = types.SimpleNamespace(__version__="8.6.0", PreviewFeature=enum)
+    config = _FakeConfig()
+    got = apply_builder_options(trt, config, 5, {"fasterDynamicShapes0805": True, "profile_sharing_0806": False})
+    assert got == {"builder_optimization_level": 5,
+                   "preview_features": {"faster_dynamic_shapes_0805": True, "profile_sharing_0806": False}}
+    untouched = apply_builder_options(trt, _FakeConfig(), None, {})
+    assert untouched["builder_optimization_level"] == 3 and untouched["preview_features"]["profile_sharing_0806"]
+    with pytest.raises(ConfigError, match=r"no preview feature 'fast'; it has faster_dynamic_shapes_0805, "
+                                          r"profile_sharing_0806"):
+        apply_builder_options(trt, _FakeConfig(), None, {"fast": False})
+
+
 def test_parser_errors_name_the_node(tmp_path):
     from pipeline.backends.trt_build import parser_error_message
 

@@ -108,3 +108,18 @@ def test_profile_min_above_max_is_a_clear_error(env):
     req = BuildRequest(precision="fp32", onnx_path=env.onnx, out_dir=env.root / "badprofile", config=cfg)
     with pytest.raises(ConfigError, match=r"min_batch 8.*max_batch 2"):
         TensorRTBackend().build(req)
+
+
+def test_builder_options_reach_the_engine_and_are_recorded(env):
+    """Optimization level and a preview feature from the config: set on the builder,
+    recorded in build.json, the engine still matches onnxruntime; a feature this
+    TensorRT lacks is a config error naming the ones it has."""
+    engine, info = env.build("fp32", "options", timing_cache=None, builder_optimization_level=1,
+                             preview_features={"fasterDynamicShapes0805": False})
+    assert info["builder_optimization_level"] == 1
+    assert info["preview_features"]["faster_dynamic_shapes_0805"] is False
+    np.testing.assert_allclose(_run(engine, env.x7), env.ref7, atol=2e-2, rtol=2e-2)
+    _, default = env.build("fp32", "options_default", timing_cache=None)
+    assert default["builder_optimization_level"] == 3
+    with pytest.raises(ConfigError, match="no preview feature 'warp_speed'.*faster_dynamic_shapes_0805"):
+        env.build("fp32", "options_bad", timing_cache=None, preview_features={"warp_speed": True})
