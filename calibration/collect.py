@@ -3,8 +3,9 @@
 The model is augmented once: every tensor to calibrate becomes an extra graph output,
 and each batch runs through one onnxruntime session. The activations of that batch
 stream into one :class:`calibration.histogram.AbsHistogram` per tensor (growing by the
-rule ``growth`` names: TensorRT's doubling or DESIGN.md's appending) and are dropped before the next batch runs, so memory holds
-one batch of activations at most, whatever the dataset size.
+rule ``growth`` names: TensorRT's doubling or DESIGN.md's appending) and are dropped
+before the next batch runs, so memory holds one batch of activations at most, whatever
+the dataset size.
 
 Which tensors: TensorRT's calibrator records a scale for nearly every tensor of the
 network (graph inputs, Conv outputs, ReLU outputs, Add, pooling, Flatten, Gemm

@@ -33,15 +33,20 @@ torchvision ResNet-50, 123 tensors; the digits CNN, 12 tensors):
 
 Per-tensor amax against those caches, median / 90th percentile (``bench/results/
 h100_fidelity/replay_*.json``): ``tensorrt`` 0.00% / 0.0001% (ResNet-18, ResNet-50) and
-0.00% / 8.6% (digits); ``reference`` 0.24% / 2.2%, 0.25% / 3.1% and 3.3% / 7.6%. Only TensorRT 8.6 was measured; the rules are applied
-as they are for other versions.
+0.00% / 8.6% (digits); ``reference`` 0.24% / 2.2%, 0.25% / 3.1% and 3.3% / 7.6%. Only
+TensorRT 8.6 was measured; the rules are applied as they are for other versions.
+
+:func:`ranges_under` applies a rule set to collected histograms; the calibrate stage and
+the fixture test both go through it.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from calibration.algorithms import compute_amax
 from calibration.errors import CalibrationError
 
 #: ONNX ops whose output TensorRT gives the range of their input.
@@ -91,3 +96,25 @@ def share_ranges(amax: dict[str, float], sources: Mapping[str, str]) -> dict[str
             amax[out] = amax[src]
             taken[out] = taken.get(src, src)
     return taken
+
+
+def ranges_under(rules: CalibrationRules, histograms: Mapping[str, Any], method: str,
+                 node_ops: Iterable[tuple[str, Sequence[str], Sequence[str]]] = (),
+                 percentile: float = 99.99) -> tuple[dict[str, float], dict[str, str], list[float]]:
+    """amax of every histogram by ``method`` under ``rules``: the entropy amax at the rules'
+    bin offset, then MaxPool outputs given their input's range (found in ``node_ops``)
+    where the rules say so. Returns ``(amax, range_from, search_ms)``: ``range_from`` as
+    :func:`share_ranges` gives it, ``search_ms`` the time of each tensor's amax search."""
+    opts: dict[str, float] = {}
+    if method == "percentile":
+        opts = {"percentile": percentile}
+    elif method == "entropy":
+        opts = {"bin_offset": rules.amax_bin_offset}
+    amax: dict[str, float] = {}
+    search_ms: list[float] = []
+    for name, hist in histograms.items():
+        t0 = time.perf_counter()
+        amax[name] = float(compute_amax(hist, method, **opts))
+        search_ms.append((time.perf_counter() - t0) * 1e3)
+    range_from = share_ranges(amax, range_sources(node_ops)) if rules.range_from_input else {}
+    return amax, range_from, search_ms

@@ -1,7 +1,7 @@
 """TensorRT build helpers: network creation flags, builder options (optimization level,
 preview features), ONNX parsing with errors that name the node, the timing cache, build
-progress, and the engine inspector. Each takes the
-`tensorrt` module as an argument, so nothing here imports it at module level."""
+progress, and the engine inspector. Each takes the `tensorrt` module as an argument, so
+nothing here imports it at module level."""
 
 from __future__ import annotations
 

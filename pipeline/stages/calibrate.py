@@ -42,13 +42,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from calibration.algorithms import amax_to_scale, compute_amax
+from calibration.algorithms import amax_to_scale
 from calibration.cache import cache_header, scale_to_hex, write_cache
 from calibration.collect import collect_histograms
 from calibration.datasets import calibration_batches, calibration_indices, load_calibration_samples
 from calibration.errors import CalibrationError
 from calibration.qdq import quantize_qdq
-from calibration.rules import CalibrationRules, get_rules, range_sources, share_ranges
+from calibration.rules import get_rules, ranges_under
 
 from ..config import Config
 from ..fileio import sha256_file, staging_dir, write_json
@@ -62,22 +62,6 @@ CHECK_SAMPLES = 8  # Q/DQ vs FP32 sanity check on the first samples of the first
 def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
-
-
-def _amax_all(histograms: dict[str, Any], method: str, percentile: float,
-              rules: CalibrationRules) -> tuple[dict[str, float], list[float]]:
-    opts: dict[str, float] = {}
-    if method == "percentile":
-        opts = {"percentile": percentile}
-    elif method == "entropy":
-        opts = {"bin_offset": rules.amax_bin_offset}
-    amax: dict[str, float] = {}
-    search_ms: list[float] = []
-    for name, hist in histograms.items():
-        t0 = time.perf_counter()
-        amax[name] = float(compute_amax(hist, method, **opts))
-        search_ms.append((time.perf_counter() - t0) * 1e3)
-    return amax, search_ms
 
 
 def _qdq_check(qdq_path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, float]:
@@ -119,8 +103,8 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *,
                                    num_bins=c.num_bins, growth=rules.growth, threads=threads,
                                    source=str(calib_data))
     t_search = time.perf_counter()
-    amax, search_ms = _amax_all(collector.histograms, c.method, c.percentile, rules)
-    range_from = share_ranges(amax, range_sources(collector.node_ops)) if rules.range_from_input else {}
+    amax, range_from, search_ms = ranges_under(rules, collector.histograms, c.method, collector.node_ops,
+                                               c.percentile)
     t_write = time.perf_counter()
 
     algorithm = CACHE_ALGORITHM[c.method]

@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.algorithms import entropy_amax
 from calibration.cache import CalibrationCache, read_cache
 from calibration.histogram import AbsHistogram
-from calibration.rules import RULES, range_sources, share_ranges
+from calibration.rules import RULES, ranges_under
 
 FIXTURE_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "trt86-resnet18-entropy2").resolve()
 CACHE_FILE = FIXTURE_DIR / "tensorrt-8.6.0.cache"
@@ -124,14 +123,6 @@ def _node_ops(onnx_path: Path) -> list[tuple[str, list[str], list[str]]]:
     return [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
 
 
-def _amax(hists: dict[str, AbsHistogram], rules_name: str, node_ops) -> dict[str, float]:
-    rules = RULES[rules_name]
-    amax = {name: entropy_amax(h.counts, h.bin_width, bin_offset=rules.amax_bin_offset) for name, h in hists.items()}
-    if rules.range_from_input:
-        share_ranges(amax, range_sources(node_ops))
-    return amax
-
-
 def test_entropy_amax_matches_tensorrt_86(fixture_inputs, record_property):
     cache = read_cache(CACHE_FILE, expect_version="8.6.0", expect_algorithm="EntropyCalibration2")
     onnx_path = fixture_inputs / "resnet18.onnx"
@@ -144,7 +135,7 @@ def test_entropy_amax_matches_tensorrt_86(fixture_inputs, record_property):
     node_ops = _node_ops(onnx_path)
 
     for rules, limits in LIMITS.items():
-        amax = _amax(hists[rules], rules, node_ops)
+        amax = ranges_under(RULES[rules], hists[rules], "entropy", node_ops)[0]
         rel = {name: abs(a - float(cache.scales[name]) * 127.0) / (float(cache.scales[name]) * 127.0)
                for name, a in amax.items()}
         diffs = np.array(list(rel.values()))
