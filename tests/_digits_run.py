@@ -74,7 +74,7 @@ def scale_activations(qdq_path: Path, factor: float) -> int:
     return done
 
 
-def _base(tmp_path_factory: Any) -> Path:
+def digits_base(tmp_path_factory: Any) -> Path:
     """prepare, export, validate, build fp32/fp16: once per test session."""
     if "base" not in _CACHE:
         from pipeline.stages import build, export, prepare, validate
@@ -107,7 +107,7 @@ def digits_run(tmp_path_factory: Any, name: str = "clean", int8_scale: float = 1
     if key not in _CACHE:
         from pipeline.stages import build, compare
 
-        base = _base(tmp_path_factory)
+        base = digits_base(tmp_path_factory)
         d = tmp_path_factory.mktemp(f"digits-{name}")
         for sub in ("prepare", "export", "validate", "build", "calibrate"):
             shutil.copytree(base / sub, d / sub)

@@ -20,7 +20,8 @@ from pipeline.errors import ArtifactError, PipelineError
 from pipeline.fileio import read_json, sha256_file, write_json
 from pipeline.manifest import read_manifest
 from pipeline import registry
-from pipeline.stages import build, evaluate, export, prepare, publish, validate
+from pipeline.stages import build, publish
+from tests._digits_run import digits_base, evaluate_all
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def make_config(root: Path, **over: Any) -> Config:
     data = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
     base = {
-        "model": {"train": {"epochs": 3}},
         "build": {"backend": "onnxruntime"},  # the same route on a GPU machine
         "evaluate": {"latency": {"warmup": 1, "iterations": 3, "batch_sizes": [1, 32]}},
         "publish": {"precisions": ["fp32", "fp16"], "registry": str(root / "registry")},
@@ -70,22 +70,20 @@ def make_calibration(onnx_path: Path, calib_npy: Path, out: Path, num_samples: i
 def build_and_evaluate(cfg: Config, root: Path, precision: str, calib_dir: Path | None = None) -> None:
     onnx_path = root / "export" / "model.onnx"
     build.run(cfg, precision, onnx_path, root / "build" / precision, calib_dir=calib_dir, calib_data=root / "prepare" / "calib.npy")
-    evaluate.run(
-        cfg, precision, root / "build" / precision, root / "build" / "fp32", root / "prepare" / "eval.npz",
-        root / "validate" / "reference.npz", root / "eval" / f"{precision}.json",
-    )
+    evaluate_all(cfg, root, (precision,))
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """prepare, export, validate, build and evaluate fp32 + fp16 once, on the CPU."""
+    """The session's shared digits run (prepare .. build fp32 + fp16, tests/_digits_run.py),
+    evaluated here with this module's config."""
+
+    base = digits_base(tmp_path_factory)
     root = tmp_path_factory.mktemp("digits")
+    for d in ("prepare", "export", "validate", "build"):
+        shutil.copytree(base / d, root / d)
     cfg = make_config(root)
-    prepare.run(cfg, root / "prepare")
-    export.run(cfg, root / "prepare" / "model.pt", root / "export")
-    validate.run(cfg, root / "prepare" / "model.pt", root / "export" / "model.onnx", root / "prepare" / "eval.npz", root / "validate")
-    for p in ("fp32", "fp16"):
-        build_and_evaluate(cfg, root, p)
+    evaluate_all(cfg, root, ("fp32", "fp16"))
     return SimpleNamespace(root=root, cfg=cfg)
 
 
