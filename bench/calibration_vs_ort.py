@@ -53,7 +53,7 @@ CASES = ("digits", "resnet18")
 # -- inputs (child process: torch stays out of the measured processes) --------------------------
 def prepare_digits(folder: Path) -> dict[str, Any]:
 
-    from calibration.datasets import load_splits
+    from pipeline.datasets import load_splits
     from pipeline.config import load_config
     from pipeline.models import digits_cnn
     from pipeline.stages.prepare import train_builtin

@@ -170,14 +170,14 @@ class ActivationCollector:
                  scope: str = "all", num_bins: int = DEFAULT_NUM_BINS, growth: str = "append",
                  threads: Optional[int] = None,
                  optimize: bool = True, pipeline: bool = True, source: str = "calibration data") -> None:
-        from pipeline.onnx_utils import load_onnx
+        from calibration.onnx_io import load_model
 
         start = time.perf_counter()
         self.onnx_path = Path(onnx_path)
         self.source = source
         self.pipeline = bool(pipeline)
         self.stats = CollectStats(pipelined=self.pipeline)
-        model = load_onnx(self.onnx_path, check=False)
+        model = load_model(self.onnx_path)
         initializers = {t.name for t in model.graph.initializer}
         graph_inputs = [i.name for i in model.graph.input if i.name not in initializers]
         types = _element_types(model)

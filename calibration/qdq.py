@@ -51,9 +51,9 @@ def activation_scale(amax: float) -> np.float32:
 
 
 def _load(onnx_path: Path) -> Any:
-    from pipeline.onnx_utils import load_onnx
+    from calibration.onnx_io import load_model
 
-    model = load_onnx(onnx_path, check=False)
+    model = load_model(onnx_path)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < MIN_OPSET:
         raise CalibrationError(f"{onnx_path}: opset {opset} is too old for per-channel Q/DQ (needs >= {MIN_OPSET}); "

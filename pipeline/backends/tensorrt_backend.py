@@ -220,7 +220,7 @@ class TensorRTBackend(Backend):
         return pins
 
     def _calibrator(self, req: BuildRequest, shapes: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Any, dict]:
-        from calibration.trt_calibrator import make_calibrator
+        from pipeline.backends.trt_calibrator import make_calibrator
 
         cfg = req.config.build
         if len(shapes) != 1:
@@ -240,7 +240,7 @@ class TensorRTBackend(Backend):
         if req.calib_data is not None:
             # The same samples, in the same order, as the calibrate stage's own calibration,
             # so TensorRT's cache and ours can be compared tensor by tensor.
-            from calibration.datasets import calibration_indices, load_calibration_samples
+            from pipeline.datasets import calibration_indices, load_calibration_samples
 
             c = req.config.calibration
             samples = load_calibration_samples(Path(req.calib_data), shape["opt"][1:])

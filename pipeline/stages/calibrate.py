@@ -4,7 +4,7 @@ Inputs: the FP32 ONNX (export) and the prepared calibration samples (prepare's
 ``calib.npy``: float, ``(N, *model.input.shape)``, already preprocessed).
 
 1. ``calibration.num_samples`` of the N samples (all of them when N is not larger; else a
-   seeded choice kept in file order, :func:`calibration.datasets.calibration_indices`),
+   seeded choice kept in file order, :func:`pipeline.datasets.calibration_indices`),
    cut into full batches of ``calibration.batch_size`` in that order (a last partial
    batch is dropped, as TensorRT's calibrator with its fixed batch would see them).
 2. The FP32 ONNX runs in onnxruntime with every activation exposed; each batch streams
@@ -45,7 +45,7 @@ import numpy as np
 from calibration.algorithms import amax_to_scale
 from calibration.cache import cache_header, scale_to_hex, write_cache
 from calibration.collect import collect_histograms
-from calibration.datasets import calibration_batches, calibration_indices, load_calibration_samples
+from pipeline.datasets import calibration_batches, calibration_indices, load_calibration_samples
 from calibration.errors import CalibrationError
 from calibration.qdq import quantize_qdq
 from calibration.rules import get_rules, ranges_under

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.datasets import Splits, load_splits
+from pipeline.datasets import Splits, load_splits
 
 from ..config import Config
 from ..errors import ConfigError, DataError

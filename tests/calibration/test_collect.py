@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from calibration.collect import ActivationCollector, calibration_tensors, collect_histograms
-from calibration.datasets import calibration_batches
+from pipeline.datasets import calibration_batches
 from calibration.errors import CalibrationError
 from calibration.histogram import AbsHistogram
 from tests.calibration.nets import _photo_crops, export, residual_cnn

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.datasets import calibration_batches, calibration_indices, load_splits
+from pipeline.datasets import calibration_batches, calibration_indices, load_splits
 from calibration.errors import CalibrationError
 from pipeline.config import DataConfig, InputSpec, PreprocessConfig, SplitConfig
 from pipeline.errors import DataError

@@ -27,7 +27,7 @@ def test_runtime_modules_import_without_torch_or_tensorrt():
     code = (
         "import sys; sys.modules['tensorrt'] = None; sys.modules['torch'] = None\n"
         "import pipeline.runtime.trt_runner, pipeline.runtime.cuda_memory, pipeline.runtime.cuda_device\n"
-        "import calibration.trt_calibrator, pipeline.backends.tensorrt_backend\n"
+        "import pipeline.backends.trt_calibrator, pipeline.backends.tensorrt_backend\n"
         "print('ok')"
     )
     root = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ class _FakeMem:
 
 
 def _calibrator(monkeypatch, tmp_path, batches, read_from=None):
-    from calibration.trt_calibrator import _CalibratorMixin
+    from pipeline.backends.trt_calibrator import _CalibratorMixin
     from pipeline.runtime import cuda_memory
 
     monkeypatch.setattr(cuda_memory, "open_memory", lambda kind="auto", device=0: _FakeMem())
@@ -163,7 +163,7 @@ def _calibrator(monkeypatch, tmp_path, batches, read_from=None):
 
 def test_split_batches():
     from calibration.errors import CalibrationError
-    from calibration.trt_calibrator import split_batches
+    from pipeline.backends.trt_calibrator import split_batches
 
     batches, dropped = split_batches(np.zeros((10, 3)), 4)
     assert [b.shape[0] for b in batches] == [4, 4] and dropped == 2
@@ -209,7 +209,7 @@ def test_calibrator_cache_header_check(monkeypatch, tmp_path):
 
 def test_make_calibrator_checks_kind_before_tensorrt(monkeypatch):
     from calibration.errors import CalibrationError
-    from calibration.trt_calibrator import make_calibrator
+    from pipeline.backends.trt_calibrator import make_calibrator
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(CalibrationError, match="unknown TensorRT calibrator 'percentile'"):

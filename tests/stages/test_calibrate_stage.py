@@ -14,7 +14,7 @@ import pytest
 
 from calibration.algorithms import amax_to_scale
 from calibration.cache import hex_to_scale, read_cache
-from calibration.datasets import load_splits
+from pipeline.datasets import load_splits
 from calibration.errors import CacheMismatchError, CalibrationError
 from calibration.qdq import read_qdq_scales
 from pipeline.config import CalibrationConfig, load_config

@@ -1,0 +1,26 @@
+"""Reading ONNX models for calibration, with errors that name the file.
+
+The calibration package imports nothing from ``pipeline/`` but the error family, so it
+keeps this small loader of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Union
+
+from calibration.errors import CalibrationError
+
+
+def load_model(path: Union[str, Path]) -> Any:
+    """The ONNX ModelProto at ``path`` (external data loaded); CalibrationError when the
+    file is missing or not a readable ONNX model."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: ONNX file not found; run the export stage first")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CalibrationError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first}); re-run export") from None
