@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .cli_args import path_arg
 from .errors import ArtifactError
 from .registry import DEFAULT_REGISTRY
 
@@ -168,7 +169,7 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="artifacts_command", metavar="<command>", required=True)
 
     def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY, help=f"registry folder (default: {DEFAULT_REGISTRY})")
+        q.add_argument("--registry", type=path_arg, default=DEFAULT_REGISTRY, help=f"registry folder (default: {DEFAULT_REGISTRY})")
         q.add_argument("--json", action="store_true", help="print JSON")
 
     q = sub.add_parser("list", help="the published versions as a table", description="The published versions as a table.")

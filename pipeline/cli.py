@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .cli_args import path_arg
 from .errors import PipelineError
 
 A = "artifacts"
@@ -23,65 +24,83 @@ def _cfg(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.params)
 
 
+def _out(path: Any, key: str = "--out") -> Path:
+    from .fileio import project_path
+
+    return project_path(path, key)
+
+
 def _print(obj: Any, as_json: bool, summary: str) -> None:
-    print(json.dumps(obj, indent=2, default=str) if as_json else summary)
+    if as_json:
+        print(obj.model_dump_json(indent=2) if hasattr(obj, "model_dump_json") else
+              json.dumps(obj, indent=2, default=str))
+    else:
+        print(summary)
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:
     from .stages import prepare
 
-    r = prepare.run(_cfg(a), a.out)
-    d = r["data"]
-    _print(r, a.json, f"prepare: {r['weights']['from']} weights; train/calib/eval = {d['train']}/{d['calibration']}/{d['evaluation']}; "
-           f"PyTorch eval top-1 {100 * (r['pytorch_eval_top1'] or 0):.2f}% -> {a.out}")
+    r = prepare.run(_cfg(a), _out(a.out))
+    d = r.data
+    top1 = f"; PyTorch eval top-1 {r.pytorch_eval_top1:.2f}%" if r.pytorch_eval_top1 is not None else (
+        "; no labels" if not d.labelled else "")
+    _print(r, a.json, f"prepare: {r.weights['from']} weights; train/calib/eval = {d.train}/{d.calibration}/{d.evaluation}"
+           f"{top1} -> {a.out}")
 
 
 def cmd_export(a: argparse.Namespace) -> None:
     from .stages import export
 
-    r = export.run(_cfg(a), a.checkpoint, a.out)
-    _print(r, a.json, f"export: opset {r['opset']}, {r['nodes']} nodes, inputs {[i['name'] for i in r['inputs']]} -> {a.out}/model.onnx")
+    r = export.run(_cfg(a), a.checkpoint, _out(a.out))
+    _print(r, a.json, f"export: opset {r.opset}, {r.nodes} nodes, inputs {[i.name for i in r.inputs]}, "
+           f"outputs {[o.name for o in r.outputs]} -> {a.out}/model.onnx")
 
 
 def cmd_validate(a: argparse.Namespace) -> None:
     from .stages import validate
 
-    r = validate.run(_cfg(a), a.checkpoint, a.onnx, a.eval_data, a.out)
-    worst = max(o["max_abs_diff"] for o in r["outputs"].values())
-    _print(r, a.json, f"validate: ONNX matches PyTorch on {r['samples']} samples (max abs diff {worst:.2e}) -> {a.out}")
+    r = validate.run(_cfg(a), a.checkpoint, a.onnx, a.eval_data, _out(a.out))
+    worst = max(o.max_abs_diff for o in r.outputs.values())
+    _print(r, a.json, f"validate: ONNX matches PyTorch on {r.samples} samples, {len(r.outputs)} output(s) "
+           f"(max abs diff {worst:.2e}) -> {a.out}")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> None:
     from .stages import calibrate
 
-    r = calibrate.run(_cfg(a), a.onnx, a.calib_data, a.out)
-    _print(r, a.json, f"calibrate: {r.get('method')} over {r.get('samples')} samples, {r.get('tensors')} tensors -> {a.out}")
+    r = calibrate.run(_cfg(a), a.onnx, a.calib_data, _out(a.out), validation=a.validation)
+    skipped = f", {len(r.excluded)} left in higher precision" if r.excluded else ""
+    _print(r, a.json, f"calibrate: {r.method} over {r.samples} samples, {r.tensors} tensors{skipped}; cache "
+           f"{r.cache['header']} -> {a.out}")
 
 
 def cmd_build(a: argparse.Namespace) -> None:
     from .stages import build
 
-    out = a.out or Path(A, "build", a.precision)
+    out = _out(a.out or Path(A, "build", a.precision))
     calib_dir = a.calib_dir if a.precision == "int8" else None
-    calib_data = a.calib_data if a.precision == "int8" else None
-    r = build.run(_cfg(a), a.precision, a.onnx, out, calib_dir=calib_dir, calib_data=calib_data)
-    _print(r, a.json, f"build@{a.precision}: {r['backend']} {r['backend_version']}, {r['engine_bytes']} bytes in {r['build_seconds']} s -> {out}")
+    r = build.run(_cfg(a), a.precision, a.onnx, out, calib_dir=calib_dir, calib_data=a.calib_data,
+                  validation=a.validation)
+    _print(r, a.json, f"build@{a.precision}: {r.backend} {r.backend_version}, {r.engine_bytes} bytes in "
+           f"{r.build_seconds} s -> {out}")
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
     from .stages import evaluate
 
     build_dir = a.build_dir or Path(A, "build", a.precision)
-    out = a.out or Path(A, "eval", f"{a.precision}.json")
+    out = _out(a.out or Path(A, "eval", f"{a.precision}.json"))
     r = evaluate.run(_cfg(a), a.precision, build_dir, a.fp32_dir, a.eval_data, a.reference, out)
-    m = ", ".join(f"{k} {v:.4g}" for k, v in r["metrics"].items() if isinstance(v, (int, float)))
-    _print(r, a.json, f"evaluate@{a.precision}: {r['backend']}: {m} -> {out}")
+    m = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
+    flags = f"; FLAGGED: {'; '.join(r.flags)}" if r.flags else ""
+    _print(r, a.json, f"evaluate@{a.precision}: {r.backend}: {m or 'no task metrics'}{flags} -> {out}")
 
 
 def cmd_compare(a: argparse.Namespace) -> None:
     from .stages import compare
 
-    r = compare.run(_cfg(a), a.eval_dir, a.out)
+    r = compare.run(_cfg(a), a.eval_dir, _out(a.out))
     if a.json:
         _print(r, True, "")
     else:
@@ -95,9 +114,58 @@ def cmd_publish(a: argparse.Namespace) -> None:
     _print(r, a.json, "\n".join(f"publish: {v['version']} ({v['status']})" for v in r["published"]))
 
 
+def _config_path(a: argparse.Namespace) -> str:
+    import yaml
+
+    if a.config is not None:
+        return str(a.config)
+    params = yaml.safe_load(Path(a.params).read_text()) if Path(a.params).is_file() else {}
+    return str((params or {}).get("config") or "")
+
+
+def cmd_dvc(a: argparse.Namespace) -> None:
+    from . import dvcgen
+    from .errors import ConfigError
+
+    cfg = _cfg(a)
+    config_path = _config_path(a)
+    if a.check:
+        problems = dvcgen.check(cfg, config_path)
+        if problems:
+            raise ConfigError(f"dvc.yaml is out of date for {config_path}: " + "; ".join(problems[:8])
+                              + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+                              + "; run `trtpipe dvc` to regenerate it")
+        print(f"dvc.yaml lists every input of every stage for {config_path}")
+        return
+    from .fileio import write_text
+
+    write_text("dvc.yaml", dvcgen.render(dvcgen.generate(cfg, config_path), config_path))
+    print(f"dvc.yaml written for {config_path}")
+
+
+def _check_dvc_sync(a: argparse.Namespace) -> None:
+    """Under `dvc repro`, a stage first checks that dvc.yaml watches everything it reads."""
+    import os
+
+    if not os.environ.get("DVC_STAGE") or a.command not in STAGES or not Path("dvc.yaml").is_file():
+        return
+    from . import dvcgen
+    from .errors import ConfigError
+
+    config_path = _config_path(a)
+    problems = dvcgen.check(_cfg(a), config_path)
+    if problems:
+        raise ConfigError(f"dvc.yaml does not watch every input of this pipeline for {config_path}, so dvc repro "
+                          f"would keep stale results: {'; '.join(problems[:4])}; run `trtpipe dvc` to regenerate "
+                          "dvc.yaml, then dvc repro")
+
+
+STAGES = ("prepare", "export", "validate", "calibrate", "build", "evaluate", "compare", "publish")
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None, help="configs/<model>.yaml (default: the one params.yaml names)")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file with overrides (default: params.yaml)")
+    p.add_argument("--config", type=path_arg, default=None, help="configs/<model>.yaml (default: the one params.yaml names)")
+    p.add_argument("--params", type=path_arg, default=Path("params.yaml"), help="params file with overrides (default: params.yaml)")
     p.add_argument("--json", action="store_true", help="print the stage's report as JSON")
 
 
@@ -115,43 +183,50 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = stage("prepare", cmd_prepare, "train (built-in model) or load the checkpoint; split and preprocess the data")
-    p.add_argument("--out", type=Path, default=Path(A, "prepare"))
+    p.add_argument("--out", type=path_arg, default=Path(A, "prepare"))
     p = stage("export", cmd_export, "export the PyTorch model to ONNX (dynamic batch) and check it")
-    p.add_argument("--checkpoint", type=Path, default=Path(A, "prepare", "model.pt"))
-    p.add_argument("--out", type=Path, default=Path(A, "export"))
+    p.add_argument("--checkpoint", type=path_arg, default=Path(A, "prepare", "model.pt"))
+    p.add_argument("--out", type=path_arg, default=Path(A, "export"))
     p = stage("validate", cmd_validate, "compare the ONNX in onnxruntime against PyTorch on real samples; fail beyond tolerance")
-    p.add_argument("--checkpoint", type=Path, default=Path(A, "prepare", "model.pt"))
-    p.add_argument("--onnx", type=Path, default=Path(A, "export", "model.onnx"))
-    p.add_argument("--eval-data", type=Path, default=Path(A, "prepare", "eval.npz"))
-    p.add_argument("--out", type=Path, default=Path(A, "validate"))
+    p.add_argument("--checkpoint", type=path_arg, default=Path(A, "prepare", "model.pt"))
+    p.add_argument("--onnx", type=path_arg, default=Path(A, "export", "model.onnx"))
+    p.add_argument("--eval-data", type=path_arg, default=Path(A, "prepare", "eval.npz"))
+    p.add_argument("--out", type=path_arg, default=Path(A, "validate"))
     p = stage("calibrate", cmd_calibrate, "INT8 calibration: ranges, TensorRT cache and Q/DQ ONNX")
-    p.add_argument("--onnx", type=Path, default=Path(A, "export", "model.onnx"))
-    p.add_argument("--calib-data", type=Path, default=Path(A, "prepare", "calib.npy"))
-    p.add_argument("--out", type=Path, default=Path(A, "calibrate"))
+    p.add_argument("--onnx", type=path_arg, default=Path(A, "export", "model.onnx"))
+    p.add_argument("--calib-data", type=path_arg, default=Path(A, "prepare", "calib.npz"))
+    p.add_argument("--validation", type=path_arg, default=Path(A, "validate", "validate.json"),
+                   help="validate.json that passed this ONNX (default: artifacts/validate/validate.json)")
+    p.add_argument("--out", type=path_arg, default=Path(A, "calibrate"))
     p = stage("build", cmd_build, "build one precision's engine (TensorRT) or model (onnxruntime)")
     p.add_argument("--precision", required=True, choices=["fp32", "fp16", "int8"])
-    p.add_argument("--onnx", type=Path, default=Path(A, "export", "model.onnx"))
-    p.add_argument("--calib-dir", type=Path, default=Path(A, "calibrate"))
-    p.add_argument("--calib-data", type=Path, default=Path(A, "prepare", "calib.npy"))
-    p.add_argument("--out", type=Path, default=None, help="default: artifacts/build/<precision>")
+    p.add_argument("--onnx", type=path_arg, default=Path(A, "export", "model.onnx"))
+    p.add_argument("--calib-dir", type=path_arg, default=Path(A, "calibrate"))
+    p.add_argument("--calib-data", type=path_arg, default=Path(A, "prepare", "calib.npz"),
+                   help="calibration samples (TensorRT's calibrator; the fp16 range check)")
+    p.add_argument("--validation", type=path_arg, default=Path(A, "validate", "validate.json"),
+                   help="validate.json that passed this ONNX (default: artifacts/validate/validate.json)")
+    p.add_argument("--out", type=path_arg, default=None, help="default: artifacts/build/<precision>")
     p = stage("evaluate", cmd_evaluate, "accuracy, agreement with FP32 and PyTorch, latency of one variant")
     p.add_argument("--precision", required=True, choices=["fp32", "fp16", "int8"])
-    p.add_argument("--build-dir", type=Path, default=None, help="default: artifacts/build/<precision>")
-    p.add_argument("--fp32-dir", type=Path, default=Path(A, "build", "fp32"))
-    p.add_argument("--eval-data", type=Path, default=Path(A, "prepare", "eval.npz"))
-    p.add_argument("--reference", type=Path, default=Path(A, "validate", "reference.npz"))
-    p.add_argument("--out", type=Path, default=None, help="default: artifacts/eval/<precision>.json")
+    p.add_argument("--build-dir", type=path_arg, default=None, help="default: artifacts/build/<precision>")
+    p.add_argument("--fp32-dir", type=path_arg, default=Path(A, "build", "fp32"))
+    p.add_argument("--eval-data", type=path_arg, default=Path(A, "prepare", "eval.npz"))
+    p.add_argument("--reference", type=path_arg, default=Path(A, "validate", "reference.npz"))
+    p.add_argument("--out", type=path_arg, default=None, help="default: artifacts/eval/<precision>.json")
     p = stage("compare", cmd_compare, "the variants side by side: compare.json, compare.md, tradeoff.png")
-    p.add_argument("--eval-dir", type=Path, default=Path(A, "eval"))
-    p.add_argument("--out", type=Path, default=Path(A, "compare"))
+    p.add_argument("--eval-dir", type=path_arg, default=Path(A, "eval"))
+    p.add_argument("--out", type=path_arg, default=Path(A, "compare"))
     p = stage("publish", cmd_publish, "publish each variant as a versioned artifact with a manifest")
-    p.add_argument("--build-root", type=Path, default=Path(A, "build"))
-    p.add_argument("--eval-dir", type=Path, default=Path(A, "eval"))
-    p.add_argument("--registry", type=Path, default=None, help="default: publish.registry from the config")
-    p.add_argument("--prepare-dir", type=Path, default=Path(A, "prepare"))
-    p.add_argument("--calib-dir", type=Path, default=Path(A, "calibrate"))
-    p.add_argument("--onnx", type=Path, default=Path(A, "export", "model.onnx"))
-    p.add_argument("--out", type=Path, default=Path(A, "publish", "published.json"))
+    p.add_argument("--build-root", type=path_arg, default=Path(A, "build"))
+    p.add_argument("--eval-dir", type=path_arg, default=Path(A, "eval"))
+    p.add_argument("--registry", type=path_arg, default=None, help="default: publish.registry from the config")
+    p.add_argument("--prepare-dir", type=path_arg, default=Path(A, "prepare"))
+    p.add_argument("--calib-dir", type=path_arg, default=Path(A, "calibrate"))
+    p.add_argument("--onnx", type=path_arg, default=Path(A, "export", "model.onnx"))
+    p.add_argument("--out", type=path_arg, default=Path(A, "publish", "published.json"))
+    p = stage("dvc", cmd_dvc, "write dvc.yaml from the config: every file each stage reads is a dependency")
+    p.add_argument("--check", action="store_true", help="only check that dvc.yaml lists every dependency (exit 1 if not)")
     for extra in _extra_commands:
         extra(sub)
     return parser
@@ -181,15 +256,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_dvc_sync(args)
         args.func(args)
     except PipelineError as e:
-        msg = " ".join(str(e).split())
-        print(f"trtpipe {args.command}: error: {msg}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args.command, str(e), e.exit_code)
     except KeyboardInterrupt:
         print(f"trtpipe {args.command}: interrupted; outputs left as they were", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as e:
+        why = _environment_error(e)
+        if why is None:
+            raise  # a bug: keep the traceback
+        return _fail(args.command, why, 1)
     return 0
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    msg = " ".join(message.split())
+    print(f"trtpipe {command}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _environment_error(e: BaseException) -> Optional[str]:
+    """A one-line message for what the machine did (disk full, no permission), else None."""
+    import errno
+
+    text = str(e)
+    where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+    code = e.errno if isinstance(e, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
+        return (f"disk full while writing{where or ' an output'}: free space and re-run; finished outputs stay as they "
+                "were and no half-written file is kept")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: {e.strerror if isinstance(e, OSError) else text}; check the folder's permissions"
+    return None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from .cli_args import path_arg
 from .errors import ConfigError, GateFailure, ReportError
 
 
@@ -70,14 +71,14 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("gate", help=help, description=help + ". " + (
         "Thresholds per precision live in the config's gate: section (max_drop, min_agreement, max_divergence, "
         "min_speedup, max_latency_regression, ...)."))
-    p.add_argument("--config", type=Path, default=None, help="configs/<model>.yaml (default: the one params.yaml names)")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file with overrides (default: params.yaml)")
+    p.add_argument("--config", type=path_arg, default=None, help="configs/<model>.yaml (default: the one params.yaml names)")
+    p.add_argument("--params", type=path_arg, default=Path("params.yaml"), help="params file with overrides (default: params.yaml)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON instead of the markdown summary")
-    p.add_argument("--report", "--compare", dest="report", type=Path, default=Path("artifacts", "compare", "compare.json"),
+    p.add_argument("--report", "--compare", dest="report", type=path_arg, default=Path("artifacts", "compare", "compare.json"),
                    help="the compare.json to judge (default: artifacts/compare/compare.json)")
     p.add_argument("--baseline", default=None, metavar="PATH|REV",
                    help="baseline for latency and baseline checks: a compare.json file, or a git revision (HEAD~1, main) "
                         "at which --report's path is read through DVC (dvc.lock + cache/remote) or git")
-    p.add_argument("--summary", type=Path, default=None, metavar="FILE", help="also write the markdown summary here")
-    p.add_argument("--junit", type=Path, default=None, metavar="FILE", help="write JUnit XML, one testcase per check")
+    p.add_argument("--summary", type=path_arg, default=None, metavar="FILE", help="also write the markdown summary here")
+    p.add_argument("--junit", type=path_arg, default=None, metavar="FILE", help="write JUnit XML, one testcase per check")
     p.set_defaults(func=cmd_gate)

@@ -12,53 +12,79 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, PipelineError
 from .plugins import load_callable
 
 
-def agreement(candidate: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """How closely `candidate` follows `reference` (same shape; row = sample)."""
-    a = candidate.astype(np.float64).reshape(len(candidate), -1)
-    b = reference.astype(np.float64).reshape(len(reference), -1)
-    diff = a - b
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    denom = np.maximum(na * nb, np.finfo(np.float64).tiny)
-    cos = (a * b).sum(axis=1) / denom
-    ref_energy = float((b**2).sum())
-    err_energy = float((diff**2).sum())
-    out = {
-        "cosine": float(cos.mean()),
-        "cosine_min": float(cos.min()),
-        "max_abs_diff": float(np.abs(diff).max()),
-        "mean_abs_diff": float(np.abs(diff).mean()),
-        "rel_l2": float(np.sqrt(err_energy / ref_energy)) if ref_energy > 0 else float("inf"),
-        "snr_db": float(10 * np.log10(ref_energy / err_energy)) if err_energy > 0 else float("inf"),
-    }
-    if a.shape[1] > 1:
-        out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
+def agreement(candidate: np.ndarray, reference: np.ndarray, name: str = "output") -> dict[str, Any]:
+    """How closely `candidate` follows `reference` (same shape; row = sample). A NaN or Inf
+    in the candidate is counted (`nonfinite`) and makes the statistics NaN, so it can
+    never pass a threshold."""
+    if np.shape(candidate) != np.shape(reference):
+        raise DataError(f"output '{name}' has shape {list(np.shape(candidate))}, the reference has "
+                        f"{list(np.shape(reference))}; they must match to be compared")
+    a = np.asarray(candidate).astype(np.float64).reshape(len(candidate), -1)
+    b = np.asarray(reference).astype(np.float64).reshape(len(reference), -1)
+    nonfinite = int(a.size - np.count_nonzero(np.isfinite(a)))
+    with np.errstate(all="ignore"):
+        diff = a - b
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        denom = np.maximum(na * nb, np.finfo(np.float64).tiny)
+        both_zero = (na == 0) & (nb == 0)
+        cos = np.where(both_zero, 1.0, (a * b).sum(axis=1) / denom)
+        ref_energy = float((b**2).sum())
+        err_energy = float((diff**2).sum())
+        out: dict[str, Any] = {
+            "cosine": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "max_abs_diff": float(np.abs(diff).max()) if diff.size else 0.0,
+            "mean_abs_diff": float(np.abs(diff).mean()) if diff.size else 0.0,
+            "rel_l2": float(np.sqrt(err_energy / ref_energy)) if ref_energy > 0 else (0.0 if err_energy == 0 else float("inf")),
+            "snr_db": float(10 * np.log10(ref_energy / err_energy)) if err_energy > 0 else float("inf"),
+        }
+        if nonfinite:
+            out.update({k: float("nan") for k in ("cosine", "cosine_min", "max_abs_diff", "mean_abs_diff", "rel_l2",
+                                                   "snr_db")})
+        if a.shape[1] > 1:
+            out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean()) if not nonfinite else float("nan")
+    out["nonfinite"] = nonfinite
     return out
 
 
-def topk(logits: np.ndarray, labels: Optional[np.ndarray], ks: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
-    """Top-k accuracy in percent (None without labels)."""
+def topk(logits: np.ndarray, labels: Optional[np.ndarray], ks: tuple[int, ...] = (1, 5),
+         output: str = "output") -> dict[str, Any]:
+    """Top-k accuracy in percent (empty without labels). Labels must be one class index per
+    sample inside the output's width; a NaN in the logits makes the metric NaN."""
     if labels is None:
         return {}
-    order = np.argsort(-logits.reshape(len(logits), -1), axis=1)
+    scores = np.asarray(logits).reshape(len(logits), -1)
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(scores):
+        raise DataError(f"top-k on output '{output}' needs one integer class index per sample; the labels have shape "
+                        f"{list(labels.shape)} and dtype {labels.dtype} for {len(scores)} samples")
+    if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise DataError(f"top-k on output '{output}': label {bad} is outside 0..{scores.shape[1] - 1} (the output has "
+                        f"{scores.shape[1]} classes); fix the labels or name the right output")
+    nonfinite = not np.isfinite(scores).all()
+    order = np.argsort(-scores, axis=1)
     out = {}
     for k in ks:
         if k <= order.shape[1]:
-            out[f"top{k}"] = float(100.0 * (order[:, :k] == labels[:, None]).any(axis=1).mean())
+            out[f"top{k}"] = float("nan") if nonfinite else float(100.0 * (order[:, :k] == labels[:, None]).any(axis=1).mean())
     return out
 
 
 # --- pluggable task metrics -------------------------------------------------------------
 #
-# `evaluate.metrics` lists built-ins (`top1`, `top5`, any `topK`: on the first output) and
-# user metrics given as 'module:function' (or {function, kwargs}). A user metric is called
+# `evaluate.metrics` lists built-ins (`top1`, `{metric: top5, output: prob}`: a top-k on one
+# named output, required when the model has several) and user metrics given as
+# 'module:function' (or {function, kwargs, output}). A user metric is called
 #     fn(outputs: dict[str, np.ndarray], labels: np.ndarray | None, **kwargs) -> dict[str, float]
 # over the whole evaluation set; a function that declares `reference` or `inputs` also gets
-# the PyTorch outputs (same form as `outputs`) or the evaluation inputs. Examples, detection
-# mAP and embedding retrieval among them: pipeline/examples/task_metrics.py.
+# the PyTorch outputs (same form as `outputs`) or the evaluation inputs (a dict by input
+# name). Examples, detection mAP and embedding retrieval among them:
+# pipeline/examples/task_metrics.py.
 
 _TOPK = re.compile(r"^top([1-9][0-9]*)$")
 
@@ -69,20 +95,27 @@ class TaskMetric:
     fn: Callable[..., Mapping[str, Any]]
     kwargs: dict[str, Any] = field(default_factory=dict)
     wants: frozenset[str] = frozenset()  # optional arguments the function declares
+    output: Optional[str] = None  # the output it reads (None: all of them)
 
     def __call__(
         self,
         outputs: dict[str, np.ndarray],
         labels: Optional[np.ndarray],
         reference: Optional[dict[str, np.ndarray]] = None,
-        inputs: Optional[np.ndarray] = None,
+        inputs: Optional[dict[str, np.ndarray]] = None,
     ) -> dict[str, float]:
         extra = dict(self.kwargs)
         if "reference" in self.wants:
             extra["reference"] = reference
         if "inputs" in self.wants:
             extra["inputs"] = inputs
-        res = self.fn(outputs, labels, **extra)
+        try:
+            res = self.fn(outputs, labels, **extra)
+        except PipelineError:
+            raise
+        except Exception as e:  # the user's metric raised
+            raise ConfigError(f"evaluate.metrics '{self.name}' raised {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
         if res is None:
             return {}
         if not isinstance(res, Mapping):
@@ -102,33 +135,52 @@ def _import_function(spec: str) -> Callable[..., Any]:
     return load_callable(spec, "evaluate.metrics", ConfigError)
 
 
-def _topk_metric(k: int) -> Callable[..., dict[str, float]]:
+def _topk_metric(k: int, output: str, name: str) -> Callable[..., dict[str, float]]:
     def fn(outputs: dict[str, np.ndarray], labels: Optional[np.ndarray]) -> dict[str, float]:
-        return topk(next(iter(outputs.values())), labels, (k,))
+        return {name: v for v in topk(outputs[output], labels, (k,), output).values()}
 
     return fn
 
 
-def resolve_metrics(specs: list[Any]) -> list[TaskMetric]:
-    """Config entries (a str or a MetricSpec-like object with .function/.kwargs) -> callables."""
+def resolve_metrics(specs: list[Any], output_names: list[str]) -> list[TaskMetric]:
+    """Config entries (BuiltinMetric / MetricSpec, or their config forms: 'top1',
+    'module:function', dicts) -> callables, checked against the model's outputs."""
+    if any(isinstance(s, (str, dict)) for s in specs):
+        from pydantic import ValidationError
+
+        from .config import EvaluateConfig
+
+        try:
+            specs = EvaluateConfig(metrics=list(specs)).metrics
+        except ValidationError as e:
+            raise ConfigError(f"evaluate.metrics: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     out = []
     for spec in specs:
-        name = spec if isinstance(spec, str) else spec.function
-        kwargs = {} if isinstance(spec, str) else dict(spec.kwargs)
-        m = _TOPK.match(name)
-        if m:
-            out.append(TaskMetric(name, _topk_metric(int(m.group(1)))))
+        output = getattr(spec, "output", None)
+        if output is not None and output not in output_names:
+            what = getattr(spec, "metric", None) or getattr(spec, "function", "")
+            raise ConfigError(f"evaluate.metrics '{what}' reads output '{output}', which the model does not have "
+                              f"({', '.join(output_names)})")
+        builtin = getattr(spec, "metric", None)
+        if builtin is not None:
+            k = int(_TOPK.match(builtin).group(1))  # type: ignore[union-attr]
+            if output is None:
+                if len(output_names) != 1:
+                    raise ConfigError(f"evaluate.metrics '{builtin}': the model has {len(output_names)} outputs "
+                                      f"({', '.join(output_names)}); say which one it reads: "
+                                      f"{{metric: {builtin}, output: <name>}}")
+                output = output_names[0]
+            name = spec.name or (builtin if len(output_names) == 1 else f"{builtin}_{output}")
+            out.append(TaskMetric(name, _topk_metric(k, output, name), output=output))
             continue
-        if ":" not in name:
-            raise ConfigError(f"evaluate.metrics '{name}': neither a built-in (top1, top5, topK) nor 'module:function'")
-        fn = _import_function(name)
+        fn = _import_function(spec.function)
         try:
             params = inspect.signature(fn).parameters
         except (TypeError, ValueError):
             params = {}
         var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         wants = frozenset(a for a in ("reference", "inputs") if a in params or var_kw)
-        out.append(TaskMetric(name, fn, kwargs, wants))
+        out.append(TaskMetric(spec.function, fn, dict(spec.kwargs), wants, output))
     return out
 
 
@@ -137,23 +189,25 @@ def compute_task_metrics(
     outputs: dict[str, np.ndarray],
     labels: Optional[np.ndarray],
     reference: Optional[dict[str, np.ndarray]] = None,
-    inputs: Optional[np.ndarray] = None,
-) -> dict[str, float]:
-    """Every metric's values merged into one flat dict; two metrics giving the same name is an error."""
+    inputs: Optional[dict[str, np.ndarray]] = None,
+) -> tuple[dict[str, float], dict[str, Optional[str]]]:
+    """Every metric's values merged into one flat dict, and the output each value reads; two
+    metrics giving the same name is an error."""
     result: dict[str, float] = {}
     origin: dict[str, str] = {}
+    reads: dict[str, Optional[str]] = {}
     for m in metrics:
         for k, v in m(outputs, labels, reference=reference, inputs=inputs).items():
             if k in result:
                 raise ConfigError(f"evaluate.metrics: '{m.name}' and '{origin[k]}' both report a metric named '{k}'; rename one")
-            result[k], origin[k] = v, m.name
-    return result
+            result[k], origin[k], reads[k] = v, m.name, m.output
+    return result, reads
 
 
 def json_number(v: Any) -> Any:
-    """Floats that JSON cannot carry (inf, nan) as the strings 'inf', '-inf', 'nan'."""
+    """Floats that JSON cannot carry as the strings 'Infinity', '-Infinity', 'NaN' (as the reports write them)."""
     if isinstance(v, float) and not math.isfinite(v):
-        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
     return v
 
 
@@ -163,6 +217,6 @@ def as_float(v: Any) -> Optional[float]:
         return None
     if isinstance(v, (int, float)):
         return float(v)
-    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
-        return float(v)
+    if isinstance(v, str) and v in ("inf", "-inf", "nan", "Infinity", "-Infinity", "NaN"):
+        return float(v.lower().replace("infinity", "inf"))
     return None

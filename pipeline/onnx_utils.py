@@ -47,16 +47,19 @@ def ort_session(path: str | Path, threads: int | None = None, optimized_path: st
         raise ModelError(f"{path}: onnxruntime cannot load it ({msg})") from None
 
 
-def run_batched(session: Any, x: Any, batch_size: int, input_name: str | None = None) -> list[Any]:
-    """Run `x` through `session` in batches; returns one concatenated array per output."""
+def run_batched(session: Any, x: Any, batch_size: int) -> dict[str, Any]:
+    """Run `x` (a dict input name -> array, or one array for a one-input model) through
+    `session` in batches; returns one concatenated array per output, by name."""
     import numpy as np
 
-    name = input_name or session.get_inputs()[0].name
-    outs: list[list[Any]] = []
-    for i in range(0, len(x), batch_size):
-        res = session.run(None, {name: x[i : i + batch_size]})
-        if not outs:
-            outs = [[] for _ in res]
-        for acc, r in zip(outs, res):
-            acc.append(r)
-    return [np.concatenate(a) for a in outs]
+    names = [i.name for i in session.get_inputs()]
+    if not isinstance(x, dict):
+        x = {names[0]: x}
+    out_names = [o.name for o in session.get_outputs()]
+    n = len(next(iter(x.values())))
+    parts: dict[str, list[Any]] = {k: [] for k in out_names}
+    for i in range(0, n, batch_size):
+        res = session.run(None, {k: v[i : i + batch_size] for k, v in x.items()})
+        for k, r in zip(out_names, res):
+            parts[k].append(r)
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -10,6 +10,22 @@ from typing import Any, Callable
 from .errors import PipelineError
 
 
+def _import(name: str) -> Any:
+    """Import `name`; a module that is not on sys.path is looked for in the working directory
+    too, without leaving that folder on sys.path."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != name.split(".")[0] or cwd in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(cwd)
+
+
 def load_callable(spec: str, key: str, error: type[PipelineError]) -> Callable[..., Any]:
     """Import `module:function`; errors name the config `key` and raise `error`.
 
@@ -19,14 +35,14 @@ def load_callable(spec: str, key: str, error: type[PipelineError]) -> Callable[.
     if not module_name or not func_name:
         raise error(f"{key} '{spec}': expected 'module:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ModuleNotFoundError as e:
-        if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
-            raise error(f"{key} '{spec}': cannot import module '{module_name}' ({e}); is it on PYTHONPATH?") from None
-        sys.path.append(os.getcwd())
-        return load_callable(spec, key, error)
+        raise error(f"{key} '{spec}': cannot import module '{module_name}' ({e}); is it on PYTHONPATH?") from None
     except ImportError as e:
         raise error(f"{key} '{spec}': cannot import module '{module_name}' ({e})") from None
+    except Exception as e:  # the module itself raised while importing
+        raise error(f"{key} '{spec}': importing module '{module_name}' raised {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise error(f"{key} '{spec}': module '{module_name}' has no callable '{func_name}'")

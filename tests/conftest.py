@@ -29,7 +29,24 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def broken(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same run with the int8 model's activation scales multiplied by 100."""
-    from tests._digits_run import digits_run
+    """The same run calibrated at the 1st percentile of |x|: an int8 variant that is badly wrong."""
+    from tests._digits_run import BROKEN, digits_run
 
-    return digits_run(tmp_path_factory, "broken", int8_scale=100.0)
+    return digits_run(tmp_path_factory, "broken", **BROKEN)
+
+
+# A finished CPU pipeline run through the command line (tests/_project.py).
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests._project import make_template
+
+    return make_template(tmp_path_factory)
+
+
+@pytest.fixture
+def finished(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the finished project, made the working directory."""
+    dst = tmp_path / "finished"
+    shutil.copytree(template, dst, symlinks=True)
+    monkeypatch.chdir(dst)
+    return dst

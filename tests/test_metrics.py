@@ -62,6 +62,13 @@ def test_json_number_round_trip() -> None:
 
 
 # --- pluggable task metrics ------------------------------------------------------------
+DET = ["boxes", "scores", "classes"]
+
+
+def values(*args: Any, **kw: Any) -> dict[str, float]:
+    """The metric values of compute_task_metrics (its second result names the outputs read)."""
+    return compute_task_metrics(*args, **kw)[0]
+
 
 
 def _logits_labels(n: int = 40) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -74,8 +81,8 @@ def _logits_labels(n: int = 40) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def test_builtin_topk_via_config() -> None:
     out, y = _logits_labels()
-    ms = resolve_metrics(EvaluateConfig(metrics=["top1", "top3"]).metrics)
-    got = compute_task_metrics(ms, out, y)
+    ms = resolve_metrics(EvaluateConfig(metrics=["top1", "top3"]).metrics, ["logits"])
+    got = values(ms, out, y)
     assert set(got) == {"top1", "top3"}
     assert got["top1"] == pytest.approx(75.0, abs=5)
 
@@ -90,14 +97,14 @@ def test_user_metric_signature_kwargs_and_reference() -> None:
         f"{EX}:embedding_similarity",
     ]).metrics
     assert isinstance(specs[1], MetricSpec) and specs[2].kwargs == {"k": 5}
-    ms = resolve_metrics(specs)
+    ms = resolve_metrics(specs, ['logits'])
     assert ms[3].wants == {"reference"} and ms[1].wants == frozenset()
-    got = compute_task_metrics(ms, out, y, reference=ref)
+    got = values(ms, out, y, reference=ref)
     assert set(got) == {"top1", "recall_at_1", "recall_at_5", "embedding_cosine", "embedding_cosine_min"}
     assert got["recall_at_5"] >= got["recall_at_1"]
     assert 99.9 < got["embedding_cosine"] <= 100.0
     # Without a reference (labels-only data), the similarity metric reports nothing rather than guessing.
-    assert "embedding_cosine" not in compute_task_metrics(ms, out, y)
+    assert "embedding_cosine" not in values(ms, out, y)
 
 
 def test_user_metric_from_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,8 +115,8 @@ def test_user_metric_from_the_working_directory(tmp_path: Path, monkeypatch: pyt
     """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    ms = resolve_metrics([MetricSpec(function="my_task_metrics:mean_logit", kwargs={"scale": 2.0})])
-    got = compute_task_metrics(ms, {"logits": np.ones((3, 2))}, None, inputs=np.zeros((3, 4)))
+    ms = resolve_metrics([MetricSpec(function="my_task_metrics:mean_logit", kwargs={"scale": 2.0})], ["logits"])
+    got = values(ms, {"logits": np.ones((3, 2))}, None, inputs=np.zeros((3, 4)))
     assert got == {"mean_logit": 2.0, "n_inputs": 3.0}
 
 
@@ -123,7 +130,7 @@ def test_user_metric_from_the_working_directory(tmp_path: Path, monkeypatch: pyt
 )
 def test_bad_metric_specs(spec: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
-        resolve_metrics([spec if spec == "top0" else MetricSpec(function=spec)])
+        resolve_metrics([spec if spec == "top0" else MetricSpec(function=spec)], ["logits"])
 
 
 def test_metric_return_values_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,11 +142,11 @@ def test_metric_return_values_are_checked(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.syspath_prepend(str(tmp_path))
     out, y = _logits_labels()
     with pytest.raises(ConfigError, match="returned list"):
-        compute_task_metrics(resolve_metrics([MetricSpec(function="bad_metrics_mod:a_list")]), out, y)
+        values(resolve_metrics([MetricSpec(function="bad_metrics_mod:a_list")], ["logits"]), out, y)
     with pytest.raises(ConfigError, match="x='high', not a number"):
-        compute_task_metrics(resolve_metrics([MetricSpec(function="bad_metrics_mod:a_string")]), out, y)
+        values(resolve_metrics([MetricSpec(function="bad_metrics_mod:a_string")], ["logits"]), out, y)
     with pytest.raises(ConfigError, match="both report a metric named 'top1'"):
-        compute_task_metrics(resolve_metrics(["top1", MetricSpec(function="bad_metrics_mod:top1_again")]), out, y)
+        values(resolve_metrics(["top1", MetricSpec(function="bad_metrics_mod:top1_again")], ["logits"]), out, y)
 
 
 def test_config_rejects_unknown_metric_names_and_misplaced_thresholds() -> None:
@@ -181,15 +188,15 @@ def _gt() -> np.ndarray:
 
 def test_detection_map_perfect_shifted_and_false_positives() -> None:
     gt = _gt()
-    fn = resolve_metrics([MetricSpec(function=f"{EX}:detection_map")])
-    assert compute_task_metrics(fn, _detections(gt), gt) == {"map50": pytest.approx(100.0)}
+    fn = resolve_metrics([MetricSpec(function=f"{EX}:detection_map")], DET)
+    assert values(fn, _detections(gt), gt) == {"map50": pytest.approx(100.0)}
     # A low-scored false positive ranked after every true positive leaves AP at 100.
-    assert compute_task_metrics(fn, _detections(gt, extra_fp=True), gt)["map50"] == pytest.approx(100.0)
+    assert values(fn, _detections(gt, extra_fp=True), gt)["map50"] == pytest.approx(100.0)
     # Shifted by 5 px on 10 px boxes: IoU = 25/175 < 0.5, every detection misses.
-    assert compute_task_metrics(fn, _detections(gt, shift=5.0), gt)["map50"] == pytest.approx(0.0)
+    assert values(fn, _detections(gt, shift=5.0), gt)["map50"] == pytest.approx(0.0)
     # The threshold is a keyword argument from the config: IoU 0.14 passes at 0.1.
-    loose = resolve_metrics([MetricSpec(function=f"{EX}:detection_map", kwargs={"iou_threshold": 0.1})])
-    assert compute_task_metrics(loose, _detections(gt, shift=5.0), gt) == {"map10": pytest.approx(100.0)}
+    loose = resolve_metrics([MetricSpec(function=f"{EX}:detection_map", kwargs={"iou_threshold": 0.1})], DET)
+    assert values(loose, _detections(gt, shift=5.0), gt) == {"map10": pytest.approx(100.0)}
 
 
 def test_detection_map_hand_computed() -> None:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
-
 from ..config import Config
+from ..runtime.runner import Runner
+
+__all__ = ["Backend", "BuildRequest", "BuildResult", "Runner"]
 
 
 @dataclass(frozen=True)
@@ -22,42 +23,18 @@ class BuildRequest:
     out_dir: Path  # staging folder: write the artifact (and side files) here
     config: Config
     calib_dir: Optional[Path] = None  # calibrate's outputs: ranges.json, calibration.cache, model.qdq.onnx
-    calib_data: Optional[Path] = None  # prepared calibration samples (calib.npy), for TensorRT's own calibrator
+    calib_data: Optional[Path] = None  # prepared calibration samples (calib.npz): TensorRT's calibrator, fp16 range check
 
 
 @dataclass
 class BuildResult:
     artifact: str  # file name inside out_dir (model.engine, model.onnx)
-    info: dict[str, Any] = field(default_factory=dict)  # merged into build.json
-
-
-class Runner(abc.ABC):
-    """A loaded model/engine. Use as a context manager; `infer` takes and returns numpy."""
-
-    backend: str = ""
-    input_names: list[str]
-    output_names: list[str]
-
-    @abc.abstractmethod
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch (any batch size inside the profile) and return host arrays."""
-
-    @abc.abstractmethod
-    def time(self, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> dict[str, Any]:
-        """Latency of `feeds`: per-iteration milliseconds under the key `times_ms`
-        (and optionally `gpu_times_ms`), plus `method` naming how they were taken."""
-
-    def device(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> "Runner":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    flags: list[str] = field(default_factory=list)
+    profiles: Optional[list[dict[str, dict[str, list[int]]]]] = None
+    workspace_mb: Optional[int] = None
+    calibration: Optional[dict[str, Any]] = None
+    kept_fp32: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):

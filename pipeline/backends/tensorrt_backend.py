@@ -1,21 +1,32 @@
 """The `tensorrt` backend: builds FP32 / FP16 / INT8 engines from the exported ONNX and
 loads them as `TrtRunner`s.
 
+Optimization profiles: one per entry of `build.profiles` (min/opt/max for every dynamic
+axis of every input; pipeline.profiles), or the batch range of `build.profile`.
+
+FP16: the FP16 flag, with the nodes pipeline.backends.fp16 names (reductions, and what
+leaves fp16's range on calibration data) pinned to FP32 (precision constraints, TensorRT
+< 11; on 11 the build says it cannot pin them).
+
 INT8 has two routes (build.int8_route):
-- implicit: BuilderFlag.INT8 + TensorRT's own calibrator (IInt8EntropyCalibrator2, or
-  IInt8MinMaxCalibrator) fed the prepared calibration samples, or reading the
-  calibrate stage's cache (build.calibration_source: cache) when its header matches.
+- implicit: BuilderFlag.INT8 with ranges from `build.calibration_source`:
+  `cache` (the calibrate stage's cache, completed with the tensors TensorRT's parser adds:
+  pipeline.backends.trt_cache), `tensorrt` (TensorRT's own IInt8EntropyCalibrator2 /
+  IInt8MinMaxCalibrator fed the same calibration batches), or `auto` (the cache when its
+  header names this TensorRT and calibrator, else TensorRT's calibrator, saying why).
   Deprecated in TensorRT 10, removed in 11: refused there with a pointer to explicit.
 - explicit: the Q/DQ ONNX written by `calibrate` (calib_dir/model.qdq.onnx), strongly
-  typed on TensorRT >= 10, with the INT8 flag on 8.x.
+  typed on TensorRT >= 10, with the INT8 flag (and FP16 for the float layers) on 8.x.
 
 Side files written into the staging folder: model.engine, layers.json (the engine
-inspector's layer information), calibration.cache (implicit INT8).
+inspector's layer information), calibration.cache (implicit INT8: the cache the engine
+was built from).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import sys
 import time
 from pathlib import Path
@@ -25,7 +36,8 @@ import numpy as np
 
 from ..config import PRECISIONS
 from ..errors import BackendError, ConfigError, DataError, ModelError
-from ..fileio import sha256_bytes, write_bytes, write_json
+from ..fileio import project_path, write_bytes, write_json
+from ..profiles import config_profiles, onnx_inputs
 from ..runtime.cuda_device import device_info
 from ..runtime.trt_common import capture, get_logger, require_tensorrt, trt_version
 from .base import Backend, BuildRequest, BuildResult, Runner
@@ -39,12 +51,12 @@ from .trt_build import (
     parse_onnx,
 )
 from .trt_layers import apply_layer_precisions
-from .trt_profiles import calibration_shapes, onnx_inputs, profile_shapes
 
 ENGINE_FILE = "model.engine"
 LAYERS_FILE = "layers.json"
 CACHE_FILE = "calibration.cache"
 QDQ_FILE = "model.qdq.onnx"
+ALGORITHMS = {"entropy2": "EntropyCalibration2", "minmax": "MinMaxCalibration"}
 
 
 def _log(msg: str) -> None:
@@ -92,11 +104,12 @@ class TensorRTBackend(Backend):
             _log(f"TensorRT {trt.__version__} deprecates implicit INT8 calibration; build.int8_route: explicit is the "
                  "route that keeps working on TensorRT 11")
         onnx_path = self._onnx_for(req, explicit)
-        shapes = profile_shapes(onnx_inputs(onnx_path), cfg.profile, onnx_path)  # cheap checks before the GPU
+        profiles = config_profiles(onnx_inputs(onnx_path), cfg, onnx_path)  # cheap checks before the GPU
         strongly_typed = explicit and major >= 10 and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
         if strongly_typed and cfg.layer_precisions:
             raise ConfigError("build.layer_precisions cannot apply to a strongly typed (explicit Q/DQ) build: the types "
                               "come from the ONNX; remove it or use int8_route: implicit")
+        keep = self._fp16_keep(req) if req.precision == "fp16" else {}
         out_dir = Path(req.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         dev = device_info(0)
@@ -109,31 +122,37 @@ class TensorRTBackend(Backend):
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_mb) << 20)
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if req.precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
+        if req.precision == "fp16" or (int8 and not strongly_typed and cfg.int8_float_fallback == "fp16"):
+            config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without int8 kernels run in fp16, not fp32
         if not cfg.tf32 and hasattr(trt.BuilderFlag, "TF32"):
             config.clear_flag(trt.BuilderFlag.TF32)  # trtexec --noTF32: FP32 layers in true FP32
         if int8 and not strongly_typed:
             config.set_flag(trt.BuilderFlag.INT8)
         pins = self._pin_layers(trt, network, config, cfg.layer_precisions, req.precision)
+        kept = self._pin_fp32(trt, network, config, keep) if keep else {}
         options = apply_builder_options(trt, config, cfg.builder_optimization_level, cfg.preview_features)
 
-        profile = builder.create_optimization_profile()
-        for name, s in shapes.items():
-            profile.set_shape(name, s["min"], s["opt"], s["max"])
-        config.add_optimization_profile(profile)
+        for shapes in profiles:
+            profile = builder.create_optimization_profile()
+            for name, s in shapes.items():
+                profile.set_shape(name, s["min"], s["opt"], s["max"])
+            config.add_optimization_profile(profile)
 
         calibrator = None
+        calibration: Optional[dict[str, Any]] = None
         try:
             if int8 and not explicit:
-                calibrator, cal_shapes = self._calibrator(req, shapes, out_dir)
+                calibrator, cal_shapes, calibration = self._calibrator(trt, req, network, out_dir)
                 config.int8_calibrator = calibrator
                 cal_profile = builder.create_optimization_profile()
                 for name, dims in cal_shapes.items():
                     cal_profile.set_shape(name, dims, dims, dims)
                 config.set_calibration_profile(cal_profile)
+            elif explicit:
+                calibration = {"source": "calibrate stage Q/DQ ONNX", "route": "explicit", "onnx": QDQ_FILE,
+                               "strongly_typed": strongly_typed}
 
-            tcache = TimingCache(Path(cfg.timing_cache) if cfg.timing_cache else None)
+            tcache = TimingCache(project_path(cfg.timing_cache, "build.timing_cache") if cfg.timing_cache else None)
             tcache.attach(trt, config)
             label = f"{req.config.model.name} {req.precision} engine"
             _log(f"building {label} from {onnx_path} (TensorRT {trt.__version__}, {dev['gpu']})")
@@ -153,40 +172,37 @@ class TensorRTBackend(Backend):
             tcache.save(config)
             tcache.info["messages"] = cap.matching("timing cache")[:5]
             write_bytes(out_dir / ENGINE_FILE, data)
-            info: dict[str, Any] = {
-                "backend": self.name,
+            if calibrator is not None and calibration is not None:
+                calibration.update(self._calibration_info(calibrator, out_dir, cap))
+            details: dict[str, Any] = {
                 "tensorrt": trt.__version__,
-                "precision": req.precision,
                 "onnx": str(onnx_path),
                 "int8_route": cfg.int8_route if int8 else None,
                 "network_flags": net_flag_names,
-                "flags": [n for n, f in trt.BuilderFlag.__members__.items() if config.get_flag(f)],
-                "profile": {n: {k: s[k] for k in ("min", "opt", "max")} for n, s in shapes.items()},
-                "workspace_mb": int(cfg.workspace_mb),
                 **options,
-                "build_seconds": round(build_seconds, 3),
+                "builder_seconds": round(build_seconds, 3),
                 "total_seconds": round(time.monotonic() - t_start, 3),
-                "engine": ENGINE_FILE,
-                "engine_bytes": len(data),
-                "sha256": sha256_bytes(data),
                 "timing_cache": tcache.info,
                 "layer_precisions": pins,
                 "progress": progress_how,
                 "warnings": len(cap.warnings()),
-                "device": dev,
-                "software": {"tensorrt": trt.__version__, "cuda_runtime": dev.get("cuda_runtime"),
-                             "driver": dev.get("driver")},
-                "hardware": {"gpu": dev["gpu"], "compute_capability": dev["compute_capability"]},
+                "missing_scale_warnings": len(cap.matching("missing scale")),
             }
-            if calibrator is not None:
-                info["calibration"] = self._calibration_info(calibrator, out_dir, cap)
-            info.update(self._write_layers(trt, data, out_dir, {n: v["opt"] for n, v in shapes.items()}))
+            details.update(self._write_layers(trt, data, out_dir, {n: v["opt"] for n, v in profiles[0].items()}))
         finally:
             if calibrator is not None:
                 calibrator.free()
             del parser
-        _log(f"built {label}: {len(data) / 1e6:.1f} MB in {info['build_seconds']:.1f} s")
-        return BuildResult(artifact=ENGINE_FILE, info=info)
+        _log(f"built {label}: {len(data) / 1e6:.1f} MB in {build_seconds:.1f} s")
+        return BuildResult(
+            artifact=ENGINE_FILE,
+            flags=[n for n, f in trt.BuilderFlag.__members__.items() if config.get_flag(f)],
+            profiles=[{n: {k: list(s[k]) for k in ("min", "opt", "max")} for n, s in p.items()} for p in profiles],
+            workspace_mb=int(cfg.workspace_mb),
+            calibration=calibration,
+            kept_fp32=[f"{n}: {why}" for n, why in kept.items()],
+            details=details,
+        )
 
     # -- pieces ----------------------------------------------------------------------------------
     @staticmethod
@@ -200,6 +216,44 @@ class TensorRTBackend(Backend):
         if not path.is_file():
             raise ModelError(f"{path}: Q/DQ ONNX not found; build.int8_route: explicit needs it: run `trtpipe calibrate`")
         return path
+
+    @staticmethod
+    def _fp16_keep(req: BuildRequest) -> dict[str, str]:
+        from ..data import load_samples
+        from .fp16 import keep_fp32_nodes, range_check_batches
+
+        cfg = req.config
+        batches = None
+        if cfg.build.fp16.range_check and req.calib_data is not None:
+            samples = load_samples(req.calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
+            batches = range_check_batches(samples.x)
+        return keep_fp32_nodes(req.onnx_path, cfg.build.fp16, batches)
+
+    @staticmethod
+    def _pin_fp32(trt: Any, network: Any, config: Any, keep: dict[str, str]) -> dict[str, str]:
+        """Pin the layers named after `keep`'s ONNX nodes to FP32; returns those pinned."""
+        if not hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"):
+            _log(f"TensorRT {trt.__version__} has no layer precision constraints: {len(keep)} node(s) that overflow "
+                 "in fp16 cannot be pinned to fp32; use the explicit route with Cast nodes")
+            return {}
+        floats = (trt.float32, trt.float16)
+        pinned = {}
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            node = next((n for n in keep if layer.name == n or fnmatch.fnmatchcase(layer.name, f"{n}_*")), None)
+            if node is None:
+                continue
+            outs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
+            if not outs:
+                continue
+            layer.precision = trt.float32
+            for j in outs:
+                layer.set_output_type(j, trt.float32)
+            pinned[layer.name] = keep[node]
+        if pinned:
+            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            _log(f"fp16: {len(pinned)} layer(s) kept in fp32 (build.fp16): " + ", ".join(list(pinned)[:6]))
+        return pinned
 
     @staticmethod
     def _pin_layers(trt: Any, network: Any, config: Any, patterns: dict[str, str], precision: str) -> Optional[dict]:
@@ -219,53 +273,87 @@ class TensorRTBackend(Backend):
              + ", ".join(f"{k}={v}" for k, v in list(pins["pinned"].items())[:10]))
         return pins
 
-    def _calibrator(self, req: BuildRequest, shapes: dict[str, dict[str, Any]], out_dir: Path) -> tuple[Any, dict]:
-        from pipeline.backends.trt_calibrator import make_calibrator
+    def _stage_cache(self, trt: Any, req: BuildRequest, network: Any, algorithm: str) -> tuple[Optional[Path], dict]:
+        """The calibrate stage's cache, when `build.calibration_source` lets it be used: checked
+        against this TensorRT and calibrator, completed against the network, written into the
+        build folder. (None, why) when TensorRT's calibrator has to run."""
+        from calibration.cache import read_cache, write_cache
+        from calibration.errors import CacheMismatchError, CalibrationError
 
-        cfg = req.config.build
-        if len(shapes) != 1:
-            raise BackendError(f"implicit INT8 calibration feeds one input; this network has {len(shapes)} "
-                               f"({', '.join(shapes)}): use build.int8_route: explicit")
-        (name, shape), = shapes.items()
-        read_from = None
-        if cfg.calibration_source == "cache":
-            if req.calib_dir is None:
-                raise BackendError("build.calibration_source: cache reads calibrate's calibration.cache, but no "
-                                   "calibration folder was given; run `trtpipe calibrate` first")
-            read_from = Path(req.calib_dir) / CACHE_FILE
-        batch = int(req.config.calibration.batch_size)
-        if shape["static_batch"] and shape["opt"]:
-            batch = int(shape["opt"][0])
-        samples: Any = []
+        source = req.config.build.calibration_source
+        if source == "tensorrt":
+            return None, {"why": "build.calibration_source: tensorrt"}
+        if req.calib_dir is None or not (Path(req.calib_dir) / CACHE_FILE).is_file():
+            if source == "cache":
+                raise BackendError("build.calibration_source: cache needs the calibrate stage's calibration.cache "
+                                   f"(--calib-dir, here {req.calib_dir}); run `trtpipe calibrate` first")
+            _log("calibration: no calibrate stage cache given; TensorRT's own calibrator runs")
+            return None, {"why": "no calibrate stage cache given"}
+        stage_cache = Path(req.calib_dir) / CACHE_FILE
+        try:
+            cache = read_cache(stage_cache, expect_version=trt.__version__, expect_algorithm=algorithm)
+        except CacheMismatchError as e:
+            if source == "cache":
+                raise CalibrationError(f"{e} (build.calibration_source: cache). Set calibration.tensorrt_version: "
+                                       f"{trt.__version__} and re-run calibrate (dvc repro calibrate)") from None
+            _log(f"calibration: the calibrate stage's cache is not for this TensorRT/calibrator; TensorRT's own "
+                 f"calibrator runs instead ({e})")
+            return None, {"why": f"stage cache not usable here: {e}"}
+        scales = {k: float(v) for k, v in cache.scales.items()}
+        from .trt_cache import complete_scales
+
+        full, added = complete_scales(trt, network, scales)
+        out = Path(req.out_dir) / CACHE_FILE
+        write_cache(out, {k: np.float32(v) for k, v in full.items()}, trt.__version__, algorithm)
+        return out, {"stage_cache": str(stage_cache), "stage_tensors": len(scales),
+                     "added_for_network": {k: len(v) for k, v in added.items()},
+                     "estimated": added.get("estimated", [])[:20]}
+
+    def _calibrator(self, trt: Any, req: BuildRequest, network: Any, out_dir: Path) -> tuple[Any, dict, dict]:
+        from ..data import calibration_batches, calibration_indices, load_samples
+        from .trt_calibrator import make_calibrator
+
+        cfg = req.config
+        algorithm = ALGORITHMS[cfg.build.int8_calibrator]
+        read_from, why = self._stage_cache(trt, req, network, algorithm)
+        inputs = [network.get_input(i) for i in range(network.num_inputs)]
+        dtypes = {t.name: np.dtype(trt.nptype(t.dtype)) for t in inputs}
+        c = cfg.calibration
+        batches: Any = []
+        num_batches = 0
         if req.calib_data is not None:
-            # The same samples, in the same order, as the calibrate stage's own calibration,
-            # so TensorRT's cache and ours can be compared tensor by tensor.
-            from pipeline.datasets import calibration_indices, load_calibration_samples
-
-            c = req.config.calibration
-            samples = load_calibration_samples(Path(req.calib_data), shape["opt"][1:])
-            samples = samples[calibration_indices(int(samples.shape[0]), c.num_samples, c.seed)].astype(np.float32, copy=False)
-            batch = min(batch, int(samples.shape[0]))
+            # The same samples, in the same batches, as the calibrate stage's own calibration.
+            samples = load_samples(req.calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
+            indices = calibration_indices(len(samples), c.num_samples, c.seed)
+            num_batches = len(indices) // c.batch_size
+            batches = list(calibration_batches(samples.x, indices, c.batch_size, str(req.calib_data)))
+            shapes = {t.name: [c.batch_size, *samples.x[t.name].shape[1:]] for t in inputs}
         elif read_from is None:
-            raise DataError("implicit INT8 calibration needs the prepared calibration samples (calib.npy from "
-                            "`trtpipe prepare`), or build.calibration_source: cache")
-        cal = make_calibrator(cfg.int8_calibrator, samples, out_dir / CACHE_FILE, batch_size=batch,
-                              read_cache_from=read_from, memory=self.memory, progress=self.progress, log=_log)
-        return cal, calibration_shapes(shapes, cal.batch_size)
+            raise DataError("implicit INT8 calibration with TensorRT's calibrator needs the prepared calibration "
+                            "samples (calib.npz from `trtpipe prepare`): pass --calib-data")
+        else:
+            shapes = {t.name: [c.batch_size, *[int(d) for d in t.shape[1:]]] for t in inputs}
+            if any(d < 0 for s in shapes.values() for d in s):
+                raise DataError("the calibration profile needs the calibration samples to fix the dynamic axes: "
+                                "pass --calib-data")
+        cal = make_calibrator(cfg.build.int8_calibrator, batches, out_dir / CACHE_FILE, batch_size=c.batch_size,
+                              read_cache_from=read_from, memory=self.memory, progress=self.progress, log=_log,
+                              dtypes=dtypes, num_batches=num_batches)
+        info = {"route": "implicit", "requested": cfg.build.calibration_source, "algorithm": algorithm,
+                "calibration_shapes": shapes, **why}
+        return cal, shapes, info
 
     @staticmethod
     def _calibration_info(cal: Any, out_dir: Path, cap: Any) -> dict[str, Any]:
         cache_file = out_dir / CACHE_FILE
-        if not cache_file.is_file() and cal.cache_used and cal.read_cache_from is not None:
-            write_bytes(cache_file, cal.read_cache_from.read_bytes())  # TensorRT does not rewrite a cache it read
         header, tensors = None, None
         if cache_file.is_file():
             lines = cache_file.read_text(errors="replace").splitlines()
             header = lines[0].strip() if lines else None
             tensors = sum(1 for line in lines[1:] if line.strip())
-        used_cache = bool(cal.cache_used) and cal.get_batch_calls == 0
+        used_cache = bool(cal.cache_used) and cal.batches_fed == 0
         return {
-            "source": "cache" if used_cache else "dataset",
+            "source": "calibrate stage cache" if used_cache else "TensorRT calibrator on the calibration data",
             **cal.info(),
             "cache_file": CACHE_FILE if cache_file.is_file() else None,
             "cache_header": header,

@@ -49,8 +49,8 @@ class _CalibratorMixin:
 
     def _setup(self, kind: str, batches: Iterable[Batch], batch_size: int, cache_path: Optional[Path],
                read_cache_from: Optional[Path], memory: str, progress: bool, log: Callable[[str], None],
-               trt_version: str, num_batches: Optional[int]) -> None:
-        from pipeline.runtime.cuda_memory import open_memory
+               trt_version: str, num_batches: Optional[int], dtypes: Optional[Mapping[str, Any]] = None) -> None:
+        from ..runtime.cuda_memory import open_memory
 
         self.kind = kind
         self.algorithm = ALGORITHM_NAMES[kind]
@@ -61,6 +61,7 @@ class _CalibratorMixin:
         self.log = log
         self.progress = progress
         self.num_batches = num_batches
+        self.dtypes = {k: np.dtype(v) for k, v in (dtypes or {}).items()}
         self.get_batch_calls = 0
         self.batches_fed = 0
         self.num_samples = 0
@@ -124,7 +125,7 @@ class _CalibratorMixin:
         data = cache.tobytes() if hasattr(cache, "tobytes") else bytes(cache)
         self.cache_bytes = data
         if self.cache_path is not None:
-            from pipeline.fileio import write_bytes
+            from ..fileio import write_bytes
 
             write_bytes(self.cache_path, data)
             self.cache_written = self.cache_path
@@ -148,7 +149,7 @@ class _CalibratorMixin:
         for name in names:
             if name not in feeds:
                 raise CalibrationError(f"calibration batch has no array for network input '{name}' (has {list(feeds)})")
-            a = np.ascontiguousarray(feeds[name], dtype=np.float32)
+            a = np.ascontiguousarray(feeds[name], dtype=self.dtypes.get(name, np.float32))
             if a.shape[0] != self.batch_size:
                 raise CalibrationError(f"calibration batch for '{name}' has {a.shape[0]} samples; "
                                        f"the calibrator's batch size is {self.batch_size}")
@@ -215,7 +216,7 @@ def _calibrator_class(kind: str) -> type:
         raise CalibrationError(f"unknown TensorRT calibrator {kind!r}; choose one of {', '.join(ALGORITHM_NAMES)} "
                                "(build.int8_calibrator)")
     if kind not in _CLASSES:
-        from pipeline.runtime.trt_common import require_tensorrt
+        from ..runtime.trt_common import require_tensorrt
 
         trt = require_tensorrt()
         base = trt.IInt8EntropyCalibrator2 if kind == "entropy2" else trt.IInt8MinMaxCalibrator
@@ -241,16 +242,18 @@ def make_calibrator(
     memory: str = "auto",
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    dtypes: Optional[Mapping[str, Any]] = None,
+    num_batches: Optional[int] = None,
 ) -> Any:
     """A TensorRT calibrator ("entropy2" -> IInt8EntropyCalibrator2, "minmax" ->
     IInt8MinMaxCalibrator). `batches`: an array of samples (cut into `batch_size`
     batches; default 32), or an iterable of batches (arrays or {input: array}) of
-    `batch_size` samples each. Call `.free()` after the build."""
+    `batch_size` samples each. `dtypes`: the network's input dtypes (input -> numpy
+    dtype; default float32): integer inputs are fed as integers. Call `.free()` after the build."""
     cls = _calibrator_class(kind)
-    from pipeline.runtime.trt_common import require_tensorrt
+    from ..runtime.trt_common import require_tensorrt
 
     trt = require_tensorrt()
-    num_batches: Optional[int] = None
     if isinstance(batches, np.ndarray):
         batches, dropped = split_batches(batches, batch_size or 32)
         batch_size = int(batches[0].shape[0])
@@ -268,4 +271,4 @@ def make_calibrator(
     return cls(kind=kind, batches=batches, batch_size=batch_size, cache_path=cache_path,
                read_cache_from=read_cache_from, memory=memory, progress=progress,
                log=log or (lambda m: print(m, file=sys.stderr, flush=True)), trt_version=trt.__version__,
-               num_batches=num_batches)
+               num_batches=num_batches, dtypes=dtypes)

@@ -241,6 +241,15 @@ def _graphs() -> _Cudart:
     return _GRAPHS
 
 
+def graphs_available() -> bool:
+    """Whether CUDA graphs can be captured here (they go through cuda-python's runtime)."""
+    try:
+        _graphs()
+    except BackendError:
+        return False
+    return True
+
+
 class CudaPythonMemory(CudaMemory):
     name = "cuda-python"
 

@@ -27,6 +27,15 @@ def require_tensorrt() -> Any:
     return trt
 
 
+def installed_version() -> Any:
+    """The installed TensorRT's version string, or None when tensorrt does not import."""
+    try:
+        import tensorrt as trt
+    except Exception:
+        return None
+    return str(trt.__version__)
+
+
 def trt_version(trt: Any = None) -> tuple[int, int, int]:
     trt = trt or require_tensorrt()
     parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(trt.__version__).split(".")[:3]]

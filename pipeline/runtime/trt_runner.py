@@ -14,7 +14,9 @@ Only the name-based tensor API is used (num_io_tensors, get_tensor_name,
 get_tensor_mode, set_input_shape, set_tensor_address, execute_async_v3). Inputs are
 copied into pinned host buffers and moved with async copies on one stream; device
 buffers grow when a larger batch arrives. `use_cuda_graph=True` captures the
-enqueue once per input shape and replays it (needs cuda-python, see cuda_memory).
+enqueue once per input shape and replays it (needs cuda-python, see cuda_memory); `time`
+measures either mode (`mode="plain"` or `"cuda_graph"`). An engine with several
+optimization profiles runs each request on the first profile that fits its shapes.
 A runner is not thread-safe: use one per thread.
 """
 
@@ -29,14 +31,17 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from ..backends.base import Runner
+from .runner import CUDA_GRAPH, PLAIN, Runner
 from ..compat import check_runs_here
 from ..errors import ArtifactError, BackendError, DataError
 from .cuda_device import device_info
-from .cuda_memory import CudaGraph, DeviceBuffer, HostBuffer, open_memory
+from .cuda_memory import CudaGraph, DeviceBuffer, HostBuffer, graphs_available, open_memory
 from .trt_common import capture, get_logger, require_tensorrt
 
 ManifestArg = Union[None, str, Path, Mapping[str, Any]]
+
+
+Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max
 
 
 @dataclass
@@ -45,21 +50,25 @@ class TensorSpec:
     is_input: bool
     dtype: np.dtype
     shape: tuple[int, ...]  # as the engine declares it; -1 on dynamic axes
-    profile: Optional[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = None  # inputs: min, opt, max
+    profiles: Optional[list[Profile]] = None  # inputs: one (min, opt, max) per optimization profile
 
 
 def manifest_from_build_info(build_info: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """The parts of a build.json that `check_runs_here` reads, in manifest form."""
+    """The parts of a build.json (or a manifest) that `check_runs_here` reads, in manifest form."""
+    from ..manifest import build_environment
+
     if not build_info:
         return None
+    if isinstance(build_info.get("manifest"), Mapping):
+        build_info = build_info["manifest"]
     if "software" in build_info and "hardware" in build_info:
         return {"backend": build_info.get("backend", "tensorrt"), "software": build_info["software"],
                 "hardware": build_info["hardware"]}
-    dev = build_info.get("device") or {}
+    env = build_environment(build_info)
     return {
         "backend": build_info.get("backend", "tensorrt"),
-        "software": {"tensorrt": build_info.get("tensorrt") or build_info.get("version")},
-        "hardware": {"compute_capability": dev.get("compute_capability"), "gpu": dev.get("gpu")},
+        "software": {"tensorrt": env.get("tensorrt")},
+        "hardware": {"compute_capability": env.get("compute_capability"), "gpu": env.get("gpu")},
     }
 
 
@@ -126,6 +135,7 @@ class TrtRunner(Runner):
         self._host: dict[str, HostBuffer] = {}
         self._views: dict[str, np.ndarray] = {}
         self._shape_key: Optional[tuple] = None
+        self._profile_index = 0
         try:
             with self._mem.activate():
                 self._runtime = trt.Runtime(get_logger())
@@ -147,6 +157,10 @@ class TrtRunner(Runner):
             raise
         self.input_names = [s.name for s in self.specs if s.is_input]
         self.output_names = [s.name for s in self.specs if not s.is_input]
+        self.profiles = [{s.name: {"min": list(s.profiles[k][0]), "opt": list(s.profiles[k][1]),
+                                   "max": list(s.profiles[k][2])} for s in self.specs if s.is_input and s.profiles}
+                         for k in range(self._engine.num_optimization_profiles)]
+        self.time_modes = (PLAIN, CUDA_GRAPH) if graphs_available() else (PLAIN,)
         self._closed = False
 
     # -- engine description --------------------------------------------------------------
@@ -161,15 +175,17 @@ class TrtRunner(Runner):
             spec = TensorSpec(name, is_input, np.dtype(trt.nptype(engine.get_tensor_dtype(name))),
                               tuple(int(d) for d in engine.get_tensor_shape(name)))
             if is_input:
-                mn, opt, mx = engine.get_tensor_profile_shape(name, 0)
-                spec.profile = (tuple(mn), tuple(opt), tuple(mx))
+                spec.profiles = []
+                for k in range(engine.num_optimization_profiles):
+                    mn, opt, mx = engine.get_tensor_profile_shape(name, k)
+                    spec.profiles.append((tuple(mn), tuple(opt), tuple(mx)))
             specs.append(spec)
         return specs
 
     @property
     def profile(self) -> dict[str, dict[str, list[int]]]:
-        return {s.name: {"min": list(s.profile[0]), "opt": list(s.profile[1]), "max": list(s.profile[2])}
-                for s in self.specs if s.is_input and s.profile}
+        """The first optimization profile (see `profiles` for all of them)."""
+        return self.profiles[0] if self.profiles else {}
 
     def device(self) -> dict[str, Any]:
         return {**self._device_info, "tensorrt": self._trt.__version__, "memory": self._mem.name}
@@ -181,12 +197,16 @@ class TrtRunner(Runner):
         for axis, (got, want) in enumerate(zip(shape, spec.shape)):
             if want >= 0 and got != want:
                 raise DataError(f"input '{spec.name}' has shape {shape}; axis {axis} must be {want} (engine shape {spec.shape})")
-        mn, _, mx = spec.profile
-        if any(g < lo or g > hi for g, lo, hi in zip(shape, mn, mx)):
-            raise DataError(
-                f"input '{spec.name}' shape {shape} is outside the engine's optimization profile "
-                f"(min {mn}, max {mx}); split the batch, or rebuild with a wider build.profile (min_batch/max_batch)"
-            )
+
+    def _pick_profile(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        for k in range(len(self.profiles)):
+            if all(all(lo <= g <= hi for g, lo, hi in zip(shapes[s.name], s.profiles[k][0], s.profiles[k][2]))
+                   for s in self.specs if s.is_input):
+                return k
+        ranges = "; ".join(f"#{k} " + ", ".join(f"{n} {v['min']}..{v['max']}" for n, v in p.items())
+                           for k, p in enumerate(self.profiles))
+        raise DataError(f"input shapes {shapes} fit none of the engine's optimization profiles ({ranges}); split the "
+                        "batch, or rebuild with wider build.profiles")
 
     def _ensure(self, spec: TensorSpec, shape: tuple[int, ...]) -> bool:
         nbytes = int(math.prod(shape)) * spec.dtype.itemsize
@@ -212,10 +232,17 @@ class TrtRunner(Runner):
                 a = np.asarray(feeds[spec.name])
                 self._check_input(spec, tuple(a.shape))
                 arrays[spec.name] = a
-        key = tuple(tuple(a.shape) for a in arrays.values())
+        profile = self._pick_profile({k: tuple(a.shape) for k, a in arrays.items()})
+        key = (profile, *(tuple(a.shape) for a in arrays.values()))
         if key != self._shape_key:
             self._shape_key = None
             ctx = self._context
+            if profile != self._profile_index:
+                if not ctx.set_optimization_profile_async(profile, self._stream.handle):
+                    raise BackendError(f"TensorRT refused optimization profile {profile}")
+                self._mem.synchronize(self._stream)
+                self._profile_index = profile
+                self._drop_graphs()
             for name, a in arrays.items():
                 if not ctx.set_input_shape(name, tuple(a.shape)):
                     raise BackendError(f"TensorRT refused input shape {a.shape} for '{name}'")
@@ -265,12 +292,12 @@ class TrtRunner(Runner):
             self._graphs[key] = graph
         return graph
 
-    def _run(self, key: tuple, timed: bool) -> None:
+    def _run(self, key: tuple, timed: bool, graph: Optional[bool] = None) -> None:
         mem, s = self._mem, self._stream
         for spec in self.specs:
             if spec.is_input:
                 mem.htod_async(self._dev[spec.name].ptr, self._views[spec.name], s)
-        if self.use_cuda_graph:
+        if self.use_cuda_graph if graph is None else graph:
             graph = self._graph(key)
             if timed:
                 mem.record(self._events[0], s)
@@ -293,31 +320,36 @@ class TrtRunner(Runner):
             self._run(key, timed=False)
             return {n: self._views[n].copy() for n in self.output_names}
 
-    def time(self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int) -> dict[str, Any]:
+    def time(self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int,
+             mode: Optional[str] = None) -> dict[str, Any]:
         """`gpu_times_ms`: CUDA events around the enqueue (or graph launch) alone;
-        `times_ms`: host clock around H2D + execute + D2H + stream sync."""
+        `times_ms`: host clock around H2D + execute + D2H + stream sync. `mode`: "plain" or
+        "cuda_graph" (default: the runner's use_cuda_graph)."""
         self._check_open()
         if iterations < 1:
             raise DataError(f"iterations must be >= 1, got {iterations}")
+        if mode not in (None, PLAIN, CUDA_GRAPH):
+            raise DataError(f"latency mode must be '{PLAIN}' or '{CUDA_GRAPH}', got {mode!r}")
+        graph = self.use_cuda_graph if mode is None else mode == CUDA_GRAPH
         times, gpu = [], []
         with self._mem.activate():
             key = self._prepare(feeds)
             for _ in range(max(0, warmup)):
-                self._run(key, timed=False)
+                self._run(key, timed=False, graph=graph)
             for _ in range(iterations):
                 t0 = _time.perf_counter()
-                self._run(key, timed=True)
+                self._run(key, timed=True, graph=graph)
                 times.append((_time.perf_counter() - t0) * 1e3)
                 gpu.append(self._mem.elapsed_ms(*self._events))
-        batch = int(key[0][0]) if key and key[0] else 1
-        how = "CUDA graph replay of execute_async_v3" if self.use_cuda_graph else "execute_async_v3"
+        batch = int(key[1][0]) if len(key) > 1 and key[1] else 1
+        how = "CUDA graph replay of execute_async_v3" if graph else "execute_async_v3"
         return {
             "times_ms": times,
             "gpu_times_ms": gpu,
             "batch_size": batch,
             "warmup": int(warmup),
             "iterations": int(iterations),
-            "cuda_graph": self.use_cuda_graph,
+            "cuda_graph": graph,
             "memory": self._mem.name,
             "method": (
                 f"tensorrt {self._trt.__version__} {how} on one CUDA stream ({self._mem.name}); "

@@ -1,20 +1,27 @@
 """build@<precision>: one engine (TensorRT) or optimized model (onnxruntime) per precision.
 
-Output folder (replaced atomically): the artifact and build.json (backend + version,
-flags, profile, workspace, build seconds, bytes, sha256, calibration source)."""
+Inputs are checked first: the ONNX must be the one validate passed; int8 needs calibrate's
+outputs made from that same ONNX and unchanged since; the calibration samples must be
+prepare's. Output folder (replaced atomically): the artifact and build.json (a
+BuildReport: backend + version, flags, optimization profiles, workspace, build seconds,
+bytes, sha256, how int8 ranges came to be, the nodes an fp16 variant keeps in fp32)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ..backends import BuildRequest, get_backend
 from ..config import PRECISIONS, Config
 from ..errors import UsageError
-from ..fileio import sha256_file, staging_dir, write_json
+from ..fileio import sha256_file, staging_dir
+from ..reports import BuildReport, write_report
 
-SCHEMA_VERSION = 1
+# The calibrate outputs each route reads.
+INT8_FILES = {"onnxruntime": ("model.qdq.onnx",), "explicit": ("model.qdq.onnx",),
+              "implicit": ("calibration.cache",)}
 
 
 def run(
@@ -24,28 +31,50 @@ def run(
     out_dir: Path,
     calib_dir: Optional[Path] = None,
     calib_data: Optional[Path] = None,
-) -> dict[str, Any]:
+    validation: Optional[Path] = None,
+) -> BuildReport:
+    from ..onnx_utils import load_onnx
+    from ..provenance import calibrated, prepared, sha256_of, validated
+
     if precision not in PRECISIONS:
         raise UsageError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    from ..onnx_utils import load_onnx
-
+    onnx_path = Path(onnx_path)
     load_onnx(onnx_path)
+    validated(onnx_path, validation or Path("artifacts", "validate", "validate.json"))
+    onnx_sha = sha256_of(onnx_path)
     backend = get_backend(cfg.build.backend)
+    if precision == "int8":
+        if calib_dir is None:
+            raise UsageError("build --precision int8 needs --calib-dir (the calibrate stage's folder)")
+        route = "onnxruntime" if backend.name == "onnxruntime" else cfg.build.int8_route
+        calibrated(calib_dir, onnx_sha, INT8_FILES[route])
+    if calib_data is not None and Path(calib_data).is_file() and (Path(calib_data).parent / "prepare.json").is_file():
+        prepared(calib_data, "calib.npz")
+    start = time.perf_counter()
     with staging_dir(out_dir) as tmp:
-        req = BuildRequest(precision, Path(onnx_path), tmp, cfg, calib_dir=calib_dir, calib_data=calib_data)
+        req = BuildRequest(precision, onnx_path, tmp, cfg, calib_dir=Path(calib_dir) if calib_dir else None,
+                           calib_data=Path(calib_data) if calib_data else None)
         result = backend.build(req)
-        report = {
-            "schema_version": SCHEMA_VERSION,
-            "model": cfg.model.name,
-            "precision": precision,
-            "backend": backend.name,
-            "backend_version": backend.version(),
-            "backend_requested": cfg.build.backend,
-            "artifact": result.artifact,
-            "onnx_sha256": sha256_file(onnx_path),
-            "environment": backend.environment(),
-            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            **result.info,
-        }
-        write_json(tmp / "build.json", report)
+        artifact = tmp / result.artifact
+        report = BuildReport(
+            model=cfg.model.name,
+            precision=precision,
+            backend=backend.name,
+            backend_version=backend.version(),
+            backend_requested=cfg.build.backend,
+            artifact=result.artifact,
+            onnx_sha256=onnx_sha,
+            sha256=sha256_file(artifact),
+            engine_bytes=artifact.stat().st_size,
+            build_seconds=round(time.perf_counter() - start, 3),
+            built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            environment=backend.environment(),
+            flags=result.flags,
+            profiles=result.profiles,
+            workspace_mb=result.workspace_mb,
+            calibration=result.calibration,
+            kept_fp32=result.kept_fp32,
+            details=result.details,
+        )
+        write_report(tmp / "build.json", report)
     return report

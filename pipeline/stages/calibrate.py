@@ -1,34 +1,34 @@
 """calibrate: INT8 ranges for every activation, a TensorRT calibration cache and a Q/DQ ONNX.
 
-Inputs: the FP32 ONNX (export) and the prepared calibration samples (prepare's
-``calib.npy``: float, ``(N, *model.input.shape)``, already preprocessed).
+Inputs: the FP32 ONNX (export; validate must have passed it) and the prepared calibration
+samples (prepare's ``calib.npz``: one array per model input, already preprocessed).
 
 1. ``calibration.num_samples`` of the N samples (all of them when N is not larger; else a
-   seeded choice kept in file order, :func:`pipeline.datasets.calibration_indices`),
-   cut into full batches of ``calibration.batch_size`` in that order (a last partial
-   batch is dropped, as TensorRT's calibrator with its fixed batch would see them).
+   seeded choice kept in file order, :func:`pipeline.data.calibration_indices`), cut into
+   full batches of ``calibration.batch_size`` in that order (a last partial batch is
+   dropped, as TensorRT's calibrator with its fixed batch would see them).
 2. The FP32 ONNX runs in onnxruntime with every activation exposed; each batch streams
-   into one |x| histogram per tensor (:mod:`calibration.collect`).
+   into one |x| histogram per floating-point tensor (:mod:`calibration.collect`). Integer
+   inputs pass through untouched. Tensors that carry ±Inf or huge sentinel values
+   (attention masks; ``calibration.sentinel_abs``) and tensors matching
+   ``calibration.exclude`` get no range: they stay in higher precision, and
+   calibrate.json says so tensor by tensor.
 3. amax per tensor by ``calibration.method`` (:mod:`calibration.algorithms`), under
-   ``calibration.rules`` (:mod:`calibration.rules`): ``tensorrt`` (default) reproduces
-   what TensorRT 8.6's IInt8EntropyCalibrator2 computes (doubling histogram, amax at the
-   bin centre, MaxPool outputs with their input's range); ``reference`` is DESIGN.md
-   section 4 as written.
+   ``calibration.rules`` (:mod:`calibration.rules`).
 
 Outputs (``out_dir``, replaced atomically as a whole):
 
 * ``ranges.json``: per tensor amax, scale (= amax/127, float32; also as hex bits),
-  method, max_abs, num_bins, bin_width (and ``range_from`` where a MaxPool output took
-  its input's range); plus the settings and rules that produced them.
-* ``calibration.cache``: TensorRT's format. Header ``TRT-8600-EntropyCalibration2`` for
-  ``entropy``, ``TRT-8600-MinMaxCalibration`` for ``minmax``. TensorRT has no percentile
-  calibrator: ``percentile`` ranges are written under ``EntropyCalibration2`` (the
-  calibrator the implicit route uses by default), which makes TensorRT use them as they
-  are; ranges.json and calibrate.json record the real method.
+  method, max_abs, num_bins, bin_width; the settings and rules; the excluded tensors.
+* ``calibration.cache``: TensorRT's format, with the header of the TensorRT that will read
+  it (``calibration.tensorrt_version``, else the installed TensorRT, else 8.6.0; TensorRT
+  silently ignores a cache with another header). ``EntropyCalibration2`` for entropy and
+  percentile (TensorRT has no percentile calibrator; written under EntropyCalibration2
+  its scales are used as they are), ``MinMaxCalibration`` for minmax.
 * ``model.qdq.onnx``: the Q/DQ model (:mod:`calibration.qdq`).
-* ``calibrate.json``: method, samples, batches, seconds (by phase), peak RSS, entropy
-  search time per tensor, tensors, a Q/DQ-vs-FP32 check on the first samples, and the
-  sha256 of every input and output.
+* ``calibrate.json`` (a CalibrateReport): settings, samples, batches and their shapes,
+  seconds by phase, peak RSS, the excluded tensors, a Q/DQ-vs-FP32 check on the first
+  samples, and the sha256 of every input and output.
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ import numpy as np
 from calibration.algorithms import amax_to_scale
 from calibration.cache import cache_header, scale_to_hex, write_cache
 from calibration.collect import collect_histograms
-from pipeline.datasets import calibration_batches, calibration_indices, load_calibration_samples
 from calibration.errors import CalibrationError
 from calibration.qdq import quantize_qdq
 from calibration.rules import get_rules, ranges_under
 
 from ..config import Config
+from ..data import calibration_batches, calibration_indices, load_samples
 from ..fileio import sha256_file, staging_dir, write_json
+from ..reports import CalibrateReport, write_report
 
 DEFAULT_TRT_VERSION = "8.6.0"
 CACHE_ALGORITHM = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration", "percentile": "EntropyCalibration2"}
@@ -64,48 +65,72 @@ def _peak_rss_mb() -> float:
     return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
-def _qdq_check(qdq_path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -> dict[str, float]:
-    """Run the Q/DQ model on a few calibration samples and compare with the FP32 outputs
-    recorded during collection: the model must load in onnxruntime and stay close."""
-    from pipeline.onnx_utils import ort_session
+def target_tensorrt(cfg: Config) -> tuple[str, str]:
+    """(version the cache is written for, why that one)."""
+    from ..runtime.trt_common import installed_version
 
+    if cfg.calibration.tensorrt_version:
+        return cfg.calibration.tensorrt_version, "calibration.tensorrt_version"
+    here = installed_version()
+    if here:
+        return here, "the installed TensorRT"
+    return DEFAULT_TRT_VERSION, (f"no TensorRT here: written for {DEFAULT_TRT_VERSION}; set calibration.tensorrt_version "
+                                 "to the TensorRT that will build the engine")
+
+
+def _qdq_check(qdq_path: Path, feeds: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Run the Q/DQ model on a few calibration samples and compare each output with the FP32
+    outputs recorded during collection: the model must load in onnxruntime and stay close."""
+    from ..metrics import agreement
+    from ..onnx_utils import ort_session
+
+    session = ort_session(qdq_path)
     try:
-        got = ort_session(qdq_path).run(None, feeds)[0]
+        got = session.run(None, feeds)
     except Exception as e:  # a Q/DQ model onnxruntime cannot run is a bug in the export
-        raise CalibrationError(f"{qdq_path}: onnxruntime cannot run the Q/DQ model ({e})") from None
-    n = len(reference)
-    ref = reference.reshape(n, -1).astype(np.float64)
-    got = np.asarray(got).reshape(n, -1).astype(np.float64)
-    denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-    cos = np.where(denom > 0, (ref * got).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
-    out = {"samples": int(n), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
-    if ref.shape[1] > 1:
-        out["top1_agreement"] = float((ref.argmax(1) == got.argmax(1)).mean())
+        raise CalibrationError(f"{qdq_path}: onnxruntime cannot run the Q/DQ model ({str(e).splitlines()[0][:200]})") from None
+    names = [o.name for o in session.get_outputs()]
+    out: dict[str, Any] = {"samples": int(len(next(iter(feeds.values()))))}
+    for name, value in zip(names, got):
+        if name in reference:
+            a = agreement(np.asarray(value), reference[name], name)
+            out[name] = {k: a[k] for k in ("cosine", "cosine_min", "top1_agreement") if k in a}
     return out
 
 
-def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *,
-        trt_version: str = DEFAULT_TRT_VERSION, progress: bool = True, threads: Optional[int] = None) -> dict[str, Any]:
+def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, validation: Optional[Path] = None,
+        progress: bool = True, threads: Optional[int] = None) -> CalibrateReport:
     """Calibrate ``onnx_path`` on ``calib_data``; write ranges, cache, Q/DQ model and
-    calibrate.json into ``out_dir`` (replaced atomically). Returns the calibrate.json dict."""
+    calibrate.json into ``out_dir`` (replaced atomically)."""
+    from ..onnx_utils import load_onnx
+    from ..provenance import prepared, sha256_of, validated
+
     start = time.perf_counter()
     c = cfg.calibration
     rules = get_rules(c.rules)
     onnx_path, calib_data, out_dir = Path(onnx_path), Path(calib_data), Path(out_dir)
-    x = load_calibration_samples(calib_data, cfg.model.input.shape)
-    indices = calibration_indices(int(x.shape[0]), c.num_samples, c.seed)
+    load_onnx(onnx_path)
+    validated(onnx_path, validation or Path("artifacts", "validate", "validate.json"))
+    if (calib_data.parent / "prepare.json").is_file():
+        prepared(calib_data, "calib.npz")
+    samples = load_samples(calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
+    indices = calibration_indices(len(samples), c.num_samples, c.seed)
     num_batches = len(indices) // c.batch_size
-    dtype = np.dtype(cfg.model.input.dtype)
-    batches = (b.astype(dtype, copy=False) for b in calibration_batches(x, indices, c.batch_size, str(calib_data)))
+    batches = calibration_batches(samples.x, indices, c.batch_size, str(calib_data))
+    trt_target, trt_why = target_tensorrt(cfg)
 
     t_collect = time.perf_counter()
     collector = collect_histograms(onnx_path, batches, total=num_batches, progress=progress,
                                    num_bins=c.num_bins, growth=rules.growth, threads=threads,
-                                   source=str(calib_data))
+                                   source=str(calib_data), exclude=c.exclude, sentinel_abs=c.sentinel_abs)
     t_search = time.perf_counter()
     amax, range_from, search_ms = ranges_under(rules, collector.histograms, c.method, collector.node_ops,
                                                c.percentile)
     t_write = time.perf_counter()
+    excluded = dict(collector.excluded)
+    if not collector.histograms:
+        raise CalibrationError(f"{onnx_path}: every floating-point tensor was excluded from calibration "
+                               f"({len(excluded)}: {', '.join(list(excluded)[:3])}...); check calibration.exclude")
 
     algorithm = CACHE_ALGORITHM[c.method]
     tensors: dict[str, dict[str, Any]] = {}
@@ -119,36 +144,35 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *,
         if name in range_from:
             tensors[name]["range_from"] = range_from[name]
     settings = {"method": c.method, **rules.describe(), "percentile": c.percentile if c.method == "percentile" else None,
-                "num_bins": c.num_bins, "batch_size": c.batch_size, "batches": collector.stats.batches,
-                "samples": collector.stats.samples, "seed": c.seed}
+                "num_bins": c.num_bins, "batch_size": c.batch_size, "seed": c.seed, "exclude": list(c.exclude),
+                "sentinel_abs": c.sentinel_abs}
+    n_check = min(CHECK_SAMPLES, c.batch_size)
+    first = {k: np.ascontiguousarray(v[indices[:n_check]]) for k, v in samples.x.items()}
+    reference = {n: v[:n_check] for n, v in collector.first_outputs.items()}
+    shapes = {k: [c.batch_size, *v.shape[1:]] for k, v in samples.x.items()}
 
     with staging_dir(out_dir) as tmp:
-        write_json(tmp / "ranges.json", {"schema": 1, **settings, "tensors": tensors})
-        write_cache(tmp / "calibration.cache", scales, trt_version, algorithm)
+        write_json(tmp / "ranges.json", {"schema": 1, **settings, "tensors": tensors, "excluded": excluded})
+        write_cache(tmp / "calibration.cache", scales, trt_target, algorithm)
         t_qdq = time.perf_counter()
         qdq = quantize_qdq(onnx_path, tmp / "model.qdq.onnx", amax)
-        n_check = min(CHECK_SAMPLES, c.batch_size)
-        first = np.ascontiguousarray(x[indices[:n_check]]).astype(dtype, copy=False)
-        reference = collector.first_outputs[collector.output_names[0]][:n_check]
-        check = _qdq_check(tmp / "model.qdq.onnx", {collector.input_names[0]: first}, reference)
+        check = _qdq_check(tmp / "model.qdq.onnx", first, reference)
         t_end = time.perf_counter()
-        report = {
-            "stage": "calibrate",
-            **settings,
-            "samples_available": int(x.shape[0]),
-            "samples_requested": c.num_samples,
-            "samples_dropped": int(len(indices) - collector.stats.samples),
-            "tensors": len(tensors),
-            "cache": {"file": "calibration.cache", "header": cache_header(trt_version, algorithm),
-                      "tensorrt_version": trt_version,
-                      "note": None if c.method != "percentile" else
-                      "TensorRT has no percentile calibrator: percentile scales are written under "
-                      "EntropyCalibration2 so that IInt8EntropyCalibrator2 reads and uses them as they are"},
-            "qdq": {"file": "model.qdq.onnx", "activations": len(qdq["activations"]), "op_types": qdq["op_types"],
-                    "q_nodes": qdq["q_nodes"], "dq_nodes": qdq["dq_nodes"], "check_first_samples": check},
-            "collect": {"pipelined": collector.stats.pipelined,
-                        "intra_op_threads": collector.stats.intra_op_threads},
-            "seconds": {
+        report = CalibrateReport(
+            method=c.method, rules=c.rules, settings=settings,
+            samples=collector.stats.samples, batches=collector.stats.batches, batch_size=c.batch_size,
+            samples_available=len(samples), samples_requested=c.num_samples,
+            samples_dropped=int(len(indices) - collector.stats.samples),
+            calibration_shapes=shapes, tensors=len(tensors), excluded=excluded,
+            cache={"file": "calibration.cache", "header": cache_header(trt_target, algorithm),
+                   "tensorrt_version": trt_target, "tensorrt_version_from": trt_why,
+                   "note": None if c.method != "percentile" else
+                   "TensorRT has no percentile calibrator: percentile scales are written under "
+                   "EntropyCalibration2 so that IInt8EntropyCalibrator2 reads and uses them as they are"},
+            qdq={"file": "model.qdq.onnx", **{k: v for k, v in qdq.items() if k != "activations"},
+                 "activations": len(qdq["activations"]), "check_first_samples": check},
+            collect={"pipelined": collector.stats.pipelined, "intra_op_threads": collector.stats.intra_op_threads},
+            seconds={
                 "total": round(t_end - start, 3),
                 "session": round(collector.stats.seconds_session, 3),
                 "inference": round(collector.stats.seconds_inference, 3),
@@ -157,15 +181,15 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *,
                 "search": round(t_write - t_search, 3),
                 "qdq": round(t_end - t_qdq, 3),
             },
-            "search_ms_per_tensor": {"mean": round(float(np.mean(search_ms)), 3),
-                                     "median": round(float(np.median(search_ms)), 3),
-                                     "max": round(float(np.max(search_ms)), 3)},
-            "peak_rss_mb": _peak_rss_mb(),
-            "software": _versions(),
-            "sha256": {"onnx": sha256_file(onnx_path), "calib_data": sha256_file(calib_data),
-                       **{name: sha256_file(tmp / name) for name in OUTPUTS}},
-        }
-        write_json(tmp / "calibrate.json", report)
+            search_ms_per_tensor={"mean": round(float(np.mean(search_ms)), 3),
+                                  "median": round(float(np.median(search_ms)), 3),
+                                  "max": round(float(np.max(search_ms)), 3)},
+            peak_rss_mb=_peak_rss_mb(),
+            software=_versions(),
+            sha256={"onnx": sha256_of(onnx_path), "calib_data": sha256_of(calib_data),
+                    **{name: sha256_file(tmp / name) for name in OUTPUTS}},
+        )
+        write_report(tmp / "calibrate.json", report)
     return report
 
 

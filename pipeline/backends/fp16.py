@@ -1,0 +1,123 @@
+"""Which nodes an FP16 variant keeps in FP32, shared by both backends.
+
+FP16's range ends at 65504. Attention masks (`(1 - mask) * finfo(float32).min`), their
+adds and the reductions of softmax and layer normalization overflow there, and a model
+that is exact in FP32 returns garbage in FP16 without a word. So an FP16 build keeps in
+FP32:
+
+* every node whose op type is in `build.fp16.keep_fp32_ops` (reductions by default);
+* every node whose name matches a glob of `build.fp16.keep_fp32_nodes`;
+* with `build.fp16.range_check` (default), every node that produces or consumes a float
+  tensor whose values leave FP16's range when the FP32 model runs on calibration samples.
+
+Each kept node comes with its reason, which build.json records."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+
+from ..config import FP16Config
+from ..errors import ConfigError
+
+FP16_MAX = 65504.0
+RANGE_CHECK_SAMPLES = 64
+
+
+def tensor_maxima(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """max |x| of every float tensor the graph computes (inf where a value is not finite)."""
+    import onnxruntime as ort
+
+    from calibration.collect import augment, calibration_tensors
+    from calibration.onnx_io import load_model
+
+    model = load_model(onnx_path)
+    names = calibration_tensors(model, "all")
+    graph_inputs = {i.name for i in model.graph.input}
+    exposed = [n for n in names if n not in graph_inputs]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(augment(model, exposed).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    maxima: dict[str, float] = {}
+    for batch in batches:
+        values = session.run(exposed, dict(batch))
+        for name, v in zip(exposed, values):
+            v = np.asarray(v)
+            if v.dtype.kind != "f" or not v.size:
+                continue
+            with np.errstate(invalid="ignore"):
+                m = float(np.max(np.abs(v))) if np.isfinite(v).all() else float("inf")
+            maxima[name] = max(maxima.get(name, 0.0), m)
+    return maxima
+
+
+def keep_fp32_nodes(onnx_path: Path, cfg: FP16Config,
+                    batches: Optional[Iterable[Mapping[str, np.ndarray]]] = None) -> dict[str, str]:
+    """node name -> why it stays in FP32 (see the module docstring)."""
+    from calibration.onnx_io import load_model
+
+    model = load_model(onnx_path)
+    nodes = list(model.graph.node)
+    keep: dict[str, str] = {}
+    ops = set(cfg.keep_fp32_ops)
+    for n in nodes:
+        if n.op_type in ops:
+            keep.setdefault(n.name, f"op {n.op_type} (build.fp16.keep_fp32_ops)")
+    for pattern in cfg.keep_fp32_nodes:
+        hits = [n.name for n in nodes if fnmatch.fnmatchcase(n.name, pattern)]
+        if not hits:
+            examples = ", ".join(repr(n.name) for n in nodes[:6])
+            raise ConfigError(f"build.fp16.keep_fp32_nodes: '{pattern}' matches no node of {onnx_path} "
+                              f"(e.g. {examples}); node names are the ONNX node names")
+        for h in hits:
+            keep.setdefault(h, f"matches build.fp16.keep_fp32_nodes '{pattern}'")
+    if cfg.range_check and batches is not None:
+        maxima = tensor_maxima(onnx_path, batches)
+        over = {t: m for t, m in maxima.items() if not m <= FP16_MAX}
+        for n in nodes:
+            for t in list(n.output) + list(n.input):
+                if t in over:
+                    side = "produces" if t in n.output else "consumes"
+                    keep.setdefault(n.name, f"{side} '{t}' with |x| up to {over[t]:.3g}, beyond fp16's {FP16_MAX:g} "
+                                            "on calibration data")
+                    break
+    return keep
+
+
+def fold_identities(model: Any) -> Any:
+    """Route the consumers of `Identity(initializer)` to the initializer itself and drop the
+    Identity (the exporter makes them for shared weights). onnxconverter-common otherwise
+    gives such an Identity a float16 output feeding a node kept in float32, which
+    onnxruntime rejects. Values are unchanged."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return model
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for n in keep:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return model
+
+
+def range_check_batches(samples: Mapping[str, np.ndarray], batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    """The first RANGE_CHECK_SAMPLES samples in batches."""
+    n = min(RANGE_CHECK_SAMPLES, len(next(iter(samples.values()))))
+    return [{k: np.ascontiguousarray(v[i:i + batch_size]) for k, v in samples.items()} for i in range(0, n, batch_size)]
+
+
+def describe(keep: Mapping[str, str]) -> list[str]:
+    return [f"{name}: {why}" for name, why in keep.items()]
+
+
+__all__ = ["keep_fp32_nodes", "tensor_maxima", "range_check_batches", "fold_identities", "describe", "FP16_MAX"]

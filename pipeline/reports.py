@@ -1,0 +1,267 @@
+"""Typed reports between stages (DESIGN.md section 5): one pydantic model per report,
+shared by the stage that writes it and every stage that reads it.
+
+Reports are strict JSON: a non-finite number (an SNR of identical outputs, a NaN metric)
+is written as the string "Infinity", "-Infinity" or "NaN" and read back as a float. A
+report that is missing, not JSON, from another schema version or not of its model's
+shape is an error naming the file and the stage to re-run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ArtifactError, PipelineError
+
+SCHEMA_VERSION = 2
+Dim = Union[int, str, None]
+
+
+class Report(BaseModel):
+    """Base of every report: strict keys, non-finite floats as strings."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings", protected_namespaces=())
+
+    schema_version: int = SCHEMA_VERSION
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings", protected_namespaces=())
+
+
+class TensorInfo(_Part):
+    name: str
+    dtype: str
+    shape: list[Dim]  # batch axis first; strings name dynamic axes
+
+
+# -- prepare -------------------------------------------------------------------------------------
+class PrepareData(_Part):
+    source: str
+    path: Optional[str] = None
+    calibration_path: Optional[str] = None
+    seed: int
+    train: int
+    calibration: int
+    evaluation: int
+    labelled: bool
+    inputs: list[TensorInfo]  # as written to calib.npz / eval.npz (sample shapes)
+    labels_key: str
+
+
+class PrepareReport(Report):
+    stage: Literal["prepare"] = "prepare"
+    model: str
+    weights: dict[str, Any]  # from: trained | checkpoint, and what that means
+    data: PrepareData
+    pytorch_eval_top1: Optional[float] = Field(None, description="percent; only for labelled classification data")
+    seconds: float
+    sources: dict[str, Optional[str]] = Field(default_factory=dict, description="sha256 of the user's inputs")
+    sha256: dict[str, str]  # model.pt, calib.npz, eval.npz
+
+
+# -- export --------------------------------------------------------------------------------------
+class ExportReport(Report):
+    stage: Literal["export"] = "export"
+    model: str
+    opset: int
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    dynamic_axes: dict[str, dict[str, str]]
+    output_structure: str = ""  # what forward() returned, flattened into the outputs
+    nodes: int
+    torch_version: str
+    onnx_version: str
+    seconds: float
+    sha256: dict[str, str]  # checkpoint, onnx
+
+
+# -- validate ------------------------------------------------------------------------------------
+class Agreement(_Part):
+    cosine: float
+    cosine_min: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    rel_l2: float
+    snr_db: float
+    top1_agreement: Optional[float] = None
+    nonfinite: int = 0  # NaN/Inf values in the candidate's outputs
+
+
+class OutputCheck(Agreement):
+    atol: float
+    min_cosine: float
+    passed: bool
+    failures: list[str] = Field(default_factory=list)
+
+
+class ValidateReport(Report):
+    stage: Literal["validate"] = "validate"
+    samples: int
+    outputs: dict[str, OutputCheck]
+    passed: bool
+    reference: str
+    seconds: float
+    sha256: dict[str, str]  # onnx, checkpoint, eval_data, reference.npz
+
+
+# -- calibrate -----------------------------------------------------------------------------------
+class CalibrateReport(Report):
+    stage: Literal["calibrate"] = "calibrate"
+    method: str
+    rules: str
+    settings: dict[str, Any]
+    samples: int
+    batches: int
+    batch_size: int
+    samples_available: int
+    samples_requested: int
+    samples_dropped: int
+    calibration_shapes: dict[str, list[int]]  # input -> batch shape every batch had
+    tensors: int
+    excluded: dict[str, str] = Field(default_factory=dict, description="tensor -> why it has no range")
+    cache: dict[str, Any]
+    qdq: dict[str, Any]
+    collect: dict[str, Any]
+    seconds: dict[str, float]
+    search_ms_per_tensor: dict[str, float]
+    peak_rss_mb: float
+    software: dict[str, str]
+    sha256: dict[str, str]  # onnx, calib_data, ranges.json, calibration.cache, model.qdq.onnx
+
+
+# -- build ---------------------------------------------------------------------------------------
+class BuildReport(Report):
+    stage: Literal["build"] = "build"
+    model: str
+    precision: Literal["fp32", "fp16", "int8"]
+    backend: str
+    backend_version: str
+    backend_requested: str
+    artifact: str
+    onnx_sha256: str
+    sha256: str  # of the artifact
+    engine_bytes: int
+    build_seconds: float
+    built_at: str
+    environment: dict[str, Any]
+    flags: list[str] = Field(default_factory=list)
+    profiles: Optional[list[dict[str, dict[str, list[int]]]]] = None  # input -> {min, opt, max}; None: any shape
+    workspace_mb: Optional[int] = None
+    calibration: Optional[dict[str, Any]] = None  # how int8 ranges came to be (source, cache header, hashes)
+    kept_fp32: list[str] = Field(default_factory=list, description="nodes kept in fp32 in an fp16 variant, and why")
+    details: dict[str, Any] = Field(default_factory=dict, description="backend-specific facts")
+
+    @property
+    def max_batch(self) -> Optional[int]:
+        if not self.profiles:
+            return None
+        return max(p[n]["max"][0] for p in self.profiles for n in p if p[n]["max"])
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+class LatencyStats(_Part):
+    batch_size: int
+    iterations: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    throughput_per_s: float
+
+
+class LatencyRow(_Part):
+    batch_size: int
+    mode: str = "plain"  # plain | cuda_graph
+    host: LatencyStats  # end to end, host clock
+    gpu: Optional[LatencyStats] = None  # device time alone (CUDA events), where the backend has it
+    warmup: int
+    method: str
+
+
+class EvalReport(Report):
+    stage: Literal["evaluate"] = "evaluate"
+    model: str
+    precision: Literal["fp32", "fp16", "int8"]
+    backend: str
+    backend_version: str
+    samples: int
+    metrics: dict[str, float]
+    metric_outputs: dict[str, Optional[str]] = Field(default_factory=dict, description="metric -> output it reads")
+    reference_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    agreement_fp32: dict[str, Agreement]
+    agreement_pytorch: dict[str, Agreement]
+    latency: list[LatencyRow]
+    latency_config: dict[str, Any]
+    latency_skipped: list[dict[str, Any]] = Field(default_factory=list)
+    device: dict[str, Any]
+    engine_bytes: Optional[int] = None
+    build_seconds: Optional[float] = None
+    flags: list[str] = Field(default_factory=list, description="numbers that cannot be trusted, and why")
+    seconds: float
+    sha256: dict[str, str]  # artifact, fp32 artifact, eval_data, reference, onnx
+
+
+# -- compare -------------------------------------------------------------------------------------
+# Row keys of compare.json that are not task metrics (a user metric must not take one of these names).
+RESERVED_COLUMN = re.compile(
+    r"^(backend|backend_version|device|timing|engine_bytes|size_vs_fp32|build_seconds|samples|flagged"
+    r"|(fp32|pytorch)_.*|b\d+_.*|.*_delta|.*_delta_pytorch)$"
+)
+LATENCY_COLUMN = re.compile(r"^b(\d+)_(p50|p90|p99|mean)_ms$")
+
+
+class CompareReport(Report):
+    stage: Literal["compare"] = "compare"
+    model: str
+    reference: str
+    backends: list[str]
+    primary_metric: Optional[str]
+    metric_outputs: dict[str, Optional[str]] = Field(default_factory=dict)
+    outputs: list[str]
+    pytorch: dict[str, float]
+    variants: dict[str, dict[str, Any]]  # flat rows (dvc metrics): see pipeline.stages.compare
+    agreement: dict[str, dict[str, dict[str, dict[str, float]]]] = Field(
+        default_factory=dict, description="variant -> fp32|pytorch -> output -> statistic")
+    flags: dict[str, list[str]] = Field(default_factory=dict, description="variant -> reasons it is flagged")
+    headline: dict[str, Any] = Field(default_factory=dict, description="which latency the tables lead with")
+
+
+R = TypeVar("R", bound=Report)
+
+
+def write_report(path: Union[str, Path], report: Report) -> Path:
+    """Write `report` as strict JSON, atomically."""
+    from .fileio import write_text
+
+    return write_text(path, report.model_dump_json(indent=2) + "\n")
+
+
+def read_report(path: Union[str, Path], cls: type[R], what: str, stage: str,
+                error: type[PipelineError] = ArtifactError) -> R:
+    """Read a report of type `cls`; `stage` is the stage to re-run when it is missing or unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found; run the {stage} stage first (dvc repro {stage})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: {what} is not valid JSON ({getattr(e, 'msg', e)}); re-run {stage}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: {what} is not a JSON object; re-run {stage}")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise error(f"{path}: {what} has schema_version {data.get('schema_version')!r}, this trtpipe reads "
+                    f"{SCHEMA_VERSION}; re-run {stage} with this version")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise error(f"{path}: {what} does not have the expected form ({loc}: {first['msg']}); it was edited or "
+                    f"written by another trtpipe: re-run {stage}") from None
