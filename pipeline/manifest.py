@@ -11,19 +11,32 @@ What is *not* in the digest is descriptive: timings, metrics, dates, file hashes
 outputs. `files` lists every file of the version folder except manifest.json itself, with
 sha256, size and role; the roles in IDENTITY_ROLES are the published content proper (a
 republish with other bytes under those roles is refused), the others are records of how
-it was made and measured (build.json, eval.json)."""
+it was made and measured (build.json, eval.json).
+
+The whole content is covered too: `content_digest` is a sha256 over one digest per
+section (identity, software, hardware, build, config, io, metrics, files, notes), and the
+registry's ledger keeps those section digests outside the manifest (pipeline.registry), so
+an edited manifest is caught even when its own `content_digest` was recomputed, and
+`verify` names the sections that changed. With TRTPIPE_MANIFEST_KEY set at publish,
+`signature` is an HMAC-SHA256 of the content digest under that key: then not even an
+edit of manifest and ledger together goes unnoticed by a verify holding the key."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from .errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+KEY_ENV = "TRTPIPE_MANIFEST_KEY"
 KIND = "trtpipe.manifest"
 MANIFEST = "manifest.json"
 
@@ -104,6 +117,72 @@ def version_string(model: str, precision: str, backend: str, backend_version: An
     return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)
 
 
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str
+    bytes: int
+    role: str
+
+
+class Manifest(BaseModel):
+    """manifest.json, as publish writes it and every reader checks it."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings", protected_namespaces=())
+
+    schema_version: int
+    kind: str
+    version: str
+    model: str
+    precision: str
+    backend: str
+    backend_version: str
+    device: str
+    artifact: str
+    inputs: dict[str, Optional[str]]
+    settings: dict[str, Any]
+    inputs_digest: str
+    software: dict[str, Any]
+    hardware: dict[str, Any]
+    build: dict[str, Any]
+    config: dict[str, Any]
+    io: dict[str, Any]
+    metrics: dict[str, Any]
+    files: dict[str, FileEntry]
+    published_at: Optional[str] = None
+    notes: list[str] = []
+    content_digest: str
+    signature: Optional[str] = None
+
+
+SECTIONS = ("identity", "software", "hardware", "build", "config", "io", "metrics", "files", "notes")
+
+
+def _sha_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, allow_nan=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def section_digests(m: Mapping[str, Any]) -> dict[str, str]:
+    """One sha256 per section of the manifest's content (the identity includes the version,
+    the artifact name and the publication date)."""
+    ident = {**identity(m), "kind": m.get("kind"), "schema_version": m.get("schema_version"), "version": m.get("version"),
+             "artifact": m.get("artifact"), "inputs_digest": m.get("inputs_digest"), "published_at": m.get("published_at")}
+    parts = {"identity": ident, **{k: m.get(k) for k in SECTIONS if k != "identity"}}
+    return {k: _sha_json(v) for k, v in parts.items()}
+
+
+def content_digest(m: Mapping[str, Any]) -> str:
+    return _sha_json(section_digests(m))
+
+
+def sign(digest: str, key: Optional[str] = None) -> Optional[str]:
+    """HMAC-SHA256 of a content digest under `key` (default: $TRTPIPE_MANIFEST_KEY; None without one)."""
+    key = key if key is not None else os.environ.get(KEY_ENV)
+    if not key:
+        return None
+    return hmac.new(key.encode(), digest.encode(), hashlib.sha256).hexdigest()
+
+
 def make_manifest(
     model: str,
     precision: str,
@@ -153,6 +232,11 @@ def make_manifest(
             "notes": list(notes or []),
         }
     )
+    from .fileio import finite_json
+
+    m = json.loads(json.dumps(finite_json(m), default=str))  # strict JSON types, as read back from the file
+    m["content_digest"] = content_digest(m)
+    m["signature"] = sign(m["content_digest"])
     return m
 
 
@@ -172,9 +256,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{path}: manifest schema_version {sv}, this trtpipe reads {SCHEMA_VERSION}; use the trtpipe that published it"
         )
-    missing = [k for k in ("version", "model", "precision", "backend", "artifact", "inputs", "settings", "inputs_digest", "files") if k not in m]
-    if missing:
-        raise ArtifactError(f"{path}: manifest lacks {', '.join(missing)}; the version folder is damaged")
+    try:
+        Manifest.model_validate(m)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        what = "lacks" if first["type"] == "missing" else f"has a bad value at"
+        raise ArtifactError(f"{path}: manifest {what} {loc} ({first['msg']}); the version folder is damaged: restore it "
+                            "(dvc checkout) or republish") from None
     return m
 
 
@@ -193,6 +282,13 @@ def consistency_findings(m: Mapping[str, Any]) -> list[str]:
         out.append(f"version {m.get('version')} does not follow from the manifest's contents (expected {expect})")
     if m.get("artifact") not in m.get("files", {}):
         out.append(f"artifact {m.get('artifact')} is not listed in files")
+    if content_digest(m) != m.get("content_digest"):
+        out.append("content_digest does not match the manifest's content: the manifest was edited after publishing")
+    key = os.environ.get(KEY_ENV)
+    if key and m.get("signature") is not None and not hmac.compare_digest(str(sign(str(m.get("content_digest")), key)),
+                                                                          str(m.get("signature"))):
+        out.append(f"signature does not match the content under ${KEY_ENV}: the manifest was edited (or signed with "
+                   "another key)")
     if m.get("backend") == "tensorrt":
         cc = normalize_cc((m.get("hardware") or {}).get("compute_capability"))
         if cc and m.get("device") != f"sm{cc.replace('.', '')}":

@@ -10,26 +10,113 @@ folder that `verify` reports and that is safe to delete once no publish is runni
 Publishing a version that exists is a no-op when its content is the same and an error
 when it is not.
 
+Every publish appends the version's section digests to `<registry>/<model>/ledger.jsonl`
+(pipeline.manifest): a manifest edited after publishing no longer matches its ledger line,
+and `verify` names the sections that changed. Publishing and verifying hold the registry's
+lock file (`<registry>/.trtpipe.lock`), so two publishes, or a publish and a verify, take
+turns instead of failing half-way.
+
 `verify` recomputes every file's hash against the manifest, checks that the manifest
-still derives its own version, and asks pipeline.compat whether the artifact can run on
-this machine. `load` does all of that before it hands out a runner."""
+still derives its own version and matches the ledger, and asks pipeline.compat whether
+the artifact can run on this machine. `load` does all of that before it hands out a runner."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from .errors import ArtifactError
 from .fileio import sha256_file, staging_dir
-from .manifest import IDENTITY_ROLES, MANIFEST, consistency_findings, read_manifest
+from .manifest import IDENTITY_ROLES, MANIFEST, consistency_findings, content_digest, read_manifest, section_digests
 
 DEFAULT_REGISTRY = Path("artifacts", "registry")
 STAGING_MARK = ".staging-"
+LEDGER = "ledger.jsonl"
+LOCK = ".trtpipe.lock"
+LOCK_TIMEOUT_S = 600.0
+
+
+@contextlib.contextmanager
+def registry_lock(registry: str | Path, what: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold the registry's lock file for `what` (publish, verify); a second holder waits."""
+    from filelock import FileLock, Timeout
+
+    root = Path(registry)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / LOCK))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise ArtifactError(f"{root / LOCK}: another trtpipe publish or verify has held the registry lock for {timeout:g} s; "
+                            f"let it finish and {what} again (delete the lock file only if no trtpipe is running)") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+def ledger_entries(registry: str | Path, model: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """{version: its last ledger line} and the problems found reading the ledger."""
+    path = Path(registry) / model / LEDGER
+    entries: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    if not path.is_file():
+        return entries, problems
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+            entries[str(e["version"])] = e
+        except (json.JSONDecodeError, KeyError, TypeError):
+            problems.append(f"{path}, line {number}: not a ledger entry")
+    return entries, problems
+
+
+def _append_ledger(registry: Path, m: Mapping[str, Any]) -> None:
+    path = Path(registry) / m["model"] / LEDGER
+    line = json.dumps({"version": m["version"], "content_digest": m.get("content_digest"),
+                       "sections": section_digests(m), "published_at": m.get("published_at")}, sort_keys=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _ledger_root(vdir: Path, registry: str | Path, m: Mapping[str, Any]) -> Path:
+    """The registry whose ledger records `vdir`: the one it sits in, else `registry` (a
+    folder outside the layout, e.g. a publish pointer, is checked against that ledger)."""
+    inside = vdir.parent.parent
+    return inside if (inside / str(m.get("model")) / LEDGER).is_file() else Path(registry)
+
+
+def ledger_findings(registry: str | Path, m: Mapping[str, Any]) -> list[Finding]:
+    """Whether the manifest is the one its publish recorded, naming the sections that changed."""
+    entries, problems = ledger_entries(registry, str(m.get("model")))
+    out = [Finding("integrity", p, LEDGER) for p in problems]
+    entry = entries.get(str(m.get("version")))
+    if entry is None:
+        out.append(Finding("integrity", f"version {m.get('version')} is not in the registry's ledger "
+                                        f"({Path(registry) / str(m.get('model')) / LEDGER}): it was not published by "
+                                        "trtpipe publish, or the ledger was edited", MANIFEST))
+        return out
+    if entry.get("content_digest") != content_digest(m):
+        now = section_digests(m)
+        was = entry.get("sections") or {}
+        changed = [k for k in now if was.get(k) != now[k]] or ["(the ledger line itself)"]
+        out.append(Finding("integrity", f"manifest content differs from what was published: {', '.join(changed)} "
+                                        "changed; restore the folder (dvc checkout) or republish", MANIFEST))
+    return out
 
 
 # --------------------------------------------------------------------------- listing
@@ -57,8 +144,8 @@ def resolve(version_or_path: str | Path, registry: str | Path = DEFAULT_REGISTRY
     """A version folder from a version string, a unique part of one (e.g. its hash8), or a
     path to a folder holding manifest.json (a version folder or a publish pointer)."""
     p = Path(version_or_path)
-    if (p / MANIFEST).is_file():
-        return p
+    if (p / MANIFEST).is_file() or (p.is_dir() and p.parent.parent.resolve() == Path(registry).resolve()):
+        return p  # a folder given as such (a version folder without manifest is reported as damaged)
     dirs = version_dirs(registry)
     exact = [d for d in dirs if d.name == str(version_or_path)]
     if exact:
@@ -192,6 +279,7 @@ def verify(
         return VerifyResult(vdir.name, str(vdir), [Finding("integrity", str(e).split(": ", 1)[-1], MANIFEST)])
     res = VerifyResult(str(m["version"]), str(vdir), checked_files=len(m.get("files") or {}))
     res.findings += integrity_findings(vdir, m, (vdir.parent.name, vdir.name) if in_layout else None)
+    res.findings += ledger_findings(_ledger_root(vdir, registry, m), m)
     if not integrity_only:
         from .compat import compat_findings, probe_here
 
@@ -212,7 +300,14 @@ def verify_all(
         from .compat import probe_here
 
         here = probe_here()
-    return [verify(t, registry, here, integrity_only) for t in targets]
+    results = []
+    with registry_lock(registry, "verify"):
+        for t in targets:
+            try:
+                results.append(verify(t, registry, here, integrity_only))
+            except ArtifactError as e:  # one unreadable version never stops the others being verified
+                results.append(VerifyResult(Path(str(t)).name, str(t), [Finding("integrity", str(e))]))
+    return results
 
 
 # --------------------------------------------------------------------------- load
@@ -233,6 +328,9 @@ def load(
     vdir = resolve(version_or_path, registry)
     m = read_manifest(vdir)
     problems = integrity_findings(vdir, m) if verify_hashes else [Finding("integrity", p, MANIFEST) for p in consistency_findings(m)]
+    root = _ledger_root(vdir, registry, m)
+    if (root / str(m.get("model")) / LEDGER).is_file():  # a copy outside any registry has only its own digests
+        problems += ledger_findings(root, m)
     if problems:
         raise ArtifactError(
             f"{vdir}: refusing to load {m['version']}: " + "; ".join(map(str, problems))
@@ -273,6 +371,12 @@ def _same_as_published(dest: Path, m: Mapping[str, Any]) -> None:
             f"{dest}: version {m['version']} is already published but fails verification ({broken[0]}); "
             "restore it (dvc checkout) or remove it deliberately; it is never overwritten"
         )
+    broken = ledger_findings(dest.parent.parent, old)
+    if broken:
+        raise ArtifactError(
+            f"{dest}: version {m['version']} is already published but fails verification ({broken[0]}); "
+            "restore it (dvc checkout) or remove it deliberately; it is never overwritten"
+        )
     if old.get("inputs_digest") != m.get("inputs_digest"):
         raise ArtifactError(
             f"{dest}: version {m['version']} is published with other inputs (digest {old.get('inputs_digest')}, "
@@ -303,12 +407,18 @@ def publish(
     """Write `<registry>/<model>/<version>/` once: the files in `sources` (name -> source
     path; their sha256 must be those in manifest['files']) and manifest.json.
     Returns ('published' | 'unchanged', folder)."""
-    import json
-
     m = dict(manifest)
     dest = Path(registry) / m["model"] / m["version"]
     if set(sources) != set(m.get("files") or {}):
         raise ArtifactError(f"{dest}: files to publish {sorted(sources)} differ from the manifest's {sorted(m.get('files') or {})}")
+    with registry_lock(registry, "publish"):
+        return _publish_locked(Path(registry), dest, m, sources)
+
+
+def _publish_locked(registry: Path, dest: Path, m: dict[str, Any], sources: Mapping[str, Path]) -> tuple[str, Path]:
+    # Holding the lock, no other publish is staging: what is left was interrupted (kill -9).
+    for old in [v for v in leftover_staging(registry) if v.parent.name == m["model"]]:
+        shutil.rmtree(old, ignore_errors=True)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         _same_as_published(dest, m)
         return "unchanged", dest
@@ -319,7 +429,7 @@ def publish(
             for name, src in sources.items():
                 shutil.copyfile(src, tmp / name)
                 _fsync(tmp / name)
-            (tmp / MANIFEST).write_text(json.dumps(m, indent=2, default=str) + "\n")
+            (tmp / MANIFEST).write_text(json.dumps(m, indent=2, default=str, allow_nan=False) + "\n")
             _fsync(tmp / MANIFEST)
         except OSError as e:
             raise ArtifactError(f"{dest}: could not stage the version ({e.strerror or e}: {e.filename}); nothing was published") from None
@@ -336,6 +446,7 @@ def publish(
             _same_as_published(dest, m)  # another publisher won the race
             return "unchanged", dest
         _fsync(dest.parent)
+        _append_ledger(registry, m)
         return "published", dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ from pipeline.config import Config, _merge
 from pipeline.errors import ArtifactError
 from pipeline.fileio import sha256_file, write_json
 from pipeline.manifest import read_manifest
+from pipeline.reports import BuildReport, write_report
 from pipeline.stages import build, evaluate, export, prepare, publish, validate
 from pipeline.stages.evaluate import predict
 
@@ -41,9 +42,10 @@ def _has_tensorrt() -> bool:
 
 @pytest.fixture(scope="module")
 def reg(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """A registry with the real digits fp32 variant (onnxruntime, CPU) and an fp16
-    TensorRT variant whose build.json says it was built on an A100 with TensorRT 8.6.1
-    (the engine bytes are a stand-in: no TensorRT here)."""
+    """A registry with the real digits fp32 variant (onnxruntime, CPU) and an fp16 TensorRT
+    variant whose build.json and eval.json (BuildReport and EvalReport, as the TensorRT
+    backend and evaluate write them) say it was built on an A100 with TensorRT 8.6.1; only
+    the engine bytes are a stand-in: there is no TensorRT here."""
     root = tmp_path_factory.mktemp("reg")
     data = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
     cfg = Config.model_validate(_merge(data, {
@@ -53,12 +55,13 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         "publish": {"precisions": ["fp32"], "registry": str(root / "registry")},
     }))
     onnx_path = root / "export" / "model.onnx"
+    validation = root / "validate" / "validate.json"
     prepare.run(cfg, root / "prepare")
     export.run(cfg, root / "prepare" / "model.pt", root / "export")
     validate.run(cfg, root / "prepare" / "model.pt", onnx_path, root / "prepare" / "eval.npz", root / "validate")
-    build.run(cfg, "fp32", onnx_path, root / "build" / "fp32")
-    evaluate.run(cfg, "fp32", root / "build" / "fp32", root / "build" / "fp32", root / "prepare" / "eval.npz",
-                 root / "validate" / "reference.npz", root / "eval" / "fp32.json")
+    build.run(cfg, "fp32", onnx_path, root / "build" / "fp32", validation=validation)
+    fp32_eval = evaluate.run(cfg, "fp32", root / "build" / "fp32", root / "build" / "fp32", root / "prepare" / "eval.npz",
+                             root / "validate" / "reference.npz", root / "eval" / "fp32.json")
     ort = publish.run(cfg, root / "build", root / "eval", root / "registry", root / "publish" / "published.json",
                       root / "prepare", root / "calibrate", onnx_path)["published"][0]
 
@@ -67,25 +70,25 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     engine = trt_dir / "model.engine"
     engine.write_bytes(np.random.default_rng(0).bytes(4096))
     write_json(trt_dir / "layers.json", {"Layers": ["conv", "relu", "gemm"], "Bindings": ["input", "logits"]})
-    # build.json as pipeline.backends.tensorrt_backend writes it (device facts nested).
     dev = {"index": 0, "gpu": A100["gpu"], "compute_capability": "8.0", "multiprocessors": 108, "memory_bytes": 85 << 30,
            "driver": A100["driver"], "driver_cuda": "12.2", "cuda_runtime": A100["cuda_runtime"]}
-    write_json(trt_dir / "build.json", {
-        "schema_version": 1, "model": "digits-cnn", "precision": "fp16", "backend": "tensorrt", "backend_version": "8.6.1",
-        "artifact": "model.engine", "onnx_sha256": sha256_file(onnx_path),
-        "environment": {"backend": "tensorrt", "version": "8.6.1", "tensorrt": "8.6.1", "device": dev, "cuda_memory": "pycuda"},
-        "flags": ["FP16", "TF32"], "profile": {"input": {"min": [1, 1, 8, 8], "opt": [32, 1, 8, 8], "max": [128, 1, 8, 8]}},
-        "workspace_mb": 1024, "build_seconds": 12.5, "engine": "model.engine", "engine_bytes": engine.stat().st_size,
-        "sha256": sha256_file(engine), "device": dev,
-        "software": {"tensorrt": "8.6.1", "cuda_runtime": A100["cuda_runtime"], "driver": A100["driver"]},
-        "hardware": {"gpu": A100["gpu"], "compute_capability": "8.0"}, "layers_file": "layers.json",
-    })
-    write_json(root / "eval-trt.json", {
-        "precision": "fp16", "backend": "tensorrt", "engine_bytes": engine.stat().st_size, "samples": 359,
-        "metrics": {"top1": 99.4, "top5": 100.0}, "agreement_fp32": {"logits": {"cosine": 0.99999, "top1_agreement": 1.0}},
-        "latency": [{"batch_size": 1, "p50_ms": 0.05, "p99_ms": 0.07, "throughput_per_s": 20000}], "device": {"device": "cuda"},
-    })
-    trt = publish.publish_variant(cfg, "fp16", trt_dir, root / "eval-trt.json", root / "registry", root / "prepare", root / "calibrate", onnx_path)
+    profile = {"input": {"min": [1, 1, 8, 8], "opt": [32, 1, 8, 8], "max": [128, 1, 8, 8]}}
+    trt_build = BuildReport(
+        model="digits-cnn", precision="fp16", backend="tensorrt", backend_version="8.6.1", backend_requested="auto",
+        artifact="model.engine", onnx_sha256=sha256_file(onnx_path), sha256=sha256_file(engine),
+        engine_bytes=engine.stat().st_size, build_seconds=12.5, built_at="2026-11-30T12:00:00+00:00",
+        environment={"backend": "tensorrt", "version": "8.6.1", "tensorrt": "8.6.1", "device": dev,
+                     "cuda_memory": ["pycuda"]},
+        flags=["FP16", "TF32"], profiles=[profile], workspace_mb=1024,
+        details={"tensorrt": "8.6.1", "layers_file": "layers.json"})
+    write_report(trt_dir / "build.json", trt_build)
+    trt_eval = fp32_eval.model_copy(update={
+        "precision": "fp16", "backend": "tensorrt", "backend_version": "8.6.1", "device": dev,
+        "engine_bytes": trt_build.engine_bytes, "build_seconds": trt_build.build_seconds,
+        "sha256": {**fp32_eval.sha256, "artifact": trt_build.sha256}})
+    write_report(root / "eval-trt.json", trt_eval)
+    trt = publish.publish_variant(cfg, "fp16", trt_dir, root / "eval-trt.json", root / "registry", root / "prepare",
+                                  root / "calibrate", onnx_path)
     return SimpleNamespace(root=root, cfg=cfg, ort=ort, trt=trt, registry=root / "registry")
 
 
@@ -112,7 +115,7 @@ def trtpipe(*args: str) -> int:
 
 def test_load_returns_a_working_runner(reg: SimpleNamespace) -> None:
     with np.load(reg.root / "prepare" / "eval.npz") as z:
-        x, y = z["x"], z["y"]
+        x, y = {"input": z["input"]}, z["y"]
     with registry.load(reg.ort["version"], reg.registry) as runner:
         assert runner.backend == "onnxruntime"
         out = predict(runner, x, 128)["logits"]

@@ -5,9 +5,15 @@ artifact (engine or onnxruntime model), manifest.json, build.json, the variant's
 folder is written once (pipeline.registry): publishing the same content again is a no-op,
 different content under an existing version is an error.
 
+Before anything is written, every variant is checked: its build is of this ONNX and
+unchanged since, its evaluation measured that build, and an int8 calibration cache is
+read and its header checked against the TensorRT the engine was built with (a truncated
+cache, or one for another TensorRT, is never published).
+
 Besides the registry (a DVC output with `persist: true`, so versions accumulate), publish
 rewrites `<pointers>/<precision>/`, a copy of the version each variant is at now: the
-stable paths that dvc.yaml's `artifacts:` block names, and `published.json`."""
+stable paths that dvc.yaml's `artifacts:` block names, and `published.json` (also
+persisted, so a failed publish leaves the last good one in place)."""
 
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Any, Optional
 from .. import __version__
 from ..config import Config
 from ..errors import ArtifactError
-from ..fileio import read_json, sha256_file, write_json
+from ..fileio import project_path, sha256_file, write_json
 from ..manifest import (
     ROLE_ARTIFACT,
     ROLE_BUILD,
@@ -31,9 +37,11 @@ from ..manifest import (
     ROLE_METRICS,
     build_environment,
     make_manifest,
+    read_manifest,
 )
 from ..registry import publish as publish_version
 from ..registry import write_pointers
+from ..reports import BuildReport, CalibrateReport, EvalReport, ExportReport, read_report
 
 A = Path("artifacts")
 CACHE = "calibration.cache"
@@ -41,8 +49,8 @@ LAYERS = "layers.json"
 
 # Build settings that shape a TensorRT engine (timing_cache is a path: it changes how
 # fast a build is, not what it means; backend is in the version string as resolved).
-_TRT_BUILD_KEYS = ("workspace_mb", "profile", "layer_precisions")
-_TRT_INT8_KEYS = ("int8_route", "int8_calibrator", "calibration_source")
+_TRT_BUILD_KEYS = ("workspace_mb", "profile", "profiles", "layer_precisions", "fp16")
+_TRT_INT8_KEYS = ("int8_route", "int8_calibrator", "calibration_source", "int8_float_fallback")
 
 
 def config_subset(cfg: Config, precision: str, backend: str) -> dict[str, Any]:
@@ -58,6 +66,8 @@ def config_subset(cfg: Config, precision: str, backend: str) -> dict[str, Any]:
     if backend == "tensorrt":
         keys = _TRT_BUILD_KEYS + (_TRT_INT8_KEYS if precision == "int8" else ())
         out["build"] = {k: raw["build"][k] for k in keys}
+    elif precision == "fp16":
+        out["build"] = {"fp16": raw["build"]["fp16"]}
     if precision == "int8":
         out["calibration"] = raw["calibration"]
     return out
@@ -67,70 +77,86 @@ def _sha_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _software(build: dict[str, Any], export_info: dict[str, Any]) -> dict[str, Any]:
+def _software(build: BuildReport, export_info: Optional[ExportReport]) -> dict[str, Any]:
     import numpy
     import onnx
 
     sw: dict[str, Any] = {"trtpipe": __version__, "onnx": onnx.__version__, "numpy": numpy.__version__}
-    if export_info.get("torch_version"):
-        sw["torch_export"] = export_info["torch_version"]
-    env = build_environment(build)
-    if build["backend"] == "tensorrt":
+    if export_info is not None:
+        sw["torch_export"] = export_info.torch_version
+    env = build_environment(build.model_dump())
+    if build.backend == "tensorrt":
         sw.update({"tensorrt": env.get("tensorrt"), "cuda_runtime": env.get("cuda_runtime"), "driver": env.get("driver")})
     else:
-        sw["onnxruntime"] = build.get("backend_version")
+        sw["onnxruntime"] = build.backend_version
     return {k: v for k, v in sw.items() if v is not None}
 
 
-def _settings(precision: str, build: dict[str, Any]) -> dict[str, Any]:
+def _settings(precision: str, build: BuildReport) -> dict[str, Any]:
     """What the backend says it did (build.json), hashed into the version."""
+    return {"precision": precision, "flags": build.flags, "profiles": build.profiles, "workspace_mb": build.workspace_mb}
+
+
+def _metrics(evaluation: EvalReport) -> dict[str, Any]:
+    agree = [a.top1_agreement for a in evaluation.agreement_fp32.values() if a.top1_agreement is not None]
     return {
-        "precision": precision,
-        "flags": build.get("flags"),
-        "profile": build.get("profile"),
-        "workspace_mb": build.get("workspace_mb"),
+        "backend": evaluation.backend,
+        "samples": evaluation.samples,
+        "task": evaluation.metrics,
+        "metric_outputs": evaluation.metric_outputs,
+        "top1_agreement_fp32": min(agree) if agree else None,
+        "agreement_fp32": {n: a.model_dump() for n, a in evaluation.agreement_fp32.items()},
+        "agreement_pytorch": {n: a.model_dump() for n, a in evaluation.agreement_pytorch.items()},
+        "latency": [r.model_dump() for r in evaluation.latency],
+        "device": evaluation.device,
+        "flags": evaluation.flags,
     }
 
 
-def _metrics(evaluation: dict[str, Any]) -> dict[str, Any]:
-    agreement = evaluation.get("agreement_fp32") or {}
-    top1_agree = [v.get("top1_agreement") for v in agreement.values() if isinstance(v, dict) and v.get("top1_agreement") is not None]
-    return {
-        "backend": evaluation.get("backend"),
-        "samples": evaluation.get("samples"),
-        "task": evaluation.get("metrics"),
-        "top1_agreement_fp32": min(top1_agree) if top1_agree else None,
-        "agreement_fp32": evaluation.get("agreement_fp32"),
-        "agreement_pytorch": evaluation.get("agreement_pytorch"),
-        "latency": evaluation.get("latency"),
-        "device": evaluation.get("device"),
-    }
-
-
-def _check_consistent(precision: str, build_dir: Path, build: dict[str, Any], eval_path: Path, evaluation: dict[str, Any], onnx_sha: str) -> Path:
+def _check_consistent(precision: str, build_dir: Path, build: BuildReport, eval_path: Path, evaluation: EvalReport,
+                      onnx_sha: str) -> Path:
     """The build, its evaluation and the ONNX given must belong together; returns the artifact path."""
-    artifact = build_dir / build["artifact"]
+    artifact = build_dir / build.artifact
     if not artifact.is_file():
         raise ArtifactError(f"{artifact}: built artifact missing; re-run build@{precision}")
-    if build.get("precision") != precision:
-        raise ArtifactError(f"{build_dir}/build.json: is a {build.get('precision')} build, expected {precision}; re-run build@{precision}")
-    if build.get("sha256") and sha256_file(artifact) != build["sha256"]:
+    if build.precision != precision:
+        raise ArtifactError(f"{build_dir}/build.json: is a {build.precision} build, expected {precision}; re-run build@{precision}")
+    if sha256_file(artifact) != build.sha256:
         raise ArtifactError(f"{artifact}: does not match the sha256 its build.json records; the build folder was changed: re-run build@{precision}")
-    if build.get("onnx_sha256") and build["onnx_sha256"] != onnx_sha:
+    if build.onnx_sha256 != onnx_sha:
         raise ArtifactError(
-            f"{build_dir}/build.json: built from another ONNX (sha256 {build['onnx_sha256'][:12]}…) than the one given "
+            f"{build_dir}/build.json: built from another ONNX (sha256 {build.onnx_sha256[:12]}…) than the one given "
             f"({onnx_sha[:12]}…); re-run build@{precision} (dvc repro)"
         )
-    same = evaluation.get("precision") == precision and evaluation.get("backend") == build["backend"]
-    if same and evaluation.get("engine_bytes") is not None and build.get("engine_bytes") is not None:
-        same = evaluation["engine_bytes"] == build["engine_bytes"]
-    if not same:
+    if evaluation.precision != precision or evaluation.sha256.get("artifact") != build.sha256:
         raise ArtifactError(
-            f"{eval_path}: measures another build ({evaluation.get('precision')}, {evaluation.get('backend')}, "
-            f"{evaluation.get('engine_bytes')} bytes) than {build_dir} ({precision}, {build['backend']}, {build.get('engine_bytes')} bytes); "
-            f"re-run evaluate@{precision}"
+            f"{eval_path}: measures another build ({evaluation.precision}, {evaluation.backend}, artifact "
+            f"{str(evaluation.sha256.get('artifact'))[:12]}…) than {build_dir} ({precision}, {build.backend}, "
+            f"{build.sha256[:12]}…); re-run evaluate@{precision}"
         )
     return artifact
+
+
+def _check_cache(path: Path, build: BuildReport, calib: Optional[CalibrateReport]) -> str:
+    """Read the cache that would ship and check its header: the TensorRT the engine was built
+    with (TensorRT builds), or the header the calibrate stage recorded. Returns the header."""
+    from calibration.cache import read_cache
+    from calibration.errors import CalibrationError
+
+    try:
+        if build.backend == "tensorrt":
+            algorithm = read_cache(path).algorithm
+            cache = read_cache(path, expect_version=build.backend_version, expect_algorithm=algorithm)
+        else:
+            cache = read_cache(path)
+            if calib is not None and cache.header != calib.cache.get("header"):
+                raise CalibrationError(f"calibration cache {path} has header {cache.header!r}, but calibrate wrote "
+                                       f"{calib.cache.get('header')!r}")
+    except CalibrationError as e:
+        raise ArtifactError(f"{path}: will not publish this calibration cache: {e}") from None
+    if not cache.scales:
+        raise ArtifactError(f"{path}: calibration cache holds no tensor scales (truncated?); re-run calibrate")
+    return cache.header
 
 
 def _layers_from_engine(engine: Path) -> Optional[str]:
@@ -148,80 +174,81 @@ def _layers_from_engine(engine: Path) -> Optional[str]:
         return None
 
 
-def publish_variant(
-    cfg: Config,
-    precision: str,
-    build_dir: Path,
-    eval_path: Path,
-    registry: Path,
-    prepare_dir: Path,
-    calib_dir: Path,
-    onnx_path: Path,
-    published_at: Optional[str] = None,
-) -> dict[str, Any]:
-    # scratch holds a temporary folder when layers.json must be regenerated from the engine
+def prepare_variant(cfg: Config, precision: str, build_dir: Path, eval_path: Path, prepare_dir: Path,
+                    calib_dir: Path, onnx_path: Path, scratch: contextlib.ExitStack,
+                    published_at: Optional[str] = None) -> tuple[dict[str, Any], dict[str, Path], list[str]]:
+    """Check one variant and make its manifest: (manifest, files to publish, notes)."""
+    from ..provenance import ProvenanceError, calibrated, prepared
+
+    build = read_report(build_dir / "build.json", BuildReport, "build report", f"build@{precision}")
+    evaluation = read_report(eval_path, EvalReport, "evaluation report", f"evaluate@{precision}")
+    onnx_sha = sha256_file(onnx_path)
+    artifact = _check_consistent(precision, build_dir, build, eval_path, evaluation, onnx_sha)
+    notes: list[str] = []
+    sources: dict[str, tuple[Path, str]] = {
+        build.artifact: (artifact, ROLE_ARTIFACT),
+        "build.json": (build_dir / "build.json", ROLE_BUILD),
+        "eval.json": (Path(eval_path), ROLE_METRICS),
+    }
+    model_pt = prepare_dir / "model.pt"
+    prepared(model_pt, "model.pt")
+    inputs: dict[str, Any] = {"checkpoint": sha256_file(model_pt), "onnx": onnx_sha}
+    config = config_subset(cfg, precision, build.backend)
+    inputs["config"] = _sha_json(config)
+    if precision == "int8":
+        calib_data = prepare_dir / "calib.npz"
+        prepared(calib_data, "calib.npz")
+        calib = calibrated(calib_dir, onnx_sha, ("calibration.cache", "ranges.json"))
+        if calib.sha256.get("calib_data") != sha256_file(calib_data):
+            raise ProvenanceError(f"{calib_dir}/calibrate.json: calibrated other samples than {calib_data}; re-run calibrate")
+        inputs["calibration_data"] = sha256_file(calib_data)
+        # The cache the calibrate stage wrote is an input; the one the build used (its own
+        # folder's: completed for the network, or TensorRT's calibrator output) ships with the engine.
+        inputs["calibration_cache"] = calib.sha256["calibration.cache"]
+        inputs["calibration_ranges"] = calib.sha256["ranges.json"]
+        ship = build_dir / CACHE if (build_dir / CACHE).is_file() else calib_dir / CACHE
+        _check_cache(ship, build, calib)
+        sources[CACHE] = (ship, ROLE_CACHE)
+    if build.backend == "tensorrt":
+        layers = build_dir / LAYERS
+        if not layers.is_file():
+            info = _layers_from_engine(artifact)
+            if info is not None:
+                layers = Path(scratch.enter_context(tempfile.TemporaryDirectory())) / LAYERS
+                layers.write_text(info)
+        if layers.is_file():
+            sources[LAYERS] = (layers, ROLE_LAYERS)
+        else:
+            notes.append("no layer information: the build wrote no layers.json and TensorRT is not available here to inspect the engine")
+    export_json = Path(onnx_path).parent / "export.json"
+    export_info = read_report(export_json, ExportReport, "export report", "export") if export_json.is_file() else None
+    files = {name: {"sha256": sha256_file(src), "bytes": src.stat().st_size, "role": role} for name, (src, role) in sources.items()}
+    manifest = make_manifest(
+        cfg.model.name,
+        precision,
+        build.model_dump(),
+        inputs=inputs,
+        settings=_settings(precision, build),
+        metrics=_metrics(evaluation),
+        files=files,
+        software=_software(build, export_info),
+        config=config,
+        io={"inputs": [t.model_dump() for t in export_info.inputs], "outputs": [t.model_dump() for t in export_info.outputs],
+            "opset": export_info.opset} if export_info else {},
+        published_at=published_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        notes=notes,
+    )
+    return manifest, {n: s for n, (s, _) in sources.items()}, notes
+
+
+def publish_variant(cfg: Config, precision: str, build_dir: Path, eval_path: Path, registry: Path, prepare_dir: Path,
+                    calib_dir: Path, onnx_path: Path, published_at: Optional[str] = None) -> dict[str, Any]:
     with contextlib.ExitStack() as scratch:
-        build = read_json(build_dir / "build.json", "build report")
-        evaluation = read_json(eval_path, "evaluation report")
-        onnx_sha = sha256_file(onnx_path)
-        artifact = _check_consistent(precision, build_dir, build, eval_path, evaluation, onnx_sha)
-        backend = build["backend"]
-        notes: list[str] = []
-
-        # Files of the version folder: name -> (source, role).
-        sources: dict[str, tuple[Path, str]] = {
-            build["artifact"]: (artifact, ROLE_ARTIFACT),
-            "build.json": (build_dir / "build.json", ROLE_BUILD),
-            "eval.json": (Path(eval_path), ROLE_METRICS),
-        }
-        inputs: dict[str, Any] = {"checkpoint": sha256_file(prepare_dir / "model.pt"), "onnx": onnx_sha}
-        config = config_subset(cfg, precision, backend)
-        inputs["config"] = _sha_json(config)
-        if precision == "int8":
-            inputs["calibration_data"] = sha256_file(prepare_dir / "calib.npy")
-            # The cache the calibrate stage wrote is an input; the one a build used (its own
-            # folder's, e.g. TensorRT's calibrator output) is what ships with the engine.
-            stage_cache = calib_dir / CACHE
-            inputs["calibration_cache"] = sha256_file(stage_cache) if stage_cache.is_file() else None
-            ranges = calib_dir / "ranges.json"
-            if ranges.is_file():
-                inputs["calibration_ranges"] = sha256_file(ranges)
-            ship = build_dir / CACHE if (build_dir / CACHE).is_file() else stage_cache
-            if ship.is_file():
-                sources[CACHE] = (ship, ROLE_CACHE)
-            else:
-                notes.append("no calibration cache: neither the build nor the calibrate stage wrote calibration.cache")
-        if backend == "tensorrt":
-            layers = build_dir / LAYERS
-            if not layers.is_file():
-                info = _layers_from_engine(artifact)
-                if info is not None:
-                    layers = Path(scratch.enter_context(tempfile.TemporaryDirectory())) / LAYERS
-                    layers.write_text(info)
-            if layers.is_file():
-                sources[LAYERS] = (layers, ROLE_LAYERS)
-            else:
-                notes.append("no layer information: the build wrote no layers.json and TensorRT is not available here to inspect the engine")
-
-        export_json = Path(onnx_path).parent / "export.json"
-        export_info = read_json(export_json, "export report") if export_json.is_file() else {}
-        files = {name: {"sha256": sha256_file(src), "bytes": src.stat().st_size, "role": role} for name, (src, role) in sources.items()}
-        manifest = make_manifest(
-            cfg.model.name,
-            precision,
-            build,
-            inputs=inputs,
-            settings=_settings(precision, build),
-            metrics=_metrics(evaluation),
-            files=files,
-            software=_software(build, export_info),
-            config=config,
-            io={k: export_info[k] for k in ("inputs", "outputs", "opset") if k in export_info},
-            published_at=published_at or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            notes=notes,
-        )
-        status, dest = publish_version(registry, manifest, {n: s for n, (s, _) in sources.items()})
-        return {"precision": precision, "version": manifest["version"], "path": str(dest), "status": status, "notes": notes}
+        manifest, files, notes = prepare_variant(cfg, precision, build_dir, eval_path, prepare_dir, calib_dir, onnx_path,
+                                                 scratch, published_at)
+        status, dest = publish_version(registry, manifest, files)
+        return {"precision": precision, "version": manifest["version"], "path": str(dest), "status": status,
+                "notes": notes}
 
 
 def run(
@@ -236,16 +263,25 @@ def run(
     pointers: Optional[Path] = None,
 ) -> dict[str, Any]:
     """Publish every variant in publish.precisions, then point `pointers/<precision>/`
-    (default: `current/` beside `out`) at the versions they are at now."""
-    registry = Path(registry or cfg.publish.registry)
-    pointers = Path(pointers) if pointers is not None else Path(out).parent / "current"
+    (default: `current/` beside `out`) at the versions they are at now. Every variant is
+    checked before the first one is published."""
+    registry = project_path(registry if registry is not None else cfg.publish.registry,
+                            "--registry" if registry is not None else "publish.registry")
+    out = project_path(out, "--out")
+    pointers = project_path(pointers, "pointers") if pointers is not None else Path(out).parent / "current"
     for p in cfg.publish.precisions:  # all or nothing: check every variant exists first
         if not (Path(build_root) / p / "build.json").is_file():
             raise ArtifactError(f"{build_root}/{p}/build.json: variant not built; run build@{p} or drop it from publish.precisions")
-    published = [
-        publish_variant(cfg, p, Path(build_root) / p, Path(eval_dir) / f"{p}.json", registry, Path(prepare_dir), Path(calib_dir), Path(onnx_path))
-        for p in cfg.publish.precisions
-    ]
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    with contextlib.ExitStack() as scratch:
+        prepared = [(p, *prepare_variant(cfg, p, Path(build_root) / p, Path(eval_dir) / f"{p}.json", Path(prepare_dir),
+                                          Path(calib_dir), Path(onnx_path), scratch, stamp))
+                    for p in cfg.publish.precisions]
+        published = []
+        for p, manifest, files, notes in prepared:
+            status, dest = publish_version(registry, manifest, files)
+            published.append({"precision": p, "version": manifest["version"], "path": str(dest), "status": status,
+                              "notes": notes, "content_digest": read_manifest(dest)["content_digest"]})
     where = write_pointers(pointers, {v["precision"]: Path(v["path"]) for v in published})
     for v in published:
         v["pointer"] = where[v["precision"]]

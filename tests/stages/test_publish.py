@@ -17,10 +17,11 @@ import yaml
 
 from pipeline.config import Config, _merge
 from pipeline.errors import ArtifactError, PipelineError
-from pipeline.fileio import read_json, sha256_file, write_json
+from pipeline.fileio import read_json, sha256_file
+from pipeline.reports import BuildReport, EvalReport, read_report, write_report
 from pipeline.manifest import read_manifest
 from pipeline import registry
-from pipeline.stages import build, publish
+from pipeline.stages import publish
 from tests._digits_run import digits_base, evaluate_all
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,40 +37,18 @@ def make_config(root: Path, **over: Any) -> Config:
     return Config.model_validate(_merge(_merge(data, base), over))
 
 
-def make_calibration(onnx_path: Path, calib_npy: Path, out: Path, num_samples: int) -> Path:
-    """What the calibrate stage hands the onnxruntime int8 build: a Q/DQ model, ranges and
-    a TensorRT cache, from the first `num_samples` calibration samples."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static,
-    )
+def make_calibration(cfg: Config, ws: Path, num_samples: int) -> Path:
+    """The calibrate stage's outputs for the int8 build, from `num_samples` calibration samples."""
+    from tests._digits_run import calibrate
 
-    from calibration.cache import write_cache
-
-    x = np.load(calib_npy)[:num_samples].astype(np.float32)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"input": x[i : i + 32]} for i in range(0, len(x), 32)])
-
-        def get_next(self):  # type: ignore[override]
-            return next(self.batches, None)
-
-    out.mkdir(parents=True, exist_ok=True)
-    quantize_static(
-        str(onnx_path), str(out / "model.qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
-    )
-    amax = float(np.abs(x).max())
-    write_cache(out / "calibration.cache", {"input": amax / 127.0}, "8.6.0")
-    write_json(out / "ranges.json", {"input": amax, "samples": int(len(x))})
-    return out
+    calibrate(cfg.model_copy(update={"calibration": cfg.calibration.model_copy(update={"num_samples": num_samples})}), ws)
+    return ws / "calibrate"
 
 
-def build_and_evaluate(cfg: Config, root: Path, precision: str, calib_dir: Path | None = None) -> None:
-    onnx_path = root / "export" / "model.onnx"
-    build.run(cfg, precision, onnx_path, root / "build" / precision, calib_dir=calib_dir, calib_data=root / "prepare" / "calib.npy")
+def build_and_evaluate(cfg: Config, root: Path, precision: str) -> None:
+    from tests._digits_run import build as run_build
+
+    run_build(cfg, root, precision)
     evaluate_all(cfg, root, (precision,))
 
 
@@ -80,7 +59,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
     base = digits_base(tmp_path_factory)
     root = tmp_path_factory.mktemp("digits")
-    for d in ("prepare", "export", "validate", "build"):
+    for d in ("prepare", "export", "validate", "calibrate", "build"):
         shutil.copytree(base / d, root / d)
     cfg = make_config(root)
     evaluate_all(cfg, root, ("fp32", "fp16"))
@@ -90,7 +69,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 def workspace(digits: SimpleNamespace, tmp_path: Path) -> Path:
     """A private copy of the stage outputs, so a test may rebuild or change them."""
     ws = tmp_path / "ws"
-    for d in ("prepare", "export", "validate", "build", "eval"):
+    for d in ("prepare", "export", "validate", "calibrate", "build", "eval"):
         shutil.copytree(digits.root / d, ws / d)
     return ws
 
@@ -186,24 +165,22 @@ def test_config_change_gives_new_version_beside_the_old(digits: SimpleNamespace,
 def test_change_calibration_gives_new_int8_version(digits: SimpleNamespace, tmp_path: Path) -> None:
     ws = workspace(digits, tmp_path)
     cfg = make_config(ws, publish={"precisions": ["fp32", "fp16", "int8"], "registry": str(ws / "registry")})
-    onnx_path, calib_npy = ws / "export" / "model.onnx", ws / "prepare" / "calib.npy"
+    calib_npz = ws / "prepare" / "calib.npz"
 
-    make_calibration(onnx_path, calib_npy, ws / "calibrate", num_samples=64)
-    build_and_evaluate(cfg, ws, "int8", ws / "calibrate")
+    make_calibration(cfg, ws, num_samples=64)
+    build_and_evaluate(cfg, ws, "int8")
     first = {v["precision"]: v for v in run_publish(cfg, ws)["published"]}
     m1 = read_manifest(first["int8"]["path"])
     assert m1["inputs"]["calibration_cache"] == sha256_file(ws / "calibrate" / "calibration.cache")
-    assert m1["inputs"]["calibration_data"] == sha256_file(calib_npy)
+    assert m1["inputs"]["calibration_data"] == sha256_file(calib_npz)
     assert m1["files"]["calibration.cache"]["role"] == "calibration_cache"
     assert (Path(first["int8"]["path"]) / "calibration.cache").is_file()
     assert run_publish(cfg, ws)["published"][2]["status"] == "unchanged"
 
     # Other calibration: 320 samples instead of 64 (and the config says so).
     cfg2 = make_config(ws, calibration={"num_samples": 320}, publish={"precisions": ["fp32", "fp16", "int8"], "registry": str(ws / "registry")})
-    make_calibration(onnx_path, calib_npy, ws / "calibrate2", num_samples=320)
-    shutil.rmtree(ws / "calibrate")
-    (ws / "calibrate2").rename(ws / "calibrate")
-    build_and_evaluate(cfg2, ws, "int8", ws / "calibrate")
+    make_calibration(cfg2, ws, num_samples=320)
+    build_and_evaluate(cfg2, ws, "int8")
     second = {v["precision"]: v for v in run_publish(cfg2, ws)["published"]}
     assert second["int8"]["status"] == "published"
     assert second["int8"]["version"] != first["int8"]["version"]
@@ -226,12 +203,12 @@ def test_different_content_under_existing_version_is_refused(digits: SimpleNames
     model = onnx.load(str(bdir / "model.onnx"))
     model.doc_string = "rebuilt"  # other bytes, same meaning
     onnx.save(model, str(bdir / "model.onnx"))
-    info = read_json(bdir / "build.json")
-    info.update(sha256=sha256_file(bdir / "model.onnx"), engine_bytes=(bdir / "model.onnx").stat().st_size)
-    write_json(bdir / "build.json", info)
-    ev = read_json(ws / "eval" / "fp16.json")
-    ev["engine_bytes"] = info["engine_bytes"]
-    write_json(ws / "eval" / "fp16.json", ev)
+    info = read_report(bdir / "build.json", BuildReport, "build", "build")
+    info = info.model_copy(update={"sha256": sha256_file(bdir / "model.onnx"), "engine_bytes": (bdir / "model.onnx").stat().st_size})
+    write_report(bdir / "build.json", info)
+    ev = read_report(ws / "eval" / "fp16.json", EvalReport, "eval", "evaluate")
+    write_report(ws / "eval" / "fp16.json", ev.model_copy(update={"engine_bytes": info.engine_bytes,
+                                                                   "sha256": {**ev.sha256, "artifact": info.sha256}}))
 
     with pytest.raises(ArtifactError, match=r"already published with a different model\.onnx") as e:
         run_publish(digits.cfg, ws)
@@ -273,38 +250,55 @@ def test_interrupted_publish_leaves_nothing_half_written(digits: SimpleNamespace
     assert [p.name for p in (ws / "registry" / "digits-cnn").iterdir()] == []  # no staging left behind
 
     # A crash (SIGKILL) between staging and rename leaves a hidden staging folder only:
-    # not a version, ignored by list, reported by verify; the next publish completes.
+    # not a version, ignored by list, reported by verify; the next publish sweeps it and completes.
     (ws / "registry" / "digits-cnn" / ".digits-cnn-fp32-x.staging-abc").mkdir()
+    assert len(registry.leftover_staging(ws / "registry")) == 1
     r = run_publish(digits.cfg, ws)
     assert [v["status"] for v in r["published"]] == ["published", "published"]
     assert len(registry.list_versions(ws / "registry")) == 2
-    assert len(registry.leftover_staging(ws / "registry")) == 1
-
-
-def test_concurrent_publisher_wins_the_rename(digits: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two publishers of one version: the rename of the second fails on the first's
-    complete folder; same content -> 'unchanged', nothing deleted."""
-    ws = workspace(digits, tmp_path)
-    other_ws = tmp_path / "other"
-    shutil.copytree(ws, other_ws)
-    real_rename = os.rename
-    raced = {"done": False}
-
-    def rename_after_competitor(src, dst):
-        if not raced["done"] and Path(dst).parent.name == "digits-cnn":
-            raced["done"] = True
-            monkeypatch.setattr(registry.os, "rename", real_rename)
-            # The competitor publishes the same versions into the same registry first.
-            run_publish(digits.cfg, other_ws, registry_dir=ws / "registry")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(registry.os, "rename", rename_after_competitor)
-    r = run_publish(digits.cfg, ws)
-    assert raced["done"]
-    assert r["published"][0]["status"] == "unchanged"  # lost the race to an identical version
-    assert len(registry.version_dirs(ws / "registry")) == 2
-    assert all(v.ok() for v in registry.verify_all(ws / "registry"))
     assert registry.leftover_staging(ws / "registry") == []
+
+
+_PUBLISH = """
+import sys, yaml
+from pathlib import Path
+from pipeline.config import Config
+from pipeline.stages import publish
+ws, registry = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = Config.model_validate(yaml.safe_load((ws / "cfg.yaml").read_text()))
+r = publish.run(cfg, ws / "build", ws / "eval", registry, ws / "publish" / "published.json", ws / "prepare",
+                ws / "calibrate", ws / "export" / "model.onnx")
+print(" ".join(v["status"] for v in r["published"]))
+"""
+
+
+def test_concurrent_publishers_take_turns(digits: SimpleNamespace, tmp_path: Path) -> None:
+    """Four processes publish the same versions into one registry at once: the registry's lock
+    makes them take turns; no traceback, each version published exactly once, the rest
+    'unchanged', everything verifies, no staging folder left behind."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    workspaces = []
+    for k in range(4):
+        ws = workspace(digits, tmp_path / f"p{k}")
+        (ws / "cfg.yaml").write_text(yaml.safe_dump(digits.cfg.raw()))
+        workspaces.append(ws)
+    reg = tmp_path / "shared-registry"
+    procs = [subprocess.Popen([sys.executable, "-c", _PUBLISH, str(ws), str(reg)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for ws in workspaces]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), [err for _, err, _ in results]
+    statuses = [out.split() for out, _, _ in results]
+    for i in range(2):  # fp32, fp16
+        assert sorted(s[i] for s in statuses) == ["published", "unchanged", "unchanged", "unchanged"]
+    assert len(registry.version_dirs(reg)) == 2
+    assert all(v.ok() for v in registry.verify_all(reg))
+    assert registry.leftover_staging(reg) == []
+    entries, problems = registry.ledger_entries(reg, "digits-cnn")
+    assert len(entries) == 2 and problems == []
 
 
 def test_concurrent_publisher_with_other_content_is_an_error(digits: SimpleNamespace, tmp_path: Path) -> None:
