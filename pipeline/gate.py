@@ -13,6 +13,11 @@ Per precision (gate.thresholds.<precision>):
 Latency checks use gate.latency.percentile (p50) at every batch size both reports have
 (or gate.latency.batch_sizes), and ignore a slowdown under gate.latency.slack_ms.
 
+Agreement keys name a statistic, optionally prefixed by its reference (fp32_, pytorch_) and
+suffixed by one output (`cosine@boxes`); without a suffix every output is checked on its
+own. A NaN value never passes a check, and a variant compare flagged (NaN outputs,
+agreement under evaluate.agreement_floor) fails the gate.
+
 Outcomes: every check passes (exit 0); a check fails (GateFailure, exit 1); or the input is
 unusable (GateInputError, exit 2): a missing report, another schema_version, a threshold
 naming a variant or metric the report lacks, a baseline that cannot be read."""
@@ -29,11 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import AGREEMENT_REFERENCES, PRECISIONS, GateConfig
+from .config import PRECISIONS, GateConfig, split_agreement_key
 from .errors import ReportError
 from .fileio import read_json
 from .metrics import as_float
-from .stages.compare import _RESERVED, SCHEMA_VERSION
+from .reports import RESERVED_COLUMN, SCHEMA_VERSION, CompareReport
 
 DEFAULT_REPORT = Path("artifacts", "compare", "compare.json")
 EPS = 1e-9  # float noise: a drop of exactly the threshold passes
@@ -88,6 +93,9 @@ class GateResult:
 
 
 def validate_report(data: Any, source: str) -> dict[str, Any]:
+    """A compare report as plain data, checked against CompareReport's form."""
+    from pydantic import ValidationError
+
     if not isinstance(data, dict):
         raise GateInputError(f"{source}: not a compare report (expected a JSON object)")
     if data.get("schema_version") != SCHEMA_VERSION:
@@ -97,6 +105,12 @@ def validate_report(data: Any, source: str) -> dict[str, Any]:
         )
     if not isinstance(data.get("variants"), dict) or not data["variants"]:
         raise GateInputError(f"{source}: no 'variants' in the compare report; re-run compare")
+    try:
+        CompareReport.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise GateInputError(f"{source}: not a compare report of this trtpipe ({loc}: {first['msg']}); re-run compare") from None
     return data
 
 
@@ -190,7 +204,7 @@ class _Judge:
             if prefix in ("fp32_", "pytorch_") or _LAT.match(key):  # name the same kind of column
                 have = [k for k in have if k.startswith(prefix)]
             else:  # task metrics
-                have = [k for k in have if not _RESERVED.match(k)]
+                have = [k for k in have if not RESERVED_COLUMN.match(k)]
             hint = ""
             if variant == self.ref_name and key.startswith(f"{self.ref_name}_"):
                 hint = f" (the reference has no agreement with itself; use pytorch_{key.split('_', 1)[1]})"
@@ -224,24 +238,56 @@ class _Judge:
             ref = float(as_float(brow[m]))
         d = (v - ref) if lower else (ref - v)
         c.value, c.detail = d, f"{_fmt(ref)} -> {_fmt(v)}"
-        if d > thr + EPS:
+        vs = {"fp32": self.ref_name, "pytorch": "PyTorch", "baseline": f"the baseline {self.baseline_label}"}[against]
+        if d != d:  # a NaN on either side: the drop cannot be measured, so it cannot pass
+            c.status = "fail"
+            c.message = f"{p}: {m} vs {vs} is NaN ({c.detail}); {setting} = {thr:g} cannot be met by a NaN"
+        elif d > thr + EPS:
             c.status = "fail"
             word = "rose" if lower else "dropped"
-            vs = {"fp32": self.ref_name, "pytorch": "PyTorch", "baseline": f"the baseline {self.baseline_label}"}[against]
             c.message = f"{p}: {m} {word} by {_fmt(d)} vs {vs} ({c.detail}), more than {setting} = {thr:g}"
         return self._add(c)
 
     def bound(self, p: str, key: str, thr: float, kind: str) -> None:
-        prefix = key.split("_", 1)[0]
-        col = key if prefix in AGREEMENT_REFERENCES else f"{self.ref_name}_{key}"
+        """An agreement statistic against its bound, on every output (or the one after '@')."""
+        ref, stat, output = split_agreement_key(key)
+        src = ref or self.ref_name
         setting = f"gate.thresholds.{p}.{kind}.{key}"
-        v = self._value(p, col, setting)
         low = kind == "min_agreement"
-        src, stat = col.split("_", 1)
-        c = Check(p, f"{stat} vs {'PyTorch' if src == 'pytorch' else src}", setting, thr, ">=" if low else "<=", value=v)
-        if (v < thr) if low else (v > thr):
+        vs = "PyTorch" if src == "pytorch" else src
+        per_output = ((self.report.get("agreement") or {}).get(p) or {}).get("pytorch" if src == "pytorch" else "fp32") or {}
+        if not per_output:  # an older report: the worst over the outputs, from the flat row
+            per_output = {"(all outputs)": {stat: self._value(p, f"{src}_{stat}", setting)}}
+        if output is not None:
+            if output not in per_output:
+                hint = f" (the reference has no agreement with itself; use pytorch_{stat}@{output})" if p == self.ref_name and src != "pytorch" else ""
+                raise GateInputError(f"{self.source}: variant {p!r} has no {vs} agreement on output '{output}', which "
+                                     f"{setting} names{hint}; outputs: {', '.join(per_output) or 'none'}")
+            per_output = {output: per_output[output]}
+        checked = 0
+        for name, stats in per_output.items():
+            v = as_float(stats.get(stat))
+            if v is None:
+                continue
+            checked += 1
+            c = Check(p, f"{stat} vs {vs} ({name})", setting, thr, ">=" if low else "<=", value=v)
+            if not ((v >= thr) if low else (v <= thr)):  # NaN fails both
+                c.status = "fail"
+                c.message = (f"{p}: {stat} vs {vs} on output '{name}' is {_fmt(v, 6)}, "
+                             f"{'below' if low else 'above'} {setting} = {thr:g}")
+            self._add(c)
+        if not checked:
+            hint = f" (the reference has no agreement with itself; use pytorch_{stat})" if p == self.ref_name and src != "pytorch" else ""
+            raise GateInputError(f"{self.source}: variant {p!r} has no metric '{src}_{stat}', which {setting} names{hint}")
+
+    def flagged(self, p: str) -> None:
+        """A variant compare flagged (its numbers cannot be trusted) fails the gate."""
+        reasons = (self.report.get("flags") or {}).get(p) or []
+        c = Check(p, "numbers trustworthy (compare flags)", "evaluate.agreement_floor / NaN outputs", 0, "<=",
+                  value=float(len(reasons)))
+        if reasons:
             c.status = "fail"
-            c.message = f"{p}: {stat} vs {'PyTorch' if src == 'pytorch' else src} is {_fmt(v, 6)}, {'below' if low else 'above'} {setting} = {thr:g}"
+            c.message = f"{p}: flagged by compare: " + "; ".join(reasons)
         self._add(c)
 
     def _batches(self, row: dict[str, Any], q: str) -> list[int]:
@@ -257,9 +303,9 @@ class _Judge:
         for b in bs:
             key = f"b{b}_{q}_ms"
             v, ref = self._value(p, key, setting), self._value(self.ref_name, key, setting)
-            s = ref / v if v > 0 else math.inf
+            s = ref / v if v > 0 else (math.inf if v == 0 else math.nan)
             c = Check(p, f"b{b} {q} speedup vs {self.ref_name}", setting, thr, ">=", value=s, detail=f"{_fmt(ref)} ms -> {_fmt(v)} ms")
-            if s < thr:
+            if not s >= thr:  # NaN fails
                 c.status = "fail"
                 c.message = f"{p}: b{b} {q} latency speedup vs {self.ref_name} is {s:.3f}x ({c.detail}); {setting} = {thr:g}x"
             self._add(c)
@@ -293,9 +339,9 @@ class _Judge:
                 self._add(c)
                 continue
             base = float(as_float(brow[key]))
-            reg = v / base - 1 if base > 0 else 0.0
+            reg = v / base - 1 if base > 0 else (0.0 if base == 0 else math.nan)
             c.value, c.detail = reg, f"{_fmt(base)} ms -> {_fmt(v)} ms"
-            if reg > thr + EPS and v - base > slack:
+            if reg != reg or (reg > thr + EPS and v - base > slack):  # NaN fails
                 c.status = "fail"
                 c.message = (f"{p}: b{b} {q} latency {_fmt(v)} ms is {100 * reg:.1f}% slower than the baseline's {_fmt(base)} ms; "
                              f"{setting} allows {thr:g} ({100 * thr:g}%)")
@@ -341,6 +387,7 @@ def evaluate_gate(
             j.drop(p, m, thr, "baseline")
         if t.max_latency_regression is not None:
             j.latency(p, t.max_latency_regression)
+        j.flagged(p)
     return GateResult(source, report.get("model"), list(report.get("backends") or []), baseline_label, j.checks)
 
 

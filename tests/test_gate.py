@@ -1,6 +1,7 @@
-"""`trtpipe gate`: real digits runs (a clean one passes; an INT8 variant whose activation scales
-were multiplied by 100 fails), every kind of check on synthetic reports, bad input (exit 2),
-the markdown / $GITHUB_STEP_SUMMARY / JUnit outputs, and baselines from a file or a git revision."""
+"""`trtpipe gate`: real digits runs (a clean one passes; an INT8 variant calibrated at the 1st
+percentile fails), every kind of check on compare reports built from EvalReports, NaN never
+passing, bad input (exit 2), the markdown / $GITHUB_STEP_SUMMARY / JUnit outputs, and
+baselines from a file or a git revision."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from pipeline import cli
 from pipeline.config import GateConfig
 from pipeline.gate import evaluate_gate
 from pipeline.stages import compare
-from tests.stages.test_compare import synthetic_evals
+from tests.stages.test_compare import report as eval_report
+from tests.stages.test_compare import reports as synthetic_evals
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
@@ -49,7 +51,7 @@ def write_report(path: Path, table: dict[str, Any]) -> Path:
 
 
 def synthetic_table(**kw: Any) -> dict[str, Any]:
-    return {"model": "digits-cnn", **compare.build_table(synthetic_evals(**kw))}
+    return json.loads(compare.build_table(synthetic_evals(**kw), "digits-cnn").model_dump_json())
 
 
 # --- real runs ---------------------------------------------------------------------------
@@ -64,14 +66,15 @@ def test_clean_digits_run_passes(clean: Path, tmp_path: Path, capsys: pytest.Cap
     assert "0 failed, 0 skipped" in out
     suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
     n = len(suite.findall("testcase"))
-    # configs/digits.yaml: fp32 2 + 2 latency, fp16 2 + 2 latency, int8 3 + 2 latency (batch sizes 1, 32)
-    assert n == 13 and suite.get("tests") == "13" and suite.get("failures") == "0"
+    # configs/digits.yaml: fp32 2 + 2 latency, fp16 2 + 2 latency, int8 3 + 2 latency (batch sizes 1, 32),
+    # and one "not flagged by compare" check per variant
+    assert n == 16 and suite.get("tests") == "16" and suite.get("failures") == "0"
 
 
 def test_broken_int8_fails_naming_metric_threshold_and_value(broken: Path, capsys: pytest.CaptureFixture[str]) -> None:
     table = json.loads((broken / "compare" / "compare.json").read_text())
     int8_top1, fp32_top1 = table["variants"]["int8"]["top1"], table["variants"]["fp32"]["top1"]
-    assert fp32_top1 - int8_top1 > 1.0  # the breakage is real (scales x100)
+    assert fp32_top1 - int8_top1 > 1.0  # the breakage is real (1st-percentile ranges clip nearly everything)
     rc, out, err = gate("--config", str(DIGITS), "--report", str(broken / "compare" / "compare.json"), capsys=capsys)
     assert rc == 1
     assert out.startswith("## ❌ trtpipe gate failed")
@@ -79,7 +82,9 @@ def test_broken_int8_fails_naming_metric_threshold_and_value(broken: Path, capsy
     expected = (f"int8: top1 dropped by {drop} vs fp32 ({fp32_top1:.4g} -> {int8_top1:.4g}), "
                 "more than gate.thresholds.int8.max_drop.top1 = 1")
     assert f"- {expected}" in out
-    assert "int8: top1_agreement vs fp32 is " in out and "below gate.thresholds.int8.min_agreement.top1_agreement = 0.97" in out
+    assert "int8: top1_agreement vs fp32 on output 'logits' is " in out
+    assert "below gate.thresholds.int8.min_agreement.top1_agreement = 0.97" in out
+    assert "int8: flagged by compare: cosine vs fp32 on output 'logits' is" in out
     # fp16 and fp32 still pass; latency checks are skipped without a baseline.
     assert "| ✅ | fp16 | top1 drop vs fp32 |" in out and "| ⏭️ | int8 | b32 p50 latency vs baseline |" in out
     # stderr: one line, naming the first failure.
@@ -101,8 +106,12 @@ def judge(gate_section: dict[str, Any], table: Optional[dict[str, Any]] = None, 
     return evaluate_gate(table or synthetic_table(), GateConfig.model_validate(gate_section), baseline, "c.json", "base.json")
 
 
+FLAG_CHECK = "numbers trustworthy (compare flags)"
+
+
 def statuses(r: Any) -> dict[str, str]:
-    return {f"{c.variant} {c.name}": c.status for c in r.checks}
+    """The checks the thresholds asked for (the per-variant flag check aside)."""
+    return {f"{c.variant} {c.name}": c.status for c in r.checks if c.name != FLAG_CHECK}
 
 
 def test_drop_thresholds_and_boundaries() -> None:
@@ -117,8 +126,8 @@ def test_drop_thresholds_and_boundaries() -> None:
 
 def test_lower_is_better_metrics() -> None:
     evals = synthetic_evals(extra={"loss": 1.0})
-    evals["int8"]["metrics"]["loss"] = 1.3
-    table = {"model": "m", **compare.build_table(evals)}
+    evals["int8"].metrics["loss"] = 1.3
+    table = json.loads(compare.build_table(evals, "m").model_dump_json())
     up = judge({"lower_is_better": ["loss"], "thresholds": {"int8": {"max_drop": {"loss": 0.2}}}}, table)
     assert up.failures and "int8: loss rose by 0.3 vs fp32" in up.failures[0].message
     assert judge({"lower_is_better": ["loss"], "thresholds": {"int8": {"max_drop": {"loss": 0.5}}}}, table).passed
@@ -132,12 +141,14 @@ def test_agreement_and_divergence() -> None:
         "max_divergence": {"rel_l2": 0.001, "pytorch_max_abs_diff": 0.1},
     }}})
     assert statuses(r) == {
-        "int8 top1_agreement vs fp32": "fail", "int8 cosine vs fp32": "pass", "int8 snr_db vs PyTorch": "pass",
-        "int8 rel_l2 vs fp32": "fail", "int8 max_abs_diff vs PyTorch": "pass",
+        "int8 top1_agreement vs fp32 (logits)": "fail", "int8 cosine vs fp32 (logits)": "pass",
+        "int8 snr_db vs PyTorch (logits)": "pass", "int8 rel_l2 vs fp32 (logits)": "fail",
+        "int8 max_abs_diff vs PyTorch (logits)": "pass",
     }
     msgs = [c.message for c in r.failures]
-    assert "int8: top1_agreement vs fp32 is 0.85, below gate.thresholds.int8.min_agreement.top1_agreement = 0.9" in msgs
-    assert "int8: rel_l2 vs fp32 is 0.01, above gate.thresholds.int8.max_divergence.rel_l2 = 0.001" in msgs
+    assert ("int8: top1_agreement vs fp32 on output 'logits' is 0.85, below "
+            "gate.thresholds.int8.min_agreement.top1_agreement = 0.9") in msgs
+    assert "int8: rel_l2 vs fp32 on output 'logits' is 0.01, above gate.thresholds.int8.max_divergence.rel_l2 = 0.001" in msgs
 
 
 def test_min_speedup() -> None:
@@ -164,10 +175,10 @@ def test_latency_regression_against_a_baseline() -> None:
     assert judge({**section, "latency": {"batch_sizes": [1]}}, cur, base).passed
     assert judge({**section, "latency": {"slack_ms": 0.2}}, cur, base).passed
     # Without a baseline the check is skipped (never silently passed); on another device too.
-    assert {c.status for c in judge(section, cur).checks} == {"skip"}
+    assert set(statuses(judge(section, cur)).values()) == {"skip"}
     other = copy.deepcopy(base)
     other["variants"]["int8"]["device"] = "NVIDIA A100 (sm 8.0)"
-    skipped = judge(section, cur, other).checks
+    skipped = [c for c in judge(section, cur, other).checks if c.name != FLAG_CHECK]
     assert {c.status for c in skipped} == {"skip"} and "NVIDIA A100" in skipped[0].message
 
 
@@ -188,15 +199,16 @@ def test_summary_step_summary_junit_and_json(tmp_path: Path, capsys: pytest.Capt
     suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
     cases = suite.findall("testcase")
     assert [(c.get("classname"), c.get("name")) for c in cases] == [
-        ("trtpipe.gate.fp16", "top1 drop vs fp32"), ("trtpipe.gate.int8", "top1 drop vs fp32")]
+        ("trtpipe.gate.fp16", "top1 drop vs fp32"), ("trtpipe.gate.fp16", FLAG_CHECK),
+        ("trtpipe.gate.int8", "top1 drop vs fp32"), ("trtpipe.gate.int8", FLAG_CHECK)]
     assert cases[0].find("failure") is None
-    fail = cases[1].find("failure")
+    fail = cases[2].find("failure")
     assert "int8: top1 dropped by 10 vs fp32 (90 -> 80), more than gate.thresholds.int8.max_drop.top1 = 1" == fail.get("message")
     assert suite.get("failures") == "1" and suite.get("errors") == "0"
     monkeypatch.delenv("GITHUB_STEP_SUMMARY")
     rc, out, _ = gate("--config", str(cfg), "--report", str(report), "--json", capsys=capsys)
     res = json.loads(out)
-    assert rc == 1 and res["passed"] is False and res["counts"] == {"pass": 1, "fail": 1, "skip": 0}
+    assert rc == 1 and res["passed"] is False and res["counts"] == {"pass": 3, "fail": 1, "skip": 0}
 
 
 # --- bad input: exit 2, one line naming the file or metric --------------------------------------
@@ -215,9 +227,9 @@ def test_missing_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_other_schema_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    report = write_report(tmp_path / "compare.json", {**synthetic_table(), "schema_version": 2})
+    report = write_report(tmp_path / "compare.json", {**synthetic_table(), "schema_version": 1})
     err = _bad(capsys, "--config", str(DIGITS), "--report", str(report))
-    assert f"{report}: compare.json schema_version 2, but this trtpipe reads schema_version 1" in err
+    assert f"{report}: compare.json schema_version 1, but this trtpipe reads schema_version 2" in err
 
 
 def test_threshold_naming_a_metric_the_report_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -336,3 +348,64 @@ def test_baseline_from_a_git_tracked_report(tmp_path: Path, capsys: pytest.Captu
     cfg = config_with(tmp_path, {"thresholds": {"int8": {"max_drop_vs_baseline": {"top1": 5.0}}}})
     rc, out, _ = gate("--config", str(cfg), "--baseline", "HEAD", capsys=capsys)
     assert rc == 1 and "int8: top1 dropped by 10 vs the baseline HEAD" in out and "(80 -> 70)" in out
+
+
+# --- NaN never passes; every output is checked ---------------------------------------------------
+
+
+def _table_of(evals: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(compare.build_table(evals, "digits-cnn").model_dump_json())
+
+
+def test_nan_metric_or_agreement_fails_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    evals = synthetic_evals()
+    evals["int8"] = eval_report("int8", float("nan"), 0.5, cosine=float("nan"))
+    report = write_report(tmp_path / "compare.json", _table_of(evals))
+    cfg = config_with(tmp_path, {"thresholds": {"int8": {"max_drop": {"top1": 1.0}, "min_agreement": {"cosine": 0.99}}}})
+    rc, out, err = gate("--config", str(cfg), "--report", str(report), capsys=capsys)
+    assert rc == 1
+    assert "int8: top1 vs fp32 is NaN (90 -> nan); gate.thresholds.int8.max_drop.top1 = 1 cannot be met by a NaN" in out
+    assert "int8: cosine vs fp32 on output 'logits' is nan, below gate.thresholds.int8.min_agreement.cosine = 0.99" in out
+    assert err.startswith("trtpipe gate: error: 2 of 3 checks failed: int8: top1 vs fp32 is NaN")
+
+
+def test_nan_latency_fails_the_speedup_and_regression_checks() -> None:
+    table = synthetic_table()
+    table["variants"]["int8"]["b32_p50_ms"] = "NaN"
+    r = judge({"thresholds": {"int8": {"min_speedup": 1.0, "max_latency_regression": 0.5}}}, table, synthetic_table())
+    st = statuses(r)
+    assert st["int8 b32 p50 speedup vs fp32"] == "fail" and st["int8 b32 p50 latency vs baseline"] == "fail"
+    assert st["int8 b1 p50 speedup vs fp32"] == "pass"
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_threshold_is_bad_input(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = write_report(tmp_path / "compare.json", synthetic_table())
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(DIGITS.read_text().replace("max_drop: {top1: 1.0}", f"max_drop: {{top1: {value}}}"))
+    err = _bad(capsys, "--config", str(cfg), "--report", str(report))
+    assert "'gate.thresholds.int8.max_drop.top1'" in err and "not a finite number" in err
+
+
+def test_each_output_is_checked_and_one_can_be_named() -> None:
+    outs = {"boxes": 0.977, "landmarks": 0.999, "prob": 0.9999}
+    table = _table_of({p: eval_report(p, 90.0, 1.0, outputs=outs) for p in ("fp32", "int8")})
+    r = judge({"thresholds": {"int8": {"min_agreement": {"cosine": 0.99}}}}, table)
+    assert statuses(r) == {"int8 cosine vs fp32 (boxes)": "fail", "int8 cosine vs fp32 (landmarks)": "pass",
+                           "int8 cosine vs fp32 (prob)": "pass"}
+    assert r.failures[0].message.startswith("int8: cosine vs fp32 on output 'boxes' is 0.977")
+    r = judge({"thresholds": {"int8": {"min_agreement": {"cosine@prob": 0.999, "cosine@boxes": 0.97}}}}, table)
+    assert r.passed and set(statuses(r)) == {"int8 cosine vs fp32 (prob)", "int8 cosine vs fp32 (boxes)"}
+    from pipeline.gate import GateInputError
+
+    with pytest.raises(GateInputError, match=r"no fp32 agreement on output 'scores'.*outputs: boxes, landmarks, prob"):
+        judge({"thresholds": {"int8": {"min_agreement": {"cosine@scores": 0.9}}}}, table)
+
+
+def test_a_flagged_variant_fails_without_any_threshold_on_it() -> None:
+    evals = synthetic_evals()
+    evals["fp16"] = eval_report("fp16", 89.9, 1.0, flags=["cosine vs fp32 on output 'logits' is 0.42, under evaluate.agreement_floor cosine = 0.95"])
+    r = judge({"thresholds": {"fp16": {"max_drop": {"top1": 0.5}}}}, _table_of(evals))
+    assert statuses(r) == {"fp16 top1 drop vs fp32": "pass"} and not r.passed
+    assert r.failures[0].message == ("fp16: flagged by compare: cosine vs fp32 on output 'logits' is 0.42, under "
+                                     "evaluate.agreement_floor cosine = 0.95")
