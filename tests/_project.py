@@ -1,0 +1,71 @@
+"""A finished project for tests that run the command line: the whole CPU pipeline
+(prepare .. publish) run once through `trtpipe` on the embedded digits default, copied
+into a fresh folder per test (fixtures `template` and `project` in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = {
+    "config": "configs/digits.yaml",
+    "calibration": {"method": "entropy", "num_samples": 64, "batch_size": 32, "percentile": 99.99},
+    "build": {"backend": "auto", "int8_route": "implicit", "calibration_source": "auto"},
+    "evaluate": {"latency": {"warmup": 1, "iterations": 5, "batch_sizes": [1, 32]}},
+}
+
+
+def trtpipe(*args: str) -> int:
+    """`trtpipe ARGS` in this process (the CLI's own error handling included)."""
+    from pipeline import cli
+
+    cli._extra_commands.clear()  # main() registers the extra subcommands on every call
+    try:
+        return cli.main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+        return int(e.code or 0)
+
+
+PIPELINE = [
+    ("prepare",), ("export",), ("validate",), ("calibrate",),
+    ("build", "--precision", "fp32"), ("build", "--precision", "fp16"), ("build", "--precision", "int8"),
+    ("evaluate", "--precision", "fp32"), ("evaluate", "--precision", "fp16"), ("evaluate", "--precision", "int8"),
+    ("compare",), ("publish",),
+]
+
+
+def make_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import os
+
+    root = tmp_path_factory.mktemp("project-template")
+    shutil.copytree(ROOT / "configs", root / "configs")
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        for step in PIPELINE:
+            assert trtpipe(*step) == 0, step
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def snapshot(root: Path = Path("artifacts")) -> dict[str, str]:
+    """Every file under `root` (hidden ones included) with its sha256."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def edit_yaml(path: str | Path, fn: Any) -> None:
+    path = Path(path)
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
