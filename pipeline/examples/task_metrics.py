@@ -140,3 +140,19 @@ def embedding_similarity(
     name = output or next(iter(outputs))
     cos = (_unit(outputs[name]) * _unit(reference[name])).sum(axis=1)
     return {"embedding_cosine": 100.0 * float(cos.mean()), "embedding_cosine_min": 100.0 * float(cos.min())}
+
+
+def box_iou_vs_reference(
+    outputs: dict[str, np.ndarray],
+    labels: Optional[np.ndarray],
+    reference: Optional[dict[str, np.ndarray]] = None,
+    output: str = "boxes",
+) -> dict[str, float]:
+    """Mean and worst IoU (percent) of each predicted box (N, 4 or N, K, 4; x1 y1 x2 y2) with
+    the box PyTorch predicts for the same sample: a label-free check of a box head."""
+    if reference is None:
+        return {}
+    a = _pick(outputs, output).reshape(-1, 4).astype(np.float64)
+    b = reference[output].reshape(-1, 4).astype(np.float64)
+    iou = np.array([box_iou(x[None], y[None])[0, 0] for x, y in zip(a, b)])
+    return {f"{output}_iou": 100.0 * float(iou.mean()), f"{output}_iou_min": 100.0 * float(iou.min())}
