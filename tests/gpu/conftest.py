@@ -155,13 +155,15 @@ def inputs(batch: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, *IN_SHAPE)).astype(np.float32)
 
 
-def make_config(**build: Any) -> Any:
+def make_config(model: Optional[dict[str, Any]] = None, **build: Any) -> Any:
     from pipeline.config import Config
 
-    b = {"backend": "tensorrt", "workspace_mb": 256, "profile": dict(PROFILE)}
+    b = {"backend": "tensorrt", "workspace_mb": 256}
+    if "profiles" not in build:
+        b["profile"] = dict(PROFILE)
     b.update(build)
     return Config.model_validate({
-        "model": {"name": "tiny", "arch": "tiny", "input": {"name": "input", "shape": list(IN_SHAPE)}},
+        "model": model or {"name": "tiny", "arch": "tiny", "input": {"name": "input", "shape": list(IN_SHAPE)}},
         "calibration": {"batch_size": CALIB_BATCH, "num_samples": CALIB_SAMPLES},
         "build": b,
     })
@@ -185,24 +187,50 @@ class Env:
         self.root = root
         self.onnx = make_tiny_onnx(root / "tiny.onnx")
         self.calib = inputs(CALIB_SAMPLES, seed=7)
-        self.calib_npy = root / "calib.npy"
-        np.save(self.calib_npy, self.calib)
+        self.calib_npz = root / "calib.npz"  # as prepare writes it: one array per input
+        np.savez(self.calib_npz, input=self.calib)
         self.timing_cache = root / "timing.cache"
         self.x7 = inputs(7)
         self.ref7 = ort_run(self.onnx, self.x7)
 
     def build(self, precision: str, name: str, calib_dir: Optional[Path] = None, onnx: Optional[Path] = None,
-              memory: str = "auto", **build: Any) -> tuple[Path, dict[str, Any]]:
+              memory: str = "auto", model: Optional[dict[str, Any]] = None, calib_data: Optional[Path] = None,
+              **build: Any) -> tuple[Path, Any]:
+        """(engine path, BuildResult) of a TensorRT build of `onnx` (default: the tiny net)."""
         from pipeline.backends.base import BuildRequest
         from pipeline.backends.tensorrt_backend import TensorRTBackend
 
         build.setdefault("timing_cache", str(self.timing_cache))
         out = self.root / name
         shutil.rmtree(out, ignore_errors=True)
-        req = BuildRequest(precision=precision, onnx_path=onnx or self.onnx, out_dir=out, config=make_config(**build),
-                           calib_dir=calib_dir, calib_data=self.calib_npy)
+        req = BuildRequest(precision=precision, onnx_path=onnx or self.onnx, out_dir=out,
+                           config=make_config(model, **build), calib_dir=calib_dir,
+                           calib_data=calib_data or self.calib_npz)
         res = TensorRTBackend(memory=memory, heartbeat_s=5.0).build(req)
-        return out / res.artifact, res.info
+        return out / res.artifact, res
+
+    def stage_calibration(self, onnx: Path, samples: dict[str, np.ndarray], name: str, batch: int = CALIB_BATCH) -> Path:
+        """What the calibrate stage writes for `onnx` (ranges under the tensorrt rules, the cache
+        for this TensorRT, the Q/DQ model with TensorRT's placement), without the report."""
+        import tensorrt as trt
+
+        from calibration.algorithms import amax_to_scale
+        from calibration.cache import write_cache
+        from calibration.collect import collect_histograms
+        from calibration.qdq import quantize_qdq
+        from calibration.rules import get_rules, ranges_under
+
+        rules = get_rules("tensorrt")
+        n = len(next(iter(samples.values())))
+        batches = [{k: v[i:i + batch] for k, v in samples.items()} for i in range(0, n - batch + 1, batch)]
+        col = collect_histograms(onnx, batches, progress=False, growth=rules.growth)
+        amax, _, _ = ranges_under(rules, col.histograms, "entropy", col.node_ops, 99.99)
+        out = self.root / name
+        out.mkdir(exist_ok=True)
+        write_cache(out / "calibration.cache", {k: amax_to_scale(v) for k, v in amax.items()}, trt.__version__,
+                    "EntropyCalibration2")
+        self.placement = quantize_qdq(onnx, out / "model.qdq.onnx", amax)
+        return out
 
 
 @pytest.fixture(scope="session")
@@ -211,6 +239,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 
 @pytest.fixture(scope="session")
-def engines(env: Env) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """FP32 (cold timing cache), FP16 and INT8 (calibrated from the data) engines, built once."""
-    return {p: env.build(p, f"build_{p}") for p in ("fp32", "fp16", "int8")}
+def engines(env: Env) -> dict[str, tuple[Path, Any]]:
+    """FP32 (cold timing cache), FP16 and INT8 (TensorRT's calibrator fed the data) engines, built once."""
+    return {p: env.build(p, f"build_{p}", calibration_source="tensorrt") for p in ("fp32", "fp16", "int8")}

@@ -65,6 +65,8 @@ def test_cuda_graph_replay_matches(env, engines, memory):
             np.testing.assert_array_equal(graph.infer({"input": x})["logits"], plain.infer({"input": x})["logits"])
         t = graph.time({"input": env.x7}, warmup=2, iterations=5)
         assert t["cuda_graph"] is True and "CUDA graph" in t["method"]
+        t = plain.time({"input": env.x7}, warmup=2, iterations=5, mode="cuda_graph")  # either mode on demand
+        assert t["cuda_graph"] is True and plain.time_modes == ("plain", "cuda_graph")
 
 
 def test_time_reports_gpu_and_end_to_end(env, fp32):
@@ -110,8 +112,13 @@ def test_manifest_for_another_tensorrt_is_refused(env, fp32, tmp_path):
 def test_matching_manifest_loads_through_the_backend(env, engines):
     from pipeline.backends.tensorrt_backend import TensorRTBackend
 
-    engine, info = engines["fp32"]
-    with TensorRTBackend().load(engine, info) as r:
+    import tensorrt as trt
+
+    from pipeline.runtime.cuda_device import device_info
+
+    engine, _ = engines["fp32"]
+    build_json = {"backend": "tensorrt", "environment": {"tensorrt": trt.__version__, "device": device_info(0)}}
+    with TensorRTBackend().load(engine, build_json) as r:
         assert r.infer({"input": env.x7})["logits"].shape == (7, 10)
 
 
@@ -121,3 +128,26 @@ def test_not_an_engine_is_an_artifact_error(env, fp32, tmp_path, content):
     path.write_bytes(fp32.read_bytes()[:2000] if content is None else content)
     with pytest.raises(ArtifactError, match="broken.engine"):
         TrtRunner(path)
+
+
+def test_evaluate_times_every_mode_on_the_device_clock(env, engines, tmp_path):
+    """evaluate's latency rows for a TensorRT engine: plain enqueue and CUDA-graph replay,
+    each with device (CUDA events) and host times; compare's headline takes the faster."""
+    from pipeline.runtime.cuda_memory import available
+    from pipeline.stages import evaluate
+    from pipeline.stages.compare import _headline
+
+    if "cuda-python" not in available():
+        pytest.skip("CUDA graphs need cuda-python")
+    cfg = env.make_config().model_copy(update={"evaluate": env.make_config().evaluate.model_copy(update={
+        "latency": env.make_config().evaluate.latency.model_copy(update={"warmup": 3, "iterations": 20,
+                                                                         "batch_sizes": [1, 16, 64]})})})
+    skipped = []
+    with TrtRunner(engines["fp16"][0]) as r:
+        rows = evaluate.measure_latency(r, {"input": env.inputs(16)}, cfg, skipped)
+    assert [(row.batch_size, row.mode) for row in rows] == [(1, "plain"), (1, "cuda_graph"), (16, "plain"),
+                                                           (16, "cuda_graph")]
+    assert all(row.gpu is not None and row.gpu.p50_ms > 0 and row.host.p50_ms > 0 for row in rows)
+    assert [s["batch_size"] for s in skipped] == [64]  # above the profile's max of 16
+    best = _headline(rows)
+    assert best[1][0].gpu.p50_ms == min(r.gpu.p50_ms for r in rows if r.batch_size == 1)
