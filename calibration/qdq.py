@@ -1,51 +1,63 @@
-"""Q/DQ ONNX from calibrated ranges, written by onnxruntime's own QDQ quantizer.
+"""Q/DQ ONNX from calibrated ranges, placed the way TensorRT builds fast INT8 engines.
 
 What goes in (DESIGN.md sections 3 and 4):
 
 * activations: per-tensor symmetric INT8, ``scale = amax / 127`` exactly as the
-  TensorRT cache stores it (:func:`calibration.algorithms.amax_to_scale`), zero point 0.
-  The scales are handed to onnxruntime as ``TensorQuantOverrides`` (scale + zero
-  point), so no rounding of onnxruntime's own min/max arithmetic can shift them: the Q
-  and DQ scales in the file equal our ranges bit for bit. A tensor whose amax is 0
+  TensorRT cache stores it (:func:`calibration.algorithms.amax_to_scale`), zero point 0:
+  the Q and DQ scales in the file are our ranges bit for bit. A tensor whose amax is 0
   (never non-zero in the calibration data) gets scale 1.0: zero quantizes exactly with
-  any scale, and a zero scale is not a valid QuantizeLinear.
-* weights: per output channel, symmetric INT8, ``amax = max|w|`` of the channel
-  (onnxruntime's per-channel symmetric weight quantization, range -127..127).
-* biases: left in float (``QuantizeBias: False``): TensorRT's ONNX parser rejects
-  quantized biases.
+  any scale, and a zero scale is not a valid QuantizeLinear. The one exception is a
+  Concat group (below), whose members share the scale of the group's largest amax.
+* weights: per output channel, symmetric INT8, ``amax = max|w|`` of the channel (see
+  :func:`calibration.qdq_insert.quantize_weight`; ConvTranspose per input channel, axis
+  0, the only per-channel axis TensorRT's deconvolution kernels take).
+* biases: left in float: TensorRT's ONNX parser rejects quantized biases.
 
-Placement (TensorRT's recommendations for explicit quantization): Q/DQ on every
-activation and weight input of :data:`calibration.collect.QUANTIZABLE_OP_TYPES`
-(Conv, ConvTranspose, Gemm, MatMul), none on their outputs. A tensor feeding several
-consumers shares one Q/DQ pair, so a residual Add whose skip input also feeds a Conv
-sees that input quantized, as TensorRT needs to fuse the Add into the Conv.
-onnxruntime (CPU) runs the result, simulating INT8 numerics; TensorRT >= 10 builds it
-as a strongly typed network. ``op_types`` widens or narrows the placement.
+Where Q/DQ goes (``placement``, :mod:`calibration.qdq_placement` has the rules and their
+sources): ``"tensorrt"`` (default) follows TensorRT's "Q/DQ Layer-Placement
+Recommendations": all inputs of Conv / ConvTranspose / Gemm / MatMul, none of their
+outputs (so nothing between a Conv and the BN / Relu / Clip / Sigmoid*x TensorRT fuses
+into it); the skip input of a residual Add whose other input is a Conv's (the Conv side
+stays float, so Conv+Add fuses and writes INT8); the inputs of AveragePool /
+GlobalAveragePool whose output is quantized; and one scale for a Concat's inputs and
+output, the largest amax among the Concat's inputs (TensorRT then drops the
+requantization at the Concat). MaxPool gets none: TensorRT moves Q/DQ across it.
+``"inputs"`` is the earlier placement (Q/DQ on the inputs of ``op_types``, every reader
+of such a tensor dequantized), kept for comparison.
 
-onnxruntime's quantization tool is used as it is (``QDQQuantizer`` with a
-``TensorsData`` of our ranges): the same calls work on onnxruntime 1.20 (the GPU kit)
-and 1.32. Nothing here imports torch.
+``exclude_nodes`` (node names or fnmatch globs) leaves those nodes' inputs unquantized,
+so they stay in float: the hook precision tuning uses. A pattern that matches no node is
+an error.
+
+The graph is written with onnx.helper (:mod:`calibration.qdq_insert`), not onnxruntime's
+quantizer: the placement is per consumer input, which the quantizer cannot express, and
+the same code then runs with onnxruntime 1.20 (the GPU kit) and 1.32. onnxruntime (CPU)
+runs the result, simulating INT8 numerics; TensorRT builds it (strongly typed on >= 10).
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
+import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
 from calibration.algorithms import amax_to_scale
 from calibration.collect import QUANTIZABLE_OP_TYPES
 from calibration.errors import CalibrationError
+from calibration.qdq_insert import insert_qdq
+from calibration.qdq_placement import PLACEMENTS, GraphIndex, Placement, name_nodes, plan_placement
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
 
 
-def activation_scale(amax: float) -> np.float32:
+def activation_scale(amax: float, tensor: str = "") -> np.float32:
     """The Q/DQ scale of an activation: ``amax / 127`` as float32, or 1.0 when amax is 0."""
+    if not math.isfinite(float(amax)) or float(amax) < 0:
+        where = f" of {tensor!r}" if tensor else ""
+        raise CalibrationError(f"amax{where} must be finite and >= 0, got {amax}; recalibrate that tensor")
     scale = amax_to_scale(amax)
     return scale if scale > 0 else np.float32(1.0)
 
@@ -58,6 +70,9 @@ def _load(onnx_path: Path) -> Any:
     if opset < MIN_OPSET:
         raise CalibrationError(f"{onnx_path}: opset {opset} is too old for per-channel Q/DQ (needs >= {MIN_OPSET}); "
                                f"export with export.opset >= {MIN_OPSET}")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise CalibrationError(f"{onnx_path}: the model already holds QuantizeLinear/DequantizeLinear nodes; "
+                               "quantize the FP32 export, not a Q/DQ model")
     _fold_constants(model)
     return model
 
@@ -92,72 +107,92 @@ def _fold_constants(model: Any) -> None:
 
 
 def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: Mapping[str, float], *,
+                 placement: str = "tensorrt", exclude_nodes: Iterable[str] = (),
                  op_types: Sequence[str] = QUANTIZABLE_OP_TYPES, per_channel: bool = True,
                  dedicated_pairs: bool = False) -> dict[str, Any]:
     """Write the Q/DQ model of ``onnx_path`` to ``out_path`` with activation ranges ``amax``
-    (tensor name -> amax). Returns a summary: the activations quantized and their scales.
+    (tensor name -> amax). Returns the placement summary (see :func:`placement_summary`).
 
-    Every activation input of a quantized op must have a range; a missing one raises
-    CalibrationError naming it (collect with scope "all" or "quantizable").
+    Every activation the placement quantizes must have a range; missing ones raise
+    CalibrationError naming them (calibrate with scope "all").
     """
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
-    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-
+    if placement not in PLACEMENTS:
+        raise CalibrationError(f"unknown Q/DQ placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     model = _load(onnx_path)
-    needed = _activation_inputs(model, op_types)
-    missing = [n for n in needed if n not in amax]
+    renamed = name_nodes(model)
+    index = GraphIndex.build(model)
+    plan = plan_placement(model, rules=placement, op_types=op_types, exclude_nodes=exclude_nodes, index=index)
+    scales, groups = _scales(plan, amax, onnx_path, op_types)
+    counts = insert_qdq(model, plan.edges, scales, plan.weights, per_channel=per_channel,
+                        dedicated_pairs=dedicated_pairs)
+    _check(model, onnx_path)
+    _save(model, out_path)
+    summary = placement_summary(plan, index, scales, groups, op_types=op_types, per_channel=per_channel)
+    summary.update(q_nodes=counts.q_nodes, dq_nodes=counts.dq_nodes, renamed_nodes=renamed)
+    return summary
+
+
+def _scales(plan: Placement, amax: Mapping[str, float], onnx_path: Path,
+            op_types: Sequence[str]) -> tuple[dict[str, np.float32], list[dict[str, Any]]]:
+    """The scale of every quantized activation: its own ``amax / 127``, or for a Concat
+    group the scale of the largest amax among the group's Concat inputs (the first such
+    input on a tie). Missing ranges are one error that lists them."""
+    in_group = {t for g in plan.concat_groups for t in g["tensors"]}
+    needed = [t for t in plan.edges if t not in in_group]
+    needed += [t for g in plan.concat_groups for t in g["inputs"] if t not in needed]
+    missing = [t for t in needed if t not in amax]
     if missing:
-        raise CalibrationError(f"{onnx_path}: no calibrated range for activation(s) {missing[:5]} "
-                               f"({len(missing)} in all) that feed {'/'.join(op_types)} ops; calibrate them first")
-    scales = {name: activation_scale(float(amax[name])) for name in needed}
-    # The ranges only satisfy the quantizer's bookkeeping; the overrides fix the scales.
-    ranges = {name: TensorData(lowest=np.array(-float(s) * 127, np.float32),
-                               highest=np.array(float(s) * 127, np.float32)) for name, s in scales.items()}
-    overrides = {name: [{"scale": np.array(s, np.float32), "zero_point": np.array(0, np.int8)}]
-                 for name, s in scales.items()}
-    extra = {
-        "ActivationSymmetric": True,
-        "WeightSymmetric": True,
-        "QuantizeBias": False,
-        "TensorQuantOverrides": overrides,
-        "OpTypesToExcludeOutputQuantization": list(op_types),
-        "DedicatedQDQPair": bool(dedicated_pairs),
+        raise CalibrationError(
+            f"{onnx_path}: no calibrated range for activation(s) {missing[:5]} ({len(missing)} in all) that the "
+            f"{plan.rules!r} Q/DQ placement quantizes (inputs of {'/'.join(op_types)}, residual skips, pooling and "
+            f"Concat inputs); calibrate them first (collect with scope 'all')")
+    scales = {t: activation_scale(float(amax[t]), t) for t in plan.edges if t not in in_group}
+    groups = []
+    for group in plan.concat_groups:
+        source = max(group["inputs"], key=lambda t: float(amax[t]))  # max() keeps the first on a tie
+        scale = activation_scale(float(amax[source]), source)
+        for t in group["tensors"]:
+            if t in plan.edges:
+                scales[t] = scale
+        groups.append({**group, "amax": float(amax[source]), "amax_from": source, "scale": float(scale)})
+    return scales, groups
+
+
+def placement_summary(plan: Placement, index: GraphIndex, scales: Mapping[str, np.float32],
+                      groups: Sequence[Mapping[str, Any]], *, op_types: Sequence[str],
+                      per_channel: bool) -> dict[str, Any]:
+    """JSON-ready account of a placement:
+
+    * ``activations``: tensor -> scale of every quantized activation (float);
+    * ``weights``: initializer -> ``{"axis", "nodes"}`` (axis None: per tensor);
+    * ``quantized_inputs``: node name -> the inputs it reads through a DQ (activations
+      and weights, by their names in the FP32 model);
+    * ``residual_adds``: ``{"node", "skip_input", "skip_index", "fused_input", "fused_conv"}``;
+    * ``concat_groups``: ``{"concats", "tensors", "inputs", "amax", "amax_from", "scale"}``;
+    * ``pools``: pooling nodes with a quantized input; ``excluded_nodes``;
+    * ``expected_precision``: every node of the FP32 graph -> ``"int8"`` (some input is
+      quantized) or ``"float"``, to check against the layer precisions of an engine;
+    * ``float_constants``: weighted-op inputs computed from constants by nodes, left float.
+    """
+    weights: dict[str, dict[str, Any]] = {}
+    for node, _, name, axis in plan.weights:
+        entry = weights.setdefault(name, {"axis": axis if per_channel else None, "nodes": []})
+        entry["nodes"].append(node)
+    return {
+        "placement": plan.rules,
+        "op_types": list(op_types),
+        "per_channel": per_channel,
+        "activations": {t: float(scales[t]) for t in plan.edges if plan.edges[t]},
+        "weights": weights,
+        "quantized_inputs": plan.quantized_inputs(index),
+        "residual_adds": [dict(r) for r in plan.residual_adds],
+        "concat_groups": [dict(g) for g in groups],
+        "pools": list(plan.pools),
+        "excluded_nodes": list(plan.excluded),
+        "expected_precision": plan.expected_precision(index),
+        "float_constants": list(plan.float_constants),
     }
-    try:
-        with _quiet():
-            quantizer = QDQQuantizer(model, per_channel, False, QuantType.QInt8, QuantType.QInt8,
-                                     TensorsData(CalibrationMethod.MinMax, ranges), [], [], list(op_types), extra)
-            quantizer.quantize_model()
-    except (ValueError, TypeError, AssertionError, KeyError) as e:
-        raise CalibrationError(f"{onnx_path}: onnxruntime's QDQ quantizer failed ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
-    quantizer.model.topological_sort()  # the quantizer appends Q/DQ nodes at the end
-    qmodel = quantizer.model.model
-    _check(qmodel, onnx_path)
-    _save(qmodel, out_path)
-    quantized = {name: float(s) for name, s in scales.items()}
-    return {"activations": quantized, "op_types": list(op_types), "per_channel": per_channel,
-            "q_nodes": sum(1 for n in qmodel.graph.node if n.op_type == "QuantizeLinear"),
-            "dq_nodes": sum(1 for n in qmodel.graph.node if n.op_type == "DequantizeLinear")}
-
-
-def _activation_inputs(model: Any, op_types: Sequence[str]) -> list[str]:
-    """Non-constant float inputs of the ops to quantize (biases excluded), in graph order."""
-    from calibration.collect import _constant_tensors, _element_types
-
-    types = _element_types(model)
-    const = _constant_tensors(model)
-    names: list[str] = []
-    for node in model.graph.node:
-        if node.op_type not in op_types:
-            continue
-        inputs = node.input[:2] if node.op_type in QUANTIZABLE_OP_TYPES else node.input
-        for name in inputs:
-            if name and name not in const and types.get(name, 1) in (1, 10, 16) and name not in names:
-                names.append(name)
-    return names
 
 
 def _check(model: Any, onnx_path: Path) -> None:
@@ -183,23 +218,10 @@ def _save(model: Any, out_path: Path) -> None:
         onnx.save_model(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
 
 
-@contextlib.contextmanager
-def _quiet():
-    """onnxruntime's quantizer logs warnings (pre-processing advice) on the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
-
-
 def read_qdq_scales(model_or_path: Any) -> dict[str, dict[str, Any]]:
     """Scales of the QuantizeLinear nodes of a Q/DQ model, keyed by the tensor quantized:
     ``{"scale": float32 array, "zero_point": array, "axis": int | None, "weight": bool}``.
-    Weights (constant inputs) are quantized offline by onnxruntime and appear as the
+    Weights (constant inputs) are quantized offline and appear as the
     DequantizeLinear of an int8 initializer; those are listed too with ``weight: True``."""
     import onnx
     from onnx import numpy_helper
@@ -222,4 +244,4 @@ def read_qdq_scales(model_or_path: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["quantize_qdq", "read_qdq_scales", "activation_scale", "MIN_OPSET"]
+__all__ = ["quantize_qdq", "placement_summary", "read_qdq_scales", "activation_scale", "MIN_OPSET", "PLACEMENTS"]

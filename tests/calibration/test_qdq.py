@@ -10,7 +10,7 @@ import pytest
 
 from calibration.algorithms import amax_to_scale, compute_amax
 from calibration.collect import collect_histograms
-from pipeline.datasets import calibration_batches
+from pipeline.data import calibration_batches
 from calibration.errors import CalibrationError
 from calibration.qdq import quantize_qdq, read_qdq_scales
 from tests.calibration.nets import _photo_crops, export, residual_cnn
