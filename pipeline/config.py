@@ -1,16 +1,24 @@
 """Typed configuration: `configs/<model>.yaml`, chosen and overridden by `params.yaml`.
 
-params.yaml names the config file (`config:`) and may override any section with the
-knobs an engineer sweeps through `dvc exp run -S calibration.method=minmax`: a section
-given in params.yaml is merged key by key over the same section of the config file.
-A misspelt key or a wrong type is rejected with its dotted path and what was expected.
+params.yaml names the config file (`config:`) and holds the knobs an engineer sweeps
+through `dvc exp run -S calibration.method=minmax`: a section given in params.yaml is
+merged key by key over the same section of the config file, and every value params.yaml
+changes is printed as a note, so an override is never silent. A misspelt key, a wrong
+type or a non-finite number (`.inf`, `.nan`) is rejected with its dotted path.
+
+A model is described by its tensors (DESIGN.md section 7): `model.inputs`, a list of
+{name, shape, dtype} where `shape` is one sample's shape without the batch axis and a
+string entry names a dynamic axis (`[seq]`, `[3, height, width]`); `model.input` is the
+one-input shorthand. `model.outputs` names the outputs (and optionally their shapes);
+`model.output_names` is its shorthand.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -18,23 +26,93 @@ from .errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 Precision = Literal["fp32", "fp16", "int8"]
+DType = Literal["float32", "float16", "int64", "int32", "bool"]
+FLOAT_DTYPES = ("float32", "float16")
+BATCH_AXIS = "batch"
+_AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+Dim = Union[int, str]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: a NaN or Inf anywhere in the config is an error naming the key.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class InputSpec(_Strict):
-    name: str = "input"
-    shape: list[int] = Field(description="one sample's shape, without the batch axis (e.g. [3, 224, 224])")
-    dtype: Literal["float32", "float16"] = "float32"
+def _check_dims(dims: list[Any], where: str) -> list[Dim]:
+    out: list[Dim] = []
+    for d in dims:
+        if isinstance(d, bool):
+            raise ValueError(f"{where}: {d!r} is not a dimension")
+        if isinstance(d, int):
+            if d <= 0:
+                raise ValueError(f"{where}: every fixed dimension must be a positive integer, got {d}")
+        elif isinstance(d, str):
+            if not _AXIS.match(d):
+                raise ValueError(f"{where}: dynamic axis name {d!r} must be an identifier (letters, digits, _)")
+            if d == BATCH_AXIS:
+                raise ValueError(f"{where}: '{BATCH_AXIS}' is the leading batch axis, which the shape leaves out")
+        else:
+            raise ValueError(f"{where}: {d!r} is neither a positive integer nor a dynamic axis name")
+        out.append(d)
+    return out
+
+
+def _strip_batch(v: Any) -> Any:
+    """`[batch, seq]` and `[seq]` mean the same: the batch axis is always first and implicit."""
+    if isinstance(v, list) and v and v[0] == BATCH_AXIS:
+        return v[1:]
+    return v
+
+
+class TensorSpec(_Strict):
+    """One model input: name, dtype and one sample's shape (no batch axis; strings name dynamic axes)."""
+
+    name: str = Field("input", min_length=1)
+    shape: list[Dim] = Field(description="one sample's shape, without the batch axis (e.g. [3, 224, 224] or [seq])")
+    dtype: DType = "float32"
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        return _strip_batch(v)
 
     @field_validator("shape")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(d <= 0 for d in v):
-            raise ValueError("every dimension must be a positive integer")
-        return v
+    def _dims(cls, v: list[Any]) -> list[Dim]:
+        return _check_dims(v, "shape")
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """Axis index (in the batched tensor, batch = 0) -> name, for every named axis."""
+        return {i + 1: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+InputSpec = TensorSpec  # the name the one-input shorthand (`model.input`) had
+
+
+class OutputSpec(_Strict):
+    """One model output: its name and, optionally, one sample's shape (strings name dynamic axes)."""
+
+    name: str = Field(min_length=1)
+    shape: Optional[list[Dim]] = None
+
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        return _strip_batch(v)
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: Optional[list[Any]]) -> Optional[list[Dim]]:
+        return None if v is None else _check_dims(v, "shape")
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i + 1: d for i, d in enumerate(self.shape or []) if isinstance(d, str)}
 
 
 class TrainConfig(_Strict):
@@ -42,25 +120,76 @@ class TrainConfig(_Strict):
 
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(0.003, gt=0)
+    lr: float = Field(0.003, gt=0, le=10)
     seed: int = 0
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"{what} names '{n}' twice; every name must be unique")
+        seen.add(n)
 
 
 class ModelConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     source: Literal["builtin", "torchvision", "factory"] = "builtin"
     arch: str = Field(description="builtin name, torchvision architecture, or module:function factory")
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = Field(None, min_length=1)
     num_classes: int = Field(10, ge=1)
-    input: InputSpec
-    output_names: list[str] = ["logits"]
+    inputs: list[TensorSpec] = Field(min_length=1, description="the model's inputs, in the order forward() takes them")
+    outputs: Optional[list[OutputSpec]] = Field(
+        None, description="names (and optional shapes) of the flattened outputs; default: the model's dict keys, "
+        "'logits' for a single tensor, output_0.. for a tuple")
     train: TrainConfig = TrainConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "input" in data:
+            if "inputs" in data:
+                raise ValueError("give either model.input (one input) or model.inputs (a list), not both")
+            data["inputs"] = [data.pop("input")]
+        if "output_names" in data:
+            if "outputs" in data:
+                raise ValueError("give either model.output_names or model.outputs, not both")
+            names = data.pop("output_names")
+            data["outputs"] = [{"name": n} for n in names] if isinstance(names, list) else names
+        return data
+
     @model_validator(mode="after")
-    def _factory_form(self) -> "ModelConfig":
+    def _checks(self) -> "ModelConfig":
         if self.source == "factory" and ":" not in self.arch:
             raise ValueError("model.arch must be 'module:function' when model.source is 'factory'")
+        _unique([i.name for i in self.inputs], "model.inputs")
+        if self.outputs is not None:
+            if not self.outputs:
+                raise ValueError("model.outputs is empty; name at least one output or leave it out")
+            _unique([o.name for o in self.outputs], "model.outputs")
+            clash = {i.name for i in self.inputs} & {o.name for o in self.outputs}
+            if clash:
+                raise ValueError(f"'{sorted(clash)[0]}' is both an input and an output name")
         return self
+
+    @property
+    def input(self) -> TensorSpec:
+        """The only input of a one-input model (errors for several)."""
+        if len(self.inputs) != 1:
+            raise ConfigError(f"model '{self.name}' has {len(self.inputs)} inputs "
+                              f"({', '.join(self.input_names)}); this step needs exactly one")
+        return self.inputs[0]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inputs]
+
+    @property
+    def output_names(self) -> Optional[list[str]]:
+        return None if self.outputs is None else [o.name for o in self.outputs]
 
 
 class PreprocessConfig(_Strict):
@@ -72,11 +201,14 @@ class PreprocessConfig(_Strict):
     channel_order: Literal["rgb", "bgr"] = "rgb"
     layout: Literal["nchw", "nhwc"] = "nchw"
     dtype: Literal["float32", "float16"] = "float32"
+    inputs: Optional[list[str]] = Field(
+        None, description="the float inputs preprocessing applies to (default: every float input); integer inputs "
+        "are never normalized")
 
 
 class SplitConfig(_Strict):
     train: float = Field(0.6, ge=0, le=1)
-    calibration: float = Field(0.2, gt=0, le=1)
+    calibration: float = Field(0.2, ge=0, le=1)
     evaluation: float = Field(0.2, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -89,12 +221,32 @@ class SplitConfig(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["digits", "npz", "npy", "image_folder", "factory"] = "digits"
-    path: Optional[str] = Field(None, description="file or folder for npz/npy/image_folder, module:function for factory")
-    calibration_path: Optional[str] = Field(None, description="separate calibration data; else split from `path`")
+    path: Optional[str] = Field(None, min_length=1,
+                                description="file or folder for npz/npy/image_folder, module:function for factory")
+    calibration_path: Optional[str] = Field(
+        None, min_length=1, description="separate calibration data; then data.path is all evaluation data unless "
+        "data.split says otherwise")
+    labels_key: str = Field("y", min_length=1, description="the npz key (or factory dict key) holding the labels")
     seed: int = 0
     split: SplitConfig = SplitConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     max_samples: Optional[int] = Field(None, ge=1)
+    pad_to: dict[str, int] = Field(
+        default_factory=dict, description="dynamic axis name -> length every sample is padded (or cut) to; "
+        "default: the longest sample")
+    pad_value: dict[str, float] = Field(default_factory=dict, description="input name -> padding value (default 0)")
+
+    @field_validator("pad_to")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        for k, n in v.items():
+            if n < 1:
+                raise ValueError(f"pad_to.{k} must be >= 1, got {n}")
+        return v
+
+    @property
+    def split_is_explicit(self) -> bool:
+        return "split" in self.model_fields_set
 
 
 class ExportConfig(_Strict):
@@ -102,11 +254,17 @@ class ExportConfig(_Strict):
     dynamic_batch: bool = True
 
 
+class OutputTolerance(_Strict):
+    atol: Optional[float] = Field(None, ge=0)
+    min_cosine: Optional[float] = Field(None, ge=-1, le=1)
+
+
 class ValidateConfig(_Strict):
     num_samples: int = Field(256, ge=1)
     atol: float = Field(1e-4, ge=0, description="largest allowed max |onnxruntime - PyTorch| per output")
     min_cosine: float = Field(0.99999, ge=-1, le=1)
     batch_size: int = Field(64, ge=1)
+    outputs: dict[str, OutputTolerance] = Field(default_factory=dict, description="per-output tolerances")
 
 
 class CalibrationConfig(_Strict):
@@ -117,12 +275,18 @@ class CalibrationConfig(_Strict):
     num_bins: int = Field(2048, ge=128)
     seed: int = 0
     rules: Literal["tensorrt", "reference"] = Field(
-        "tensorrt", description="tensorrt: what TensorRT 8.6's calibrator computes; reference: DESIGN.md section 4"
-    )
+        "tensorrt", description="tensorrt: what TensorRT 8.6's calibrator computes; reference: the public reference")
+    exclude: list[str] = Field(default_factory=list, description="tensor-name globs left out of calibration "
+                               "(kept in higher precision)")
+    sentinel_abs: float = Field(1e30, gt=0, description="a tensor with |x| >= this (or ±Inf) carries sentinel "
+                                "values (attention masks) and is left in higher precision")
+    tensorrt_version: Optional[str] = Field(
+        None, pattern=r"^\d+\.\d+(\.\d+)*$", description="the TensorRT the cache is written for "
+        "(default: the installed one, else 8.6.0)")
 
 
 class ProfileConfig(_Strict):
-    """Batch range of the optimization profile (dynamic batch axis)."""
+    """Batch range of the optimization profile (dynamic batch axis): the one-profile shorthand."""
 
     min_batch: int = Field(1, ge=1)
     opt_batch: int = Field(32, ge=1)
@@ -137,20 +301,45 @@ class ProfileConfig(_Strict):
         return self
 
 
+class ShapeRange(_Strict):
+    min: list[int]
+    opt: list[int]
+    max: list[int]
+
+
+# A profile maps a dynamic axis name to [min, opt, max], or an input name to full shapes.
+ProfileSpec = dict[str, Union[list[int], ShapeRange]]
+
+
+class FP16Config(_Strict):
+    keep_fp32_ops: list[str] = Field(
+        default_factory=lambda: ["Softmax", "LayerNormalization", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf"],
+        description="op types kept in fp32 in fp16 variants (reductions that overflow in fp16)")
+    keep_fp32_nodes: list[str] = Field(default_factory=list, description="node-name globs kept in fp32")
+    range_check: bool = Field(True, description="run the FP32 model on calibration samples and keep in fp32 every "
+                              "node whose activations leave fp16's range")
+
+
 class BuildConfig(_Strict):
     backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
     workspace_mb: int = Field(1024, ge=16)
     profile: ProfileConfig = ProfileConfig()
-    timing_cache: Optional[str] = "artifacts/timing.cache"
+    profiles: Optional[list[ProfileSpec]] = Field(
+        None, description="optimization profiles: [{batch: [1, 8, 32], seq: [16, 128, 256]}, ...] "
+        "(axis -> [min, opt, max]) or {input: {min: [...], opt: [...], max: [...]}}")
+    timing_cache: Optional[str] = Field("artifacts/timing.cache", min_length=1)
     int8_route: Literal["implicit", "explicit"] = "implicit"
     tf32: bool = Field(True, description="let FP32 layers use TF32 tensor cores (TensorRT's default; trtexec --noTF32)")
     int8_calibrator: Literal["entropy2", "minmax"] = "entropy2"
-    calibration_source: Literal["tensorrt", "cache"] = Field(
-        "tensorrt", description="implicit INT8: calibrate with TensorRT, or reuse the calibrate stage's cache"
-    )
+    int8_float_fallback: Literal["fp16", "fp32"] = Field(
+        "fp16", description="precision of the layers an int8 engine cannot run in int8 (trtexec --int8 --fp16)")
+    calibration_source: Literal["auto", "tensorrt", "cache"] = Field(
+        "auto", description="implicit INT8: 'cache' reuses the calibrate stage's cache, 'tensorrt' runs TensorRT's "
+        "calibrator, 'auto' takes the cache when it was written for this TensorRT")
     layer_precisions: dict[str, Literal["fp32", "fp16"]] = Field(
         default_factory=dict, description="layer-name glob -> precision pinned in the engine"
     )
+    fp16: FP16Config = FP16Config()
     builder_optimization_level: Optional[int] = Field(
         None, ge=0, le=5, description="TensorRT's builder optimization level 0-5 (trtexec --builderOptimizationLevel); "
         "null: TensorRT's default (3)"
@@ -160,65 +349,126 @@ class BuildConfig(_Strict):
         "{faster_dynamic_shapes_0805: false} (trtexec --preview=-fasterDynamicShapes0805)"
     )
 
+    @model_validator(mode="after")
+    def _one_profile_form(self) -> "BuildConfig":
+        if self.profiles is not None:
+            if "profile" in self.model_fields_set:
+                raise ValueError("give either build.profile (batch only) or build.profiles, not both")
+            if not self.profiles:
+                raise ValueError("build.profiles is empty; give at least one profile or leave it out")
+        return self
+
+    @property
+    def profile_specs(self) -> list[dict[str, Any]]:
+        """Every profile in the axis/input form (`build.profile` becomes one batch-axis profile)."""
+        if self.profiles is not None:
+            return [{k: (v.model_dump() if isinstance(v, ShapeRange) else list(v)) for k, v in p.items()}
+                    for p in self.profiles]
+        p = self.profile
+        return [{BATCH_AXIS: [p.min_batch, p.opt_batch, p.max_batch]}]
+
 
 class LatencyConfig(_Strict):
     warmup: int = Field(10, ge=0)
     iterations: int = Field(100, ge=1)
     batch_sizes: list[int] = [1, 32]
 
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive integers")
+        return v
+
 
 _TOPK = re.compile(r"^top[1-9][0-9]*$")
+_METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+class BuiltinMetric(_Strict):
+    """A built-in top-k accuracy (percent) on one output: `{metric: top1, output: prob}`."""
+
+    metric: str = Field(pattern=r"^top[1-9][0-9]*$")
+    output: Optional[str] = Field(None, description="the output it reads (needed when the model has several)")
+    name: Optional[str] = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+                                description="column name in the reports (default: top1, or top1_<output>)")
 
 
 class MetricSpec(_Strict):
     """A user task metric: `module:function` called as fn(outputs, labels, **kwargs) -> {name: float}.
 
     `outputs` maps each output name to the variant's numpy outputs over the evaluation
-    set; `labels` is the `y` array of eval.npz (None without labels). A function that
+    set; `labels` is the label array of eval.npz (None without labels). A function that
     declares a `reference` or `inputs` parameter also gets the PyTorch outputs (same
-    form as `outputs`) or the evaluation inputs."""
+    form as `outputs`) or the evaluation inputs (a dict name -> array). `output` names
+    the output the metric is about (recorded in the reports)."""
 
     function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="module:function")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments for the function")
+    output: Optional[str] = None
 
 
-class EvaluateConfig(_Strict):
-    batch_size: int = Field(64, ge=1)
-    latency: LatencyConfig = LatencyConfig()
-    metrics: list[str | MetricSpec] = Field(
-        default_factory=lambda: ["top1", "top5"],
-        description="built-in topK (top1, top5, ...) or 'module:function' (or {function, kwargs}) user metrics",
-    )
-    primary_metric: Optional[str] = Field(None, description="accuracy axis of tradeoff.png (default: the first metric)")
-
-    @field_validator("metrics")
-    @classmethod
-    def _known(cls, v: list[Any]) -> list[Any]:
-        out = []
-        for m in v:
-            if isinstance(m, str) and not _TOPK.match(m):
-                if ":" not in m:
-                    raise ValueError(f"'{m}' is neither a built-in metric (top1, top5, topK) nor a 'module:function'")
-                m = MetricSpec(function=m)
-            out.append(m)
-        return out
-
-
-# Agreement statistics (pipeline.metrics.agreement) by direction; the gate checks the first
-# group with `min_agreement` and the second with `max_divergence`.
 AGREEMENT_HIGHER_BETTER = ("cosine", "cosine_min", "top1_agreement", "snr_db")
 AGREEMENT_LOWER_BETTER = ("max_abs_diff", "mean_abs_diff", "rel_l2")
 AGREEMENT_REFERENCES = ("fp32", "pytorch")
 
 
+def split_agreement_key(key: str) -> tuple[Optional[str], str, Optional[str]]:
+    """'pytorch_cosine@boxes' -> ('pytorch', 'cosine', 'boxes'); 'cosine' -> (None, 'cosine', None)."""
+    base, _, output = key.partition("@")
+    ref, _, stat = base.partition("_")
+    if ref in AGREEMENT_REFERENCES and stat:
+        return ref, stat, output or None
+    return None, base, output or None
+
+
 def _agreement_keys(keys: Any, allowed: tuple[str, ...], where: str) -> None:
     for k in keys:
-        base = k.split("_", 1)[1] if k.split("_", 1)[0] in AGREEMENT_REFERENCES else k
-        if base not in allowed:
+        _, stat, _ = split_agreement_key(k)
+        if stat not in allowed:
             raise ValueError(
-                f"{where}: '{k}' is not one of {', '.join(allowed)} "
-                "(optionally prefixed fp32_ or pytorch_; without a prefix it is measured against fp32)"
+                f"{where}: '{k}' is not one of {', '.join(allowed)} (optionally prefixed fp32_ or pytorch_, and "
+                "suffixed @<output> for one output; without a prefix it is measured against fp32, without a suffix "
+                "on every output)"
             )
+
+
+class EvaluateConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    latency: LatencyConfig = LatencyConfig()
+    metrics: list[Union[BuiltinMetric, MetricSpec]] = Field(
+        default_factory=lambda: ["top1", "top5"], validate_default=True,
+        description="built-in topK (top1, {metric: top1, output: prob}) or 'module:function' "
+        "(or {function, kwargs, output}) user metrics",
+    )
+    primary_metric: Optional[str] = Field(None, description="accuracy axis of tradeoff.png (default: the first metric)")
+    agreement_floor: dict[str, float] = Field(
+        default_factory=lambda: {"cosine": 0.95},
+        description="least agreement with fp32 on every output ({cosine: 0.95}, cosine@boxes, ...); a variant "
+        "below it is flagged in compare and fails the gate")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _forms(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        out = []
+        for m in v:
+            if isinstance(m, str):
+                if _TOPK.match(m):
+                    m = {"metric": m}
+                elif ":" in m:
+                    m = {"function": m}
+                else:
+                    raise ValueError(f"'{m}' is neither a built-in metric (top1, top5, topK) nor a 'module:function'")
+            out.append(m)
+        return out
+
+    @field_validator("agreement_floor")
+    @classmethod
+    def _floor(cls, v: dict[str, float]) -> dict[str, float]:
+        _agreement_keys(v, AGREEMENT_HIGHER_BETTER, "evaluate.agreement_floor")
+        return v
 
 
 class GateThresholds(_Strict):
@@ -262,7 +512,7 @@ class GateConfig(_Strict):
 
 
 class PublishConfig(_Strict):
-    registry: str = "artifacts/registry"
+    registry: str = Field("artifacts/registry", min_length=1)
     precisions: list[Precision] = list(PRECISIONS)
 
 
@@ -277,7 +527,32 @@ class Config(_Strict):
     gate: GateConfig = GateConfig()
     publish: PublishConfig = PublishConfig()
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        names = set(self.model.input_names)
+        if self.data.labels_key in names:
+            raise ValueError(f"data.labels_key '{self.data.labels_key}' is also an input name; set data.labels_key to "
+                             "another key")
+        for what, keys in (("data.pad_value", self.data.pad_value), ("data.preprocess.inputs",
+                                                                     self.data.preprocess.inputs or [])):
+            unknown = [k for k in keys if k not in names]
+            if unknown:
+                raise ValueError(f"{what} names '{unknown[0]}', which is not a model input "
+                                 f"({', '.join(self.model.input_names)})")
+        pre = self.data.preprocess
+        if "dtype" in pre.model_fields_set:
+            for spec in self.model.inputs:
+                if spec.is_float and (pre.inputs is None or spec.name in pre.inputs) and spec.dtype != pre.dtype:
+                    raise ValueError(f"data.preprocess.dtype is {pre.dtype} but input '{spec.name}' is {spec.dtype}; "
+                                     "samples take the input's dtype: drop data.preprocess.dtype")
+        axes = {d for i in self.model.inputs for d in i.shape if isinstance(d, str)}
+        unknown = [k for k in self.data.pad_to if k not in axes]
+        if unknown:
+            raise ValueError(f"data.pad_to names axis '{unknown[0]}', which no model input has "
+                             f"(dynamic axes: {', '.join(sorted(axes)) or 'none'})")
+        return self
 
     def raw(self) -> dict[str, Any]:
         """The resolved config as plain data (for manifests and hashes)."""
@@ -292,11 +567,15 @@ def _format_errors(source: str, exc: ValidationError) -> str:
             parts.append(f"unknown key '{loc}' (check its spelling)")
         elif err["type"] == "missing":
             parts.append(f"missing key '{loc}'")
+        elif err["type"] == "finite_number":
+            parts.append(f"'{loc}': {err.get('input')!r} is not a finite number; give a finite value")
         else:
             got = err.get("input")
             got_s = "" if isinstance(got, (dict, list)) else f", got {got!r}"
-            parts.append(f"'{loc}': {err['msg']}{got_s}")
-    return f"{source}: " + "; ".join(parts)
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"'{loc}': {msg}{got_s}")
+    # Union types report one error per member: keep the messages distinct.
+    return f"{source}: " + "; ".join(dict.fromkeys(parts))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -308,23 +587,33 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return data
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any], path: str = "", changed: Optional[list[str]] = None) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        key = f"{path}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, key + ".", changed)
+        else:
+            if changed is not None and k in out and out[k] != v:
+                changed.append(f"{key} {out[k]!r} -> {v!r}")
+            out[k] = v
     return out
 
 
 PARAMS_META_KEYS = {"config", "precisions"}
 
 
-def load_config(config_path: str | Path | None = None, params_path: str | Path = "params.yaml") -> Config:
-    """Load the config named by params.yaml (or `config_path`), with params.yaml's sections merged over it."""
+def load_config(config_path: str | Path | None = None, params_path: str | Path = "params.yaml",
+                quiet: bool = False) -> Config:
+    """Load the config named by params.yaml (or `config_path`), with params.yaml's sections
+    merged over it. Every config value params.yaml changes is noted on stderr."""
     params: dict[str, Any] = {}
     params_path = Path(params_path)
     if params_path.is_file():
@@ -333,11 +622,17 @@ def load_config(config_path: str | Path | None = None, params_path: str | Path =
         config_path = params.get("config")
         if not config_path:
             raise ConfigError(f"{params_path}: no 'config:' key naming a configs/<model>.yaml (or pass --config)")
+        if not isinstance(config_path, str):
+            raise ConfigError(f"{params_path}: 'config' must be a path string, got {config_path!r}")
     config_path = Path(config_path)
     data = _read_yaml(config_path)
     overrides = {k: v for k, v in params.items() if k not in PARAMS_META_KEYS}
     source = f"{config_path}" + (f" (+ overrides from {params_path})" if overrides else "")
+    changed: list[str] = []
     try:
-        return Config.model_validate(_merge(data, overrides))
+        cfg = Config.model_validate(_merge(data, overrides, changed=changed))
     except ValidationError as e:
         raise ConfigError(_format_errors(source, e)) from None
+    if changed and not quiet:
+        print(f"trtpipe: note: {params_path} overrides {config_path}: " + "; ".join(changed), file=sys.stderr)
+    return cfg

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.backends.trt_layers import match_layer_precisions
-from pipeline.backends.trt_profiles import calibration_shapes, check_profile, onnx_inputs, profile_shapes
-from pipeline.config import Config, ProfileConfig
+from pipeline.config import BuildConfig, Config
+from pipeline.profiles import config_profiles, fits, max_batch, onnx_inputs, pick_profile, resolve_profiles
 from pipeline.errors import BackendError, ConfigError, ModelError
 
 
@@ -41,29 +41,43 @@ def test_onnx_inputs_missing_or_garbage(tmp_path):
         onnx_inputs(tmp_path / "bad.onnx")
 
 
-def test_profile_on_the_batch_axis():
-    shapes = profile_shapes({"input": ["N", 3, 8, 8]}, ProfileConfig(min_batch=1, opt_batch=4, max_batch=16))
-    assert shapes["input"] == {"min": [1, 3, 8, 8], "opt": [4, 3, 8, 8], "max": [16, 3, 8, 8], "static_batch": False}
-    assert calibration_shapes(shapes, 32) == {"input": [32, 3, 8, 8]}
+def test_batch_profile_shorthand_on_axis_0():
+    build = BuildConfig(profile={"min_batch": 1, "opt_batch": 4, "max_batch": 16})
+    (p,) = config_profiles({"input": ["N", 3, 8, 8]}, build)
+    assert p["input"] == {"min": [1, 3, 8, 8], "opt": [4, 3, 8, 8], "max": [16, 3, 8, 8]}
+    assert max_batch([p]) == 16
 
 
 def test_static_batch_keeps_its_size():
-    shapes = profile_shapes({"input": [2, 3, 8, 8]}, {"min_batch": 1, "opt_batch": 4, "max_batch": 16})
-    assert shapes["input"]["min"] == shapes["input"]["max"] == [2, 3, 8, 8]
-    assert calibration_shapes(shapes, 32) == {"input": [2, 3, 8, 8]}
+    (p,) = config_profiles({"input": [2, 3, 8, 8]}, BuildConfig())
+    assert p["input"]["min"] == p["input"]["max"] == [2, 3, 8, 8]
 
 
-def test_profile_min_above_max_is_clear():
-    bad = ProfileConfig.model_construct(min_batch=8, opt_batch=4, max_batch=2)
-    with pytest.raises(ConfigError, match=r"build.profile.*min_batch 8, opt_batch 4, max_batch 2"):
-        profile_shapes({"input": ["N", 3]}, bad)
-    with pytest.raises(ConfigError, match="min_batch must be >= 1"):
-        check_profile({"min_batch": 0, "opt_batch": 1, "max_batch": 1})
+def test_named_axes_shared_by_inputs_and_several_profiles():
+    inputs = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"], "pixel": ["batch", 3, "h", "w"]}
+    specs = [{"batch": [1, 1, 1], "seq": [1, 16, 32], "h": [32, 64, 64], "w": [32, 64, 64]},
+             {"batch": [2, 8, 32], "seq": [16, 128, 256], "pixel": {"min": [2, 3, 64, 64], "opt": [8, 3, 64, 64],
+                                                                     "max": [32, 3, 128, 128]}}]
+    a, b = resolve_profiles(inputs, specs)
+    assert a["attention_mask"] == {"min": [1, 1], "opt": [1, 16], "max": [1, 32]}
+    assert a["pixel"] == {"min": [1, 3, 32, 32], "opt": [1, 3, 64, 64], "max": [1, 3, 64, 64]}
+    assert b["input_ids"]["max"] == [32, 256] and b["pixel"]["max"] == [32, 3, 128, 128]
+    request = {"input_ids": [4, 100], "attention_mask": [4, 100], "pixel": [4, 3, 64, 64]}
+    assert not fits(a, request) and fits(b, request) and pick_profile([a, b], request) == 1
+    assert pick_profile([a, b], {**request, "input_ids": [4, 300]}) is None
 
 
-def test_dynamic_non_batch_axis_is_refused():
-    with pytest.raises(BackendError, match="input 'input' has a dynamic axis 2"):
-        profile_shapes({"input": ["N", 3, "H", 8]}, ProfileConfig(), source="m.onnx")
+def test_profile_errors_name_the_setting():
+    with pytest.raises(ConfigError, match=r"build.profiles\[0\].seq: input 'ids' has dynamic axis 1 'seq'.*no range"):
+        resolve_profiles({"ids": ["batch", "seq"]}, [{"batch": [1, 2, 4]}])
+    with pytest.raises(ConfigError, match=r"build.profiles\[0\].batch: need 1 <= min <= opt <= max, got 8 / 4 / 2"):
+        resolve_profiles({"ids": ["batch", 3]}, [{"batch": [8, 4, 2]}])
+    with pytest.raises(ConfigError, match=r"'sequence' is neither a model input \(ids\) nor a dynamic axis"):
+        resolve_profiles({"ids": ["batch", "seq"]}, [{"batch": [1, 2, 4], "seq": [1, 2, 3], "sequence": [1, 2, 3]}])
+    with pytest.raises(ConfigError, match=r"axis 1 is fixed to 3 in the model, got 4"):
+        resolve_profiles({"x": ["batch", 3]}, [{"x": {"min": [1, 4], "opt": [1, 4], "max": [1, 4]}}])
+    with pytest.raises(ModelError, match="unnamed dynamic axis 2"):
+        resolve_profiles({"x": ["batch", 3, None]}, [{"batch": [1, 1, 1]}])
 
 
 def test_layer_patterns():

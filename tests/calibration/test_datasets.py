@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datasets import calibration_batches, calibration_indices, load_splits
+from pipeline.data import calibration_batches, calibration_indices, load_splits
 from calibration.errors import CalibrationError
 from pipeline.config import DataConfig, InputSpec, PreprocessConfig, SplitConfig
 from pipeline.errors import DataError
@@ -72,7 +72,7 @@ def test_digits_splits_are_deterministic_disjoint_and_preprocessed():
     spec = InputSpec(shape=[1, 8, 8])
     a, b = load_splits(data, spec), load_splits(data, spec)
     assert (len(a.train), len(a.calibration), len(a.evaluation)) == (1078, 359, 359)
-    np.testing.assert_array_equal(a.calibration.x, b.calibration.x)
+    np.testing.assert_array_equal(a.calibration.x["input"], b.calibration.x["input"])
     ids = [set(s.ids) for s in (a.train, a.calibration, a.evaluation)]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
 
@@ -80,8 +80,8 @@ def test_digits_splits_are_deterministic_disjoint_and_preprocessed():
 
     raw = load_digits().images.astype(np.float32)
     first = int(a.calibration.ids[0].split("[")[1].rstrip("]"))
-    np.testing.assert_allclose(a.calibration.x[0, 0], (raw[first] * 0.0625 - 0.5) / 0.5, rtol=0, atol=1e-6)
-    assert a.calibration.x.dtype == np.float32
+    np.testing.assert_allclose(a.calibration.x["input"][0, 0], (raw[first] * 0.0625 - 0.5) / 0.5, rtol=0, atol=1e-6)
+    assert a.calibration.x["input"].dtype == np.float32
 
     other = load_splits(data.model_copy(update={"seed": 1}), spec)
     assert other.calibration.ids != a.calibration.ids
@@ -106,11 +106,11 @@ def test_npz_and_npy_sources(tmp_path: Path):
     s = load_splits(DataConfig(source="npz", path=str(tmp_path / "d.npz"), preprocess=pre), spec)
     i = int(s.evaluation.ids[0].rsplit("[", 1)[1].rstrip("]"))
     mean, std = np.array(pre.mean, np.float32)[:, None, None], np.array(pre.std, np.float32)[:, None, None]
-    np.testing.assert_allclose(s.evaluation.x[0], (x[i] / np.float32(255) - mean) / std, atol=1e-6)
+    np.testing.assert_allclose(s.evaluation.x["input"][0], (x[i] / np.float32(255) - mean) / std, atol=1e-6)
     assert s.evaluation.y[0] == y[i]
     t = load_splits(DataConfig(source="npy", path=str(tmp_path / "d.npy"), preprocess=pre), spec)
     assert t.evaluation.y is None
-    np.testing.assert_array_equal(t.evaluation.x, s.evaluation.x)
+    np.testing.assert_array_equal(t.evaluation.x["input"], s.evaluation.x["input"])
 
 
 def test_array_errors_name_the_file(tmp_path: Path):
@@ -138,7 +138,7 @@ def test_array_resize_and_crop_in_nhwc(tmp_path: Path):
                       preprocess=PreprocessConfig(resize=12, center_crop=10, layout="nhwc"),
                       split=SplitConfig(train=0.5, calibration=0.25, evaluation=0.25))
     s = load_splits(data, InputSpec(shape=[10, 10, 3]))
-    assert s.train.x.shape == (4, 10, 10, 3)
+    assert s.train.x["input"].shape == (4, 10, 10, 3)
 
 
 # -- image folders ------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def test_image_folder_matches_torchvision_and_labels_classes(class_folder: Path)
     assert s.train.classes == ["cats", "people"]
     for part in (s.train, s.calibration, s.evaluation):
         for k, path in enumerate(part.ids):
-            np.testing.assert_allclose(part.x[k], _torchvision_reference(path, 40, 32), rtol=0, atol=2e-6)
+            np.testing.assert_allclose(part.x["input"][k], _torchvision_reference(path, 40, 32), rtol=0, atol=2e-6)
             assert part.y[k] == (0 if "/cats/" in path else 1)
     all_ids = s.train.ids + s.calibration.ids + s.evaluation.ids
     assert len(set(all_ids)) == 16  # disjoint
@@ -158,9 +158,9 @@ def test_image_folder_bgr_nhwc_float16(class_folder: Path):
     cfg = _image_cfg(class_folder, channel_order="bgr", layout="nhwc", dtype="float16",
                      mean=IMAGENET_MEAN[::-1], std=IMAGENET_STD[::-1])
     s = load_splits(cfg, InputSpec(shape=[32, 32, 3], dtype="float16"))
-    assert s.calibration.x.dtype == np.float16 and s.calibration.x.shape[1:] == (32, 32, 3)
+    assert s.calibration.x["input"].dtype == np.float16 and s.calibration.x["input"].shape[1:] == (32, 32, 3)
     ref = _torchvision_reference(s.calibration.ids[0], 40, 32)  # RGB, CHW
-    np.testing.assert_allclose(s.calibration.x[0].astype(np.float32), ref[::-1].transpose(1, 2, 0), atol=2e-3)
+    np.testing.assert_allclose(s.calibration.x["input"][0].astype(np.float32), ref[::-1].transpose(1, 2, 0), atol=2e-3)
 
 
 def test_flat_folder_has_no_labels_and_grayscale_goes_to_rgb(tmp_path: Path):
@@ -173,7 +173,7 @@ def test_flat_folder_has_no_labels_and_grayscale_goes_to_rgb(tmp_path: Path):
     s = load_splits(cfg.model_copy(update={"split": SplitConfig(train=0.2, calibration=0.4, evaluation=0.4)}),
                     InputSpec(shape=[3, 40, 40]))
     assert s.train.y is None and s.evaluation.y is None
-    gray = [s_.x[k] for s_ in (s.train, s.calibration, s.evaluation) for k, p in enumerate(s_.ids) if "camera" in p][0]
+    gray = [s_.x["input"][k] for s_ in (s.train, s.calibration, s.evaluation) for k, p in enumerate(s_.ids) if "camera" in p][0]
     raw = gray * np.array(IMAGENET_STD, np.float32)[:, None, None] + np.array(IMAGENET_MEAN, np.float32)[:, None, None]
     np.testing.assert_allclose(raw[0], raw[1], atol=1e-5)  # the one gray channel, replicated
 
