@@ -53,7 +53,7 @@ CASES = ("digits", "resnet18")
 # -- inputs (child process: torch stays out of the measured processes) --------------------------
 def prepare_digits(folder: Path) -> dict[str, Any]:
 
-    from pipeline.datasets import load_splits
+    from pipeline.data import load_splits
     from pipeline.config import load_config
     from pipeline.models import digits_cnn
     from pipeline.stages.prepare import train_builtin
@@ -63,9 +63,9 @@ def prepare_digits(folder: Path) -> dict[str, Any]:
     model = digits_cnn(cfg.model.num_classes)
     train_builtin(model, splits, cfg)
     model.eval()
-    np.save(folder / "calib.npy", splits.calibration.x)
-    np.savez(folder / "eval.npz", x=splits.evaluation.x, y=splits.evaluation.y)
-    _export(model, splits.calibration.x[:1], folder / "model.onnx")
+    np.save(folder / "calib.npy", splits.calibration.x["input"])
+    np.savez(folder / "eval.npz", x=splits.evaluation.x["input"], y=splits.evaluation.y)
+    _export(model, splits.calibration.x["input"][:1], folder / "model.onnx")
     return {"input_shape": list(cfg.model.input.shape), "calibration": len(splits.calibration),
             "evaluation": len(splits.evaluation)}
 
@@ -124,10 +124,13 @@ def worker_ours(case_dir: Path, out: Path) -> dict[str, Any]:
     model = cfg.model.model_copy(update={"input": cfg.model.input.model_copy(update={"shape": meta["input_shape"]})})
     cfg = cfg.model_copy(update={"model": model, "calibration": CalibrationConfig(
         method="entropy", num_samples=meta["calibration"], batch_size=BATCH, num_bins=2048, seed=0)})
-    report = calibrate.run(cfg, case_dir / "model.onnx", case_dir / "calib.npy", out, progress=False)
-    return {"seconds": report["seconds"], "search_ms_per_tensor": report["search_ms_per_tensor"],
-            "tensors": report["tensors"], "samples": report["samples"], "batches": report["batches"],
-            "peak_rss_mb_self": report["peak_rss_mb"]}
+    samples = case_dir / "calib.npz"  # the stage reads prepare's format: one array per input
+    if not samples.is_file():
+        np.savez(samples, input=np.load(case_dir / "calib.npy"))
+    report = calibrate.calibrate(cfg, case_dir / "model.onnx", samples, out, progress=False)
+    return {"seconds": report.seconds, "search_ms_per_tensor": report.search_ms_per_tensor,
+            "tensors": report.tensors, "samples": report.samples, "batches": report.batches,
+            "peak_rss_mb_self": report.peak_rss_mb}
 
 
 def worker_ort(case_dir: Path, out: Path) -> dict[str, Any]:
@@ -183,11 +186,11 @@ def evaluate(case_dir: Path) -> dict[str, Any]:
     ort_scales = read_qdq_scales(case_dir / "ort" / "model.qdq.onnx")
     ort_amax = {n: float(v["scale"]) * 127.0 for n, v in ort_scales.items() if not v["weight"]}
     placed = case_dir / "ort_ranges_our_placement.onnx"
-    quantize_qdq(case_dir / "model.onnx", placed, ort_amax)
+    quantize_qdq(case_dir / "model.onnx", placed, ort_amax, placement="inputs")
     # Our own collection with MinMax ranges (amax = max|x|), same placement: entropy vs minmax.
     ours = json.loads((case_dir / "ours" / "ranges.json").read_text())["tensors"]
     minmax = case_dir / "ours_minmax.onnx"
-    quantize_qdq(case_dir / "model.onnx", minmax, {n: v["max_abs"] for n, v in ours.items()})
+    quantize_qdq(case_dir / "model.onnx", minmax, {n: v["max_abs"] for n, v in ours.items()}, placement="inputs")
 
     ev = np.load(case_dir / "eval.npz")
     x, y = ev["x"], ev["y"] if "y" in ev.files else None

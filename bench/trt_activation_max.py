@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     import onnx
 
-    from pipeline.datasets import calibration_indices
+    from pipeline.data import calibration_indices
     from pipeline.backends import BuildRequest
     from pipeline.backends.tensorrt_backend import TensorRTBackend
     from pipeline.config import Config

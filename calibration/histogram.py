@@ -22,7 +22,13 @@ that edge. TensorRT does the same: for the digits CNN's Gemm output its amax is
 ``1024.5`` bins of the doubled width, the candidate that ends exactly there, which only
 that placement reproduces.
 
-Batches are binned with ``np.bincount`` chunk by chunk; activations are never stored, so
+A batch is taken in two steps, so that callers can bin many tensors in parallel, or on
+a GPU: :meth:`AbsHistogram.begin_batch` accounts for the batch's size and max|x|
+(initialising or growing the bins) and returns the :class:`BinPlan` (width, number of
+bins) to bin it with; :meth:`AbsHistogram.add_counts` adds the counts a kernel of
+:mod:`calibration.kernels` computed under that plan. Every kernel computes the bin of
+``x`` as ``min(trunc(float64(|x|) / width), num_bins - 1)``, bit for bit.
+:meth:`AbsHistogram.update` does both for one array. Activations are never stored, so
 memory stays at a few MiB per histogram whatever the dataset size.
 
 All-zero data (e.g. a ReLU output that is dead for the first batch): a bin width cannot
@@ -36,14 +42,26 @@ sets the width exactly as a first batch would, and the zeros seen so far are put
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from calibration.errors import CalibrationError
+from calibration.kernels import abs_range, bin_counts_numpy
 
 DEFAULT_NUM_BINS = 2048
 GROWTH_RULES = ("append", "double")
-_CHUNK = 1 << 20  # elements binned per step: bounds temporaries to ~16 MiB
+#: "append" growth past this many bins (128 MiB of counts) is refused instead of allocated.
+MAX_APPENDED_BINS = 1 << 24
+
+
+@dataclass(frozen=True)
+class BinPlan:
+    """How to bin one batch: ``index = min(trunc(float64(|x|) / width), num_bins - 1)``."""
+
+    width: float
+    num_bins: int
 
 
 class AbsHistogram:
@@ -107,27 +125,62 @@ class AbsHistogram:
         return (f"AbsHistogram(name={self.name!r}, growth={self.growth!r}, bins={self.num_bins}, "
                 f"bin_width={self._width:.6g}, max_abs={self._max_abs:.6g}, num_samples={self._num_samples})")
 
-    # -- collection --------------------------------------------------------------------
-    def update(self, batch: np.ndarray) -> None:
+    # -- collection ---------------------------------------------------------------------
+    def update(self, batch: np.ndarray, kernel: Optional[object] = None) -> None:
         """Add the absolute values of one batch (any shape, real dtype) to the histogram.
 
         Raises CalibrationError on NaN or Inf, naming the tensor: TensorRT would compute
-        a meaningless range from such data.
+        a meaningless range from such data. ``kernel``: an object with
+        ``counts(flat, width, num_bins)`` (:class:`calibration.kernels.CpuKernel`);
+        numpy by default.
         """
         flat = self._as_flat_real(batch)
         if flat.size == 0:
             return
-        batch_max = self._checked_abs_max(flat)
-        self._num_samples += int(flat.size)
-        self._max_abs = max(self._max_abs, batch_max)
-        if self._width == 0.0:
-            if batch_max == 0.0:
-                self._pending_zeros += int(flat.size)
-                return
-            self._initialise(batch_max)
-        elif batch_max > self._top:
-            self._grow(batch_max)
-        self._accumulate(flat)
+        lo, hi = abs_range(flat)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            self._raise_non_finite(flat)
+        plan = self.begin_batch(max(hi, -lo, 0.0), int(flat.size))
+        if plan is not None:
+            counts = (kernel.counts(flat, plan.width, plan.num_bins) if kernel is not None  # type: ignore[attr-defined]
+                      else bin_counts_numpy(flat, plan.width, plan.num_bins))
+            self.add_counts(plan, counts)
+
+    def begin_batch(self, batch_max: float, size: int) -> Optional[BinPlan]:
+        """Account for a batch of ``size`` values whose max|x| is ``batch_max`` (finite,
+        ``>= 0``): count its values, initialise or grow the bins (by the growth rule).
+        Returns the plan to bin the batch with, then give :meth:`add_counts` its counts;
+        ``None`` when there is nothing to bin (an empty batch, or zeros only before the
+        bin width is known: they are counted in bin 0 once it is)."""
+        if not (batch_max >= 0.0 and math.isfinite(batch_max)):
+            raise CalibrationError(f"max|x| of a batch for {self._label()} must be finite and >= 0, got {batch_max!r}")
+        if size <= 0:
+            return None
+        plan: Optional[BinPlan] = None
+        if self._width == 0.0 and batch_max == 0.0:
+            self._pending_zeros += int(size)
+        else:
+            if self._width == 0.0:
+                self._initialise(float(batch_max))
+            elif batch_max > self._top:
+                self._grow(float(batch_max))  # may refuse: then nothing has changed
+            plan = BinPlan(self._width, int(self._counts.size))
+        self._num_samples += int(size)
+        self._max_abs = max(self._max_abs, float(batch_max))
+        return plan
+
+    def add_counts(self, plan: BinPlan, counts: np.ndarray) -> None:
+        """Add the counts of a batch binned under ``plan`` (from :meth:`begin_batch`, with
+        no other batch begun since)."""
+        if plan.width != self._width or plan.num_bins != self._counts.size:
+            raise CalibrationError(f"counts for {self._label()} were binned under {plan}, but the histogram now has "
+                                   f"{self._counts.size} bins of width {self._width!r}; bin each batch right "
+                                   "after begin_batch")
+        counts = np.asarray(counts)
+        if counts.shape != self._counts.shape:
+            raise CalibrationError(f"counts for {self._label()} have shape {counts.shape}, "
+                                   f"expected {self._counts.shape}")
+        self._counts += counts.astype(np.int64, copy=False)
 
     def _initialise(self, first_max: float) -> None:
         n = self._initial_bins
@@ -158,18 +211,14 @@ class AbsHistogram:
         """Append bins of the same width until ``new_max`` is covered (never rescale)."""
         n_old = self._counts.size
         n_new = max(n_old + 1, int(math.ceil(new_max / self._width)))
+        if n_new > MAX_APPENDED_BINS:
+            raise CalibrationError(
+                f"{self._label()}: max|x| grew from {self._top:.4g} to {new_max:.4g}, {n_new} bins of the first "
+                f"batch's width (more than {MAX_APPENDED_BINS}); such a jump is a sentinel (a mask value like -1e9), "
+                "not a distribution: lower calibration.sentinel_abs below it or exclude the tensor")
         self._counts = np.concatenate([self._counts, np.zeros(n_new - n_old, dtype=np.int64)])
         # n_new * width can round a hair below new_max; the top edge must cover it.
         self._top = max(n_new * self._width, new_max)
-
-    def _accumulate(self, flat: np.ndarray) -> None:
-        n = self._counts.size
-        for start in range(0, flat.size, _CHUNK):
-            scaled = np.abs(flat[start:start + _CHUNK], dtype=np.float64)
-            scaled /= self._width  # divide, not multiply by 1/width: exact on bin edges
-            idx = scaled.astype(np.intp)  # truncation == floor for values >= 0
-            np.minimum(idx, n - 1, out=idx)  # |x| == top belongs to the last bin
-            self._counts += np.bincount(idx, minlength=n)
 
     # -- input checks ------------------------------------------------------------------
     def _label(self) -> str:
@@ -182,17 +231,6 @@ class AbsHistogram:
                 f"calibration data for {self._label()} has dtype {arr.dtype}; histograms need real "
                 "numbers: pass the activation as a float array")
         return arr.reshape(-1)
-
-    def _checked_abs_max(self, flat: np.ndarray) -> float:
-        """max|x| of the batch, chunk by chunk; NaN/Inf propagate through max/min."""
-        hi, lo = -math.inf, math.inf
-        for start in range(0, flat.size, _CHUNK):
-            chunk = flat[start:start + _CHUNK]
-            hi = max(hi, float(chunk.max()))
-            lo = min(lo, float(chunk.min()))
-            if not (math.isfinite(hi) and math.isfinite(lo)):
-                self._raise_non_finite(flat)
-        return max(hi, -lo, 0.0)
 
     def _raise_non_finite(self, flat: np.ndarray) -> None:
         n_nan = int(np.count_nonzero(np.isnan(flat)))

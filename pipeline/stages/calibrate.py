@@ -100,19 +100,29 @@ def _qdq_check(qdq_path: Path, feeds: dict[str, np.ndarray], reference: dict[str
 
 def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, validation: Optional[Path] = None,
         progress: bool = True, threads: Optional[int] = None) -> CalibrateReport:
-    """Calibrate ``onnx_path`` on ``calib_data``; write ranges, cache, Q/DQ model and
-    calibrate.json into ``out_dir`` (replaced atomically)."""
+    """Calibrate ``onnx_path`` on ``calib_data``, after checking both are what validate and
+    prepare made of them; write ranges, cache, Q/DQ model and calibrate.json into
+    ``out_dir`` (replaced atomically)."""
     from ..onnx_utils import load_onnx
-    from ..provenance import prepared, sha256_of, validated
+    from ..provenance import prepared, validated
+
+    onnx_path, calib_data = Path(onnx_path), Path(calib_data)
+    load_onnx(onnx_path)
+    validated(onnx_path, validation or Path("artifacts", "validate", "validate.json"))
+    if (calib_data.parent / "prepare.json").is_file():
+        prepared(calib_data, "calib.npz")
+    return calibrate(cfg, onnx_path, calib_data, out_dir, progress=progress, threads=threads)
+
+
+def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, progress: bool = True,
+              threads: Optional[int] = None) -> CalibrateReport:
+    """The stage's work, without its input checks (benchmarks call it on any ONNX)."""
+    from ..provenance import sha256_of
 
     start = time.perf_counter()
     c = cfg.calibration
     rules = get_rules(c.rules)
     onnx_path, calib_data, out_dir = Path(onnx_path), Path(calib_data), Path(out_dir)
-    load_onnx(onnx_path)
-    validated(onnx_path, validation or Path("artifacts", "validate", "validate.json"))
-    if (calib_data.parent / "prepare.json").is_file():
-        prepared(calib_data, "calib.npz")
     samples = load_samples(calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
     indices = calibration_indices(len(samples), c.num_samples, c.seed)
     num_batches = len(indices) // c.batch_size
@@ -155,7 +165,7 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, valida
         write_json(tmp / "ranges.json", {"schema": 1, **settings, "tensors": tensors, "excluded": excluded})
         write_cache(tmp / "calibration.cache", scales, trt_target, algorithm)
         t_qdq = time.perf_counter()
-        qdq = quantize_qdq(onnx_path, tmp / "model.qdq.onnx", amax)
+        qdq = quantize_qdq(onnx_path, tmp / "model.qdq.onnx", amax, exclude_nodes=_consumers(onnx_path, excluded))
         check = _qdq_check(tmp / "model.qdq.onnx", first, reference)
         t_end = time.perf_counter()
         report = CalibrateReport(
@@ -171,7 +181,10 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, valida
                    "EntropyCalibration2 so that IInt8EntropyCalibrator2 reads and uses them as they are"},
             qdq={"file": "model.qdq.onnx", **{k: v for k, v in qdq.items() if k != "activations"},
                  "activations": len(qdq["activations"]), "check_first_samples": check},
-            collect={"pipelined": collector.stats.pipelined, "intra_op_threads": collector.stats.intra_op_threads},
+            collect={"pipelined": collector.stats.pipelined, "intra_op_threads": collector.stats.intra_op_threads,
+                     "histogram_threads": collector.stats.histogram_threads, "kernel": collector.stats.kernel,
+                     "device": collector.stats.device, "device_note": collector.stats.device_note,
+                     "excluded_max_abs": dict(collector.excluded_max_abs)},
             seconds={
                 "total": round(t_end - start, 3),
                 "session": round(collector.stats.seconds_session, 3),
@@ -191,6 +204,16 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, valida
         )
         write_report(tmp / "calibrate.json", report)
     return report
+
+
+def _consumers(onnx_path: Path, tensors: Any) -> list[str]:
+    """The nodes that read a tensor left out of calibration: they stay in float in the Q/DQ model."""
+    if not tensors:
+        return []
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return sorted({n.name for n in model.graph.node if n.name and set(n.input) & set(tensors)})
 
 
 def _versions() -> dict[str, str]:

@@ -213,3 +213,83 @@ def test_counts_are_read_only():
 def test_bad_num_bins():
     with pytest.raises(CalibrationError, match="2048"):
         AbsHistogram(num_bins=0)
+
+
+# -- the two-step API and identity with the commit-9b9dfe4 implementation ------------------------------
+def _sequences(rng):
+    """Batch sequences that exercise every path: growth by small and large factors, an
+    all-zero start, a batch whose max lands exactly on the current top, float32 values
+    sitting on bin edges of the first width, and a tensor that stays zero."""
+    first = rng.normal(0, 1, 4000).astype(np.float32)
+    m = float(np.abs(first).max())
+    on_edges = (np.arange(2049) * (m / 2048)).astype(np.float32)
+    on_edges = on_edges[on_edges <= m]
+    return {
+        "grow": [first, rng.normal(0, 0.5, 3000).astype(np.float32), rng.normal(0, 1.7, 3000).astype(np.float32),
+                 rng.laplace(0, 9, 3000).astype(np.float32), np.float32([m, -m])],
+        "zero_start": [np.zeros(500, np.float32), np.zeros(7, np.float32), np.maximum(first, 0),
+                       rng.normal(0, 5, 100).astype(np.float32)],
+        "edges": [first, np.concatenate([on_edges, -on_edges]), np.float32([2 * m, m, -m]), on_edges * 2],
+        "dead": [np.zeros(100, np.float32)] * 3,
+        "relu_mixed": [np.maximum(rng.normal(0, s, 2000), 0).astype(np.float32) for s in (1, 2, 0.5, 4, 4)],
+    }
+
+
+@pytest.mark.parametrize("growth", ["append", "double"])
+def test_update_equals_the_reference_implementation(growth):
+    from calibration.kernels import CpuKernel
+    from tests.calibration.reference_histogram import AbsHistogram as Reference
+
+    rng = np.random.default_rng(7)
+    kernels = [None, CpuKernel("numpy"), CpuKernel("auto")]
+    for label, batches in _sequences(rng).items():
+        ref = Reference(name=label, growth=growth)
+        news = [AbsHistogram(name=label, growth=growth) for _ in kernels]
+        for b in batches:
+            ref.update(b)
+            for hist, kernel in zip(news, kernels):
+                hist.update(b, kernel=kernel)
+        for hist in news:
+            np.testing.assert_array_equal(hist.counts, ref.counts, err_msg=label)
+            assert hist.bin_width == ref.bin_width and hist.max_abs == ref.max_abs, label
+            assert hist.num_samples == ref.num_samples and hist.num_bins == ref.num_bins, label
+            np.testing.assert_array_equal(hist.edges, ref.edges, err_msg=label)
+
+
+def test_begin_batch_then_add_counts():
+    hist = AbsHistogram(num_bins=4)
+    assert hist.begin_batch(0.0, 10) is None  # zeros before the width is known
+    plan = hist.begin_batch(4.0, 3)
+    assert plan.width == 1.0 and plan.num_bins == 4
+    hist.add_counts(plan, np.array([1, 0, 0, 2]))
+    np.testing.assert_array_equal(hist.counts, [11, 0, 0, 2])
+    assert hist.num_samples == 13 and hist.max_abs == 4.0
+    assert hist.begin_batch(1.0, 0) is None and hist.num_samples == 13
+    grown = hist.begin_batch(6.0, 1)
+    assert grown.num_bins == 6
+    with pytest.raises(CalibrationError, match="binned under"):
+        hist.add_counts(plan, np.zeros(4, np.int64))  # a stale plan
+    with pytest.raises(CalibrationError, match="must be finite"):
+        hist.begin_batch(float("inf"), 3)
+
+
+def test_appending_absurdly_many_bins_is_refused():
+    """A jump from ~1 to 1e9 (a mask sentinel) would append ~1e12 bins; refused by name."""
+    hist = AbsHistogram(name="scores")
+    hist.update(np.array([1.0, -0.5]))
+    with pytest.raises(CalibrationError, match=r"tensor 'scores': max\|x\| grew from 1 to 1e\+09.*sentinel_abs"):
+        hist.update(np.array([-1e9]))
+    doubled = AbsHistogram(name="scores", growth="double")  # doubling covers any range in 2048 bins
+    doubled.update(np.array([1.0, -0.5]))
+    doubled.update(np.array([-1e9]))
+    assert doubled.num_bins == 2048 and doubled.edges[-1] >= 1e9
+
+
+def test_a_refused_growth_changes_nothing():
+    hist = AbsHistogram(name="scores")
+    hist.update(np.array([1.0, -0.5]))
+    before = (hist.counts.copy(), hist.num_samples, hist.max_abs, hist.bin_width)
+    with pytest.raises(CalibrationError, match="sentinel"):
+        hist.update(np.array([-1e9, 0.5]))
+    np.testing.assert_array_equal(hist.counts, before[0])
+    assert (hist.num_samples, hist.max_abs, hist.bin_width) == before[1:]
