@@ -2,8 +2,7 @@
 # The digits pipeline with backend: tensorrt on a GPU, stage by stage in dvc.yaml's order
 # (dvc itself is not installed on the lent GPU machine): prepare/export/validate/compare
 # with a Python that has PyTorch ($TORCHPY), the TensorRT stages with the kit's ($KITPY).
-# Then: both INT8 routes and the onnxruntime Q/DQ simulation compared on the same data,
-# and our entropy ranges against the cache TensorRT's IInt8EntropyCalibrator2 wrote.
+# Then the explicit INT8 route (TensorRT builds the calibrate stage's Q/DQ ONNX).
 #   usage: KITPY=... TORCHPY=... TORCH_SITE=/tmp/site bench/device_pipeline.sh OUT_DIR
 set -euo pipefail
 OUT=${1:?usage: device_pipeline.sh OUT_DIR}
@@ -40,6 +39,3 @@ cp artifacts/compare/compare.md artifacts/compare/compare.json "$OUT/"
 # The explicit route: TensorRT builds the calibrate stage's Q/DQ ONNX.
 with_build "$OUT/params-explicit.yaml" backend=tensorrt int8_route=explicit
 PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" -m pipeline build --precision int8 --params "$OUT/params-explicit.yaml" --out artifacts/build/int8-explicit
-PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" bench/int8_routes.py --out "$OUT/int8_routes_digits.json"
-PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" bench/calibration_fidelity.py compare --ranges artifacts/calibrate/ranges.json \
-  --trt-cache artifacts/build/int8/calibration.cache --out "$OUT/fidelity_digits.json"

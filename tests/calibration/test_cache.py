@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from calibration.cache import (
 )
 from calibration.errors import CacheMismatchError, CalibrationError
 
-FIXTURE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "trt86-resnet18-entropy2"
+FIXTURE_DIR = Path(os.environ.get("TRTPIPE_FIXTURE_DIR") or (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "trt86-resnet18-entropy2"))
 FIXTURE_CACHE = FIXTURE_DIR / "tensorrt-8.6.0.cache"
 
 

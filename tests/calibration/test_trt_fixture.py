@@ -34,7 +34,8 @@ from calibration.cache import CalibrationCache, read_cache
 from calibration.histogram import AbsHistogram
 from calibration.rules import RULES, ranges_under
 
-FIXTURE_DIR = (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "trt86-resnet18-entropy2").resolve()
+# $TRTPIPE_FIXTURE_DIR: where the fixture was carried (the lent GPU has no ../shared).
+FIXTURE_DIR = Path(os.environ.get("TRTPIPE_FIXTURE_DIR") or (Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "trt86-resnet18-entropy2")).resolve()
 CACHE_FILE = FIXTURE_DIR / "tensorrt-8.6.0.cache"
 MAKE_INPUTS = FIXTURE_DIR / "make_inputs.py"
 BATCH, NUM_BATCHES = 32, 16
