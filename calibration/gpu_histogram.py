@@ -40,6 +40,14 @@ DEVICES = ("auto", "cpu", "cuda")
 DEVICE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 #: Elements sent to the device per step: bounds its memory to ~1.5 GiB (values, |x|, indices).
 DEVICE_CHUNK = 1 << 27
+#: Below this bin width the edge table holds subnormal float32 values, which a device may
+#: flush to zero (CuPy on an H200 did: every value landed in the last bin); such plans are
+#: binned on the CPU. A subnormal value with a wider bin lands in bin 0 either way.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _subnormal_plan(width: float) -> bool:
+    return float(width) < FLOAT32_TINY
 
 
 class _EdgeTables:
@@ -74,6 +82,8 @@ class TorchOps:
 
     def counts(self, flat: np.ndarray, width: float, num_bins: int, positive: bool = False) -> np.ndarray:
         torch = self.torch
+        if _subnormal_plan(width):
+            return CpuKernel("numpy").counts(flat, width, num_bins, positive)
         out = np.zeros(int(num_bins), dtype=np.int64)
         if num_bins == 1:
             out[0] = flat.size
@@ -105,6 +115,8 @@ class ArrayModuleOps:
 
     def counts(self, flat: np.ndarray, width: float, num_bins: int, positive: bool = False) -> np.ndarray:
         xp = self.xp
+        if _subnormal_plan(width):
+            return CpuKernel("numpy").counts(flat, width, num_bins, positive)
         out = np.zeros(int(num_bins), dtype=np.int64)
         if num_bins == 1:
             out[0] = flat.size

@@ -63,6 +63,15 @@ def _log(msg: str) -> None:
     print(f"[trtpipe] {msg}", file=sys.stderr, flush=True)
 
 
+def _tensor_names(messages: list[str]) -> list[str]:
+    """The tensor each of TensorRT's "Missing scale and zero-point for tensor X, ..." names."""
+    out = []
+    for m in messages:
+        head = m.split("for tensor ", 1)[-1]
+        out.append(head.split(", expect", 1)[0].strip())
+    return out
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
@@ -187,6 +196,7 @@ class TensorRTBackend(Backend):
                 "progress": progress_how,
                 "warnings": len(cap.warnings()),
                 "missing_scale_warnings": len(cap.matching("missing scale")),
+                "missing_scale_tensors": _tensor_names(cap.matching("missing scale"))[:20],
             }
             details.update(self._write_layers(trt, data, out_dir, {n: v["opt"] for n, v in profiles[0].items()}))
         finally:

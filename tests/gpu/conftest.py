@@ -240,5 +240,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 
 @pytest.fixture(scope="session")
 def engines(env: Env) -> dict[str, tuple[Path, Any]]:
-    """FP32 (cold timing cache), FP16 and INT8 (TensorRT's calibrator fed the data) engines, built once."""
-    return {p: env.build(p, f"build_{p}", calibration_source="tensorrt") for p in ("fp32", "fp16", "int8")}
+    """FP32 (cold timing cache), FP16 and INT8 (TensorRT's calibrator fed the data) engines, built once,
+    with a timing cache of their own (other tests' builds would make the first one warm)."""
+    cache = str(env.root / "engines.timing.cache")
+    return {p: env.build(p, f"build_{p}", calibration_source="tensorrt", timing_cache=cache) for p in ("fp32", "fp16", "int8")}
