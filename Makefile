@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # PyTorch is pinned to the build this workplace's machines install from local disk.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup repro test test-fast gpu-test bench clean
+.PHONY: setup repro test test-fast gpu-test bench mutation clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: setup
 
 test-fast: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not gpu and not slow" -q
+
+# Mutation testing of the modules whose answers users act on (docs/mutation.md); not in CI.
+#   e.g. make mutation MUTATION_ARGS="--rev HEAD --modules pipeline/gate.py"
+mutation: setup
+	PATH="$(abspath $(BIN)):$$PATH" nice -n 10 $(BIN)/python bench/mutation.py --jobs 2 --nice 0 --equivalent bench/mutation_equivalent --out bench/results/mutation.json --md bench/results/mutation.md $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV)
