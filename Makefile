@@ -31,6 +31,7 @@ test-fast: setup
 # Mutation testing of the modules whose answers users act on (docs/mutation.md); not in CI.
 #   e.g. make mutation MUTATION_ARGS="--rev HEAD --modules pipeline/gate.py"
 mutation: setup
+	$(BIN)/python -m pip install -q -e ".[mutation]"
 	PATH="$(abspath $(BIN)):$$PATH" nice -n 10 $(BIN)/python bench/mutation.py --jobs 2 --nice 0 --equivalent bench/mutation_equivalent --out bench/results/mutation.json --md bench/results/mutation.md $(MUTATION_ARGS)
 
 clean:
