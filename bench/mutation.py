@@ -75,17 +75,21 @@ MODULES: dict[str, list[str]] = {
         "tests/runtime/test_runtime_cpu.py",
     ],
     "calibration/cache.py": [
+        "tests/calibration/test_cache_format.py",
         "tests/calibration/test_cache.py",
         "tests/stages/test_calibrate_stage.py",
         "tests/stages/test_publish.py",
         "tests/runtime/test_runtime_cpu.py",
     ],
     "calibration/algorithms.py": [
+        "tests/calibration/test_algorithms_reference.py",
+        "tests/calibration/test_rules_ranges.py",
         "tests/calibration/test_entropy.py",
         "tests/calibration/test_qdq.py",
         "tests/stages/test_calibrate_stage.py",
     ],
     "calibration/rules.py": [
+        "tests/calibration/test_rules_ranges.py",
         "tests/calibration/test_rules.py",
         "tests/stages/test_calibrate_stage.py",
     ],
