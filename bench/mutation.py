@@ -50,6 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------
 MODULES: dict[str, list[str]] = {
     "pipeline/stages/validate.py": [
+        "tests/test_validate_tolerances.py",
         "tests/test_registry.py",
         "tests/stages/test_evaluate.py",
         "tests/stages/test_compare.py",
@@ -58,11 +59,17 @@ MODULES: dict[str, list[str]] = {
     ],
     "pipeline/gate.py": [
         "tests/test_gate.py",
+        "tests/test_gate_report.py",
     ],
     "pipeline/compat.py": [
+        "tests/test_compat_probes.py",
         "tests/test_registry.py",
         "tests/stages/test_publish.py",
         "tests/runtime/test_runtime_cpu.py",
+    ],
+    "pipeline/provenance.py": [
+        "tests/test_provenance_checks.py",
+        "tests/test_validate_tolerances.py",
     ],
     "pipeline/registry.py": [
         "tests/test_registry.py",
