@@ -72,10 +72,14 @@ MODULES: dict[str, list[str]] = {
         "tests/test_validate_tolerances.py",
     ],
     "pipeline/registry.py": [
+        "tests/test_registry_refusals.py",
+        "tests/test_manifest_integrity.py",
         "tests/test_registry.py",
         "tests/stages/test_publish.py",
     ],
     "pipeline/manifest.py": [
+        "tests/test_manifest_integrity.py",
+        "tests/test_registry_refusals.py",
         "tests/test_manifest.py",
         "tests/test_registry.py",
         "tests/stages/test_publish.py",

@@ -162,8 +162,14 @@ def resolve(version_or_path: str | Path, registry: str | Path = DEFAULT_REGISTRY
 def summary(vdir: Path, m: Mapping[str, Any]) -> dict[str, Any]:
     """One row of `trtpipe artifacts list`."""
     metrics = m.get("metrics") or {}
-    lat = {r.get("batch_size"): r for r in (metrics.get("latency") or []) if isinstance(r, dict)}
-    first = lat.get(1) or (next(iter(lat.values())) if lat else {})
+    # p50 per batch size: the fastest mode, on the device clock where measured (as compare's
+    # headline); a row is {batch_size, mode, host: {p50_ms ...}, gpu: {...} | None}.
+    lat: dict[Any, float] = {}
+    for r in (r for r in metrics.get("latency") or [] if isinstance(r, dict)):
+        p50 = (r.get("gpu") or r.get("host") or {}).get("p50_ms")
+        if isinstance(p50, (int, float)) and p50 < lat.get(r.get("batch_size"), float("inf")):  # "NaN": not measured
+            lat[r.get("batch_size")] = p50
+    batch = 1 if 1 in lat else next(iter(lat), None)
     art = (m.get("files") or {}).get(m.get("artifact"), {})
     return {
         "version": m.get("version"),
@@ -174,8 +180,8 @@ def summary(vdir: Path, m: Mapping[str, Any]) -> dict[str, Any]:
         "gpu": (m.get("hardware") or {}).get("gpu"),
         "top1": (metrics.get("task") or {}).get("top1"),
         "top1_agreement": metrics.get("top1_agreement_fp32"),
-        "latency_ms": first.get("p50_ms"),
-        "latency_batch": first.get("batch_size"),
+        "latency_ms": lat.get(batch),
+        "latency_batch": batch,
         "bytes": art.get("bytes"),
         "published_at": m.get("published_at"),
         "path": str(vdir),
