@@ -814,3 +814,31 @@ def test_baseline_revision_errors(repo: Path, tmp_path: Path, monkeypatch: pytes
     with pytest.raises(GateInputError) as e:
         gate.load_baseline("HEAD", REL)
     assert str(e.value) == "--baseline HEAD: no such file, and git is not installed to read a revision"
+
+
+def test_markdown_detail_of_a_skip_keeps_the_whole_reason() -> None:
+    base = synthetic_table()
+    base["variants"]["int8"]["device"] = "gpu: NVIDIA A100 (sm 8.0)"  # a reason with ': ' in it
+    r = judge({"latency": {"batch_sizes": [1]}, "thresholds": {"int8": {"max_latency_regression": 0.5}}}, synthetic_table(), base)
+    row = gate.to_markdown(r).splitlines()[-2]
+    assert row == ("| ⏭️ | int8 | b1 p50 latency vs baseline | – | ≤ 50% | measured on onnxruntime / gpu: NVIDIA A100 (sm 8.0) / host "
+                   "there, onnxruntime / cpu x86_64, 4 cores / host here | `gate.thresholds.int8.max_latency_regression` |")
+
+
+def test_junit_values_keep_eight_significant_digits() -> None:
+    r = GateResult("c.json", "m", ["tensorrt"], None, [
+        Check("int8", "top1 drop vs fp32", "gate.thresholds.int8.max_drop.top1", 0.5, "<=", value=1 / 3),
+        Check("int8", "cosine vs fp32 (logits)", "gate.thresholds.int8.min_agreement.cosine", 0.999, ">=", value=math.nan,
+              status="fail", message="int8: cosine is nan")])
+    suite = ET.fromstring(gate.to_junit(r).split("\n", 1)[1]).find("testsuite")
+    values = [{p.get("name"): p.get("value") for p in c.find("properties")} for c in suite.findall("testcase")]
+    assert values == [{"setting": "gate.thresholds.int8.max_drop.top1", "threshold": "<= 0.5", "value": "0.33333333"},
+                      {"setting": "gate.thresholds.int8.min_agreement.cosine", "threshold": ">= 0.999", "value": "nan"}]
+
+
+def test_messages_name_the_default_report_when_no_source_is_given() -> None:
+    with pytest.raises(GateInputError) as e:
+        evaluate_gate(synthetic_table(), GateConfig.model_validate({"thresholds": {}}))
+    assert str(e.value).startswith("artifacts/compare/compare.json: the config's gate.thresholds is empty")
+    r = evaluate_gate(synthetic_table(), GateConfig.model_validate({"thresholds": {"int8": {"max_drop": {"top1": 20}}}}))
+    assert (r.report, r.baseline, r.passed) == ("artifacts/compare/compare.json", None, True)

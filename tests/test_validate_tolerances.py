@@ -58,7 +58,8 @@ def _independent(det: Path, batch: int = 64) -> dict[str, dict[str, float]]:
         a = np.concatenate(got[n]).astype(np.float64).reshape(len(x), -1)
         b = np.concatenate(ref[n]).astype(np.float64).reshape(len(x), -1)
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        out[n] = {"max_abs_diff": float(np.abs(a - b).max()), "cosine_min": float(cos.min()), "samples": len(x)}
+        out[n] = {"max_abs_diff": float(np.abs(a - b).max()), "cosine_min": float(cos.min()), "samples": len(x),
+                  "pytorch": np.concatenate(ref[n])}
     return out
 
 
@@ -103,6 +104,8 @@ def test_validate_passes_and_reports_the_measured_differences(det: Path, truth: 
     with np.load(tmp_path / "validate" / "reference.npz") as z:
         assert sorted(z.files) == sorted(OUTPUTS) and all(len(z[k]) == n for k in OUTPUTS)
         assert z["prob"].sum(1) == pytest.approx(np.ones(n), abs=1e-5)  # the softmax head
+        for name in OUTPUTS:
+            np.testing.assert_array_equal(z[name], truth[name]["pytorch"])
     assert 0 < data["seconds"] < 60 and round(data["seconds"], 3) == data["seconds"]
 
 
@@ -222,6 +225,21 @@ def test_validate_num_samples_is_a_minimum(det: Path, truth: dict, tmp_path: Pat
     assert str(e.value) == (f"{det / 'prepare' / 'eval.npz'}: {n} evaluation samples, validate.num_samples asks for at least "
                             f"{n + 1}; enlarge data.split.evaluation or lower validate.num_samples")
     assert not (tmp_path / "b" / "validate").exists()
+
+
+def test_validate_refuses_missing_or_inconsistent_evaluation_data(det: Path, tmp_path: Path) -> None:
+    cfg = detector_config(tmp_path, det / "weights.pt")
+    args = (cfg, det / "prepare" / "model.pt", det / "export" / "model.onnx")
+    with pytest.raises(DataError) as e:
+        validate.run(*args, tmp_path / "none" / "eval.npz", tmp_path / "v")
+    assert str(e.value) == f"{tmp_path / 'none' / 'eval.npz'}: evaluation data not found; run the prepare stage first"
+    with np.load(det / "prepare" / "eval.npz") as z:
+        x, y = z["image"], z["y"]
+    np.savez(tmp_path / "short_labels.npz", image=x, y=y[:-1])  # one label short
+    with pytest.raises(DataError) as e:
+        validate.run(*args, tmp_path / "short_labels.npz", tmp_path / "v")
+    assert str(e.value) == (f"{tmp_path / 'short_labels.npz'}: {len(y) - 1} labels for {len(x)} samples; re-run prepare")
+    assert not (tmp_path / "v").exists()
 
 
 def test_validate_outputs_must_name_outputs_of_the_onnx(det: Path, tmp_path: Path) -> None:
