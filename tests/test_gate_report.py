@@ -500,7 +500,7 @@ def test_load_report_and_its_errors(tmp_path: Path) -> None:
     p.write_text('{"schema_version": 2,\n "variants": oops}')
     with pytest.raises(ReportErrorType) as e:
         gate.load_report(p)
-    assert str(p) in str(e.value) and "compare report" in str(e.value)
+    assert str(e.value) == f"{p}: compare report is not valid JSON (Expecting value at line 2)"
 
 
 from pipeline.errors import ReportError as ReportErrorType  # noqa: E402
@@ -842,3 +842,63 @@ def test_messages_name_the_default_report_when_no_source_is_given() -> None:
     assert str(e.value).startswith("artifacts/compare/compare.json: the config's gate.thresholds is empty")
     r = evaluate_gate(synthetic_table(), GateConfig.model_validate({"thresholds": {"int8": {"max_drop": {"top1": 20}}}}))
     assert (r.report, r.baseline, r.passed) == ("artifacts/compare/compare.json", None, True)
+
+
+def test_gate_threshold_boundary_float_tolerance_is_one_nano() -> None:
+    """Float noise up to 1e-9 above a threshold passes (inclusive); more does not."""
+    table = synthetic_table()
+    table["variants"]["fp32"]["top1"] = 0.5 + 1e-9
+    table["variants"]["int8"]["top1"] = 0.0
+    assert one(judge({"thresholds": {"int8": {"max_drop": {"top1": 0.5}}}}, table))["status"] == "pass"
+    table["variants"]["fp32"]["top1"] = 0.5 + 3e-9
+    assert one(judge({"thresholds": {"int8": {"max_drop": {"top1": 0.5}}}}, table))["status"] == "fail"
+    base, cur = synthetic_table(), synthetic_table()
+    base["variants"]["int8"]["b32_p50_ms"] = 0.5
+    cur["variants"]["int8"]["b32_p50_ms"] = 1.0000000005  # 1.0 + 1e-9 slower, exactly
+    section = {"latency": {"batch_sizes": [32]}, "thresholds": {"int8": {"max_latency_regression": 1.0}}}
+    c = one(judge(section, cur, base))
+    assert c["value"] == 1.0 + 1e-9 and c["status"] == "pass"
+    cur["variants"]["int8"]["b32_p50_ms"] = 1.000000002
+    assert one(judge(section, cur, base))["status"] == "fail"
+
+
+def test_the_reference_is_the_report_s_own() -> None:
+    """Drops and speedups are measured against the variant the report names as its reference."""
+    table = synthetic_table()
+    table["reference"] = "fp16"
+    r = judge({"thresholds": {"int8": {"max_drop": {"top1": 20}, "min_speedup": 1.0}}}, table)
+    assert [(c["name"], c["detail"]) for c in checks(r)] == [
+        ("top1 drop vs fp16", "89.9 -> 80"), ("b1 p50 speedup vs fp16", "0.1 ms -> 0.05 ms"), ("b32 p50 speedup vs fp16", "1 ms -> 0.5 ms")]
+    del table["variants"]["fp16"]
+    assert bad({"thresholds": {"int8": {"max_drop": {"top1": 1}}}}, table) == (
+        "c.json: no 'fp16' variant, the reference every drop is measured against; re-run compare")
+
+
+def test_agreement_messages_show_six_significant_digits() -> None:
+    table = synthetic_table()
+    table["agreement"]["int8"]["fp32"]["logits"]["cosine"] = 0.99912345678
+    c = one(judge({"thresholds": {"int8": {"min_agreement": {"cosine": 0.9995}}}}, table))
+    assert c["message"] == "int8: cosine vs fp32 on output 'logits' is 0.999123, below gate.thresholds.int8.min_agreement.cosine = 0.9995"
+
+
+def test_a_skipped_batch_size_does_not_stop_the_others() -> None:
+    base = _strip(synthetic_table(), "int8", "b1_p50_ms")
+    cur = synthetic_table()
+    cur["variants"]["int8"]["b32_p50_ms"] = 1.0
+    r = judge({"thresholds": {"int8": {"max_latency_regression": 0.5}}}, cur, base)
+    assert [(c["name"], c["status"]) for c in checks(r)] == [("b1 p50 latency vs baseline", "skip"),
+                                                              ("b32 p50 latency vs baseline", "fail")]
+
+
+def test_unusable_reports_are_named_by_their_source(tmp_path: Path) -> None:
+    with pytest.raises(GateInputError, match=r"^c\.json: compare\.json schema_version 1, but this trtpipe reads"):
+        judge({"thresholds": {"int8": {"max_drop": {"top1": 1}}}}, {**synthetic_table(), "schema_version": 1})
+    p = tmp_path / "compare.json"
+    p.write_text(json.dumps({**synthetic_table(), "variants": {}}))
+    with pytest.raises(GateInputError) as e:
+        gate.load_report(p)
+    assert str(e.value) == f"{p}: no 'variants' in the compare report; re-run compare"
+    p.write_text("{oops")
+    with pytest.raises(ReportErrorType) as e2:
+        gate.load_baseline(str(p), "x.json")
+    assert str(e2.value).startswith(f"{p}: baseline compare report is not valid JSON")
