@@ -203,6 +203,7 @@ def test_build_environment_precedence() -> None:
         layers.pop(drop)
         assert build_environment(layers)["gpu"] == gpu
     assert build_environment({"backend": "tensorrt", "backend_version": "10.0.0"}) == {"tensorrt": "10.0.0"}
+    assert build_environment({"backend": "tensorrt"}) == {}
     assert build_environment({"backend": "onnxruntime", "backend_version": "1.17"}) == {}
     assert build_environment({"environment": {"device": "cpu", "cores": 2}}) == {"device": "cpu", "cores": 2}
 

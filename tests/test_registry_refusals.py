@@ -5,12 +5,15 @@ resolve report what they find, field by field."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -336,23 +339,53 @@ def test_publish_creates_the_registry(tmp_path: Path) -> None:
     assert v.status == "published" and (reg / registry.LOCK).is_file()
 
 
-def test_a_held_lock_times_out_with_advice(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def lock_held_by_another(reg: Path, release_after: float = 1.0) -> Iterator[None]:
+    """The registry lock held by someone else, who lets go after `release_after` s at the
+    latest (so that a waiter that never gives up is caught, not hung)."""
     from filelock import FileLock
 
-    reg = tmp_path / "registry"
-    reg.mkdir()
-    held = FileLock(str(reg / registry.LOCK))
+    reg.mkdir(parents=True, exist_ok=True)
+    held = FileLock(str(reg / registry.LOCK), thread_local=False)
     held.acquire()
+    timer = threading.Timer(release_after, held.release)
+    timer.start()
     try:
+        yield
+    finally:
+        timer.cancel()
+        held.release()
+
+
+def test_a_held_lock_times_out_with_advice(tmp_path: Path) -> None:
+    reg = tmp_path / "registry"
+    with lock_held_by_another(reg):
         with pytest.raises(ArtifactError) as e:
             with registry.registry_lock(reg, "publish", timeout=0.05):
                 pass
-    finally:
-        held.release()
     assert str(e.value) == (f"{reg / registry.LOCK}: another trtpipe publish or verify has held the registry lock for "
                             "0.05 s; let it finish and publish again (delete the lock file only if no trtpipe is running)")
     with registry.registry_lock(reg, "verify", timeout=0.05):  # released: free again
         pass
+
+
+@pytest.mark.parametrize("what", ["publish", "verify"])
+def test_publish_and_verify_wait_for_the_lock_and_say_which_to_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    what: str) -> None:
+    """Both hold the registry lock; one that gives up (here after 0.05 s instead of 600 s)
+    says which command to run again and leaves nothing behind."""
+    reg = tmp_path / "registry"
+    v = published(tmp_path, reg) if what == "verify" else None
+    x = variant(tmp_path / "x")
+    real = registry.registry_lock
+    monkeypatch.setattr(registry, "registry_lock", lambda root, w, timeout=0.05: real(root, w, timeout=0.05))
+    with lock_held_by_another(reg):
+        with pytest.raises(ArtifactError, match=f"let it finish and {what} again"):
+            if what == "publish":
+                registry.publish(reg, x.manifest, x.sources)
+            else:
+                registry.verify_all(reg, here={})
+    assert registry.version_dirs(reg) == ([v.path] if v else [])
 
 
 # --------------------------------------------------------------------------- verify
@@ -401,6 +434,13 @@ def test_verify_names_a_folder_that_holds_another_version(tmp_path: Path) -> Non
     v.path.rename(moved)
     found = [str(f) for f in registry.verify(moved, reg, here={}).findings]
     assert f"manifest.json: folder other/{v.version} holds version tiny/{v.version}" in found
+
+
+def test_a_version_folder_is_checked_against_the_ledger_of_the_registry_it_sits_in(tmp_path: Path) -> None:
+    reg = tmp_path / "registry"
+    v = published(tmp_path, reg)
+    assert registry.verify(v.path, tmp_path / "not-the-registry", here={}).ok()
+    registry.load(v.path, tmp_path / "not-the-registry", here={}).close()
 
 
 def test_a_copy_outside_the_registry_is_checked_against_its_ledger(tmp_path: Path) -> None:
@@ -546,6 +586,12 @@ def test_resolve_by_name_part_or_path(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError) as e:
         registry.resolve("nope", reg)
     assert str(e.value) == f"no published version 'nope' in {reg}; `trtpipe artifacts list` shows the versions"
+    elsewhere = tmp_path / "elsewhere"  # a folder, but neither a version nor in the registry
+    elsewhere.mkdir()
+    with pytest.raises(ArtifactError, match="no published version"):
+        registry.resolve(elsewhere, reg)
+    (a.path / "manifest.json").unlink()  # a version folder without its manifest is still that folder
+    assert registry.resolve(a.path, reg) == a.path
     with pytest.raises(ArtifactError) as e:
         registry.resolve("nope", tmp_path / "missing")
     assert str(e.value) == (f"no published version 'nope' in {tmp_path / 'missing'} (no such folder); "
@@ -599,6 +645,13 @@ def test_list_orders_by_model_precision_and_date_and_keeps_unreadable_versions(t
                                             beta.version]
 
 
+def test_list_orders_undated_first_then_by_version(tmp_path: Path) -> None:
+    reg = tmp_path / "registry"
+    same = [published(tmp_path / str(k), reg, scale=float(k), published_at="2026-12-05T00:00:00+00:00") for k in (2, 3, 4)]
+    undated = published(tmp_path / "u", reg, scale=9.0, published_at=None)
+    assert [r["version"] for r in registry.list_versions(reg)] == [undated.version] + sorted(x.version for x in same)
+
+
 def test_list_skips_hidden_folders_and_files(tmp_path: Path) -> None:
     reg = tmp_path / "registry"
     v = published(tmp_path, reg)
@@ -606,7 +659,10 @@ def test_list_skips_hidden_folders_and_files(tmp_path: Path) -> None:
     (reg / ".cache" / "something").mkdir()
     (reg / "tiny" / ".tiny-fp32-y.staging-1").mkdir()
     (reg / "tiny" / "README").write_text("x")
-    assert registry.version_dirs(reg) == [v.path]
+    (reg / "README").write_text("x")
+    (reg / "tiny" / ".hidden").mkdir()
+    (reg / "tiny" / "not-hidden.staging-2").mkdir()
+    assert registry.version_dirs(reg) == sorted([v.path, reg / "tiny" / "not-hidden.staging-2"])
     assert registry.version_dirs(tmp_path / "missing") == [] and registry.leftover_staging(tmp_path / "missing") == []
     assert registry.leftover_staging(reg) == [reg / "tiny" / ".tiny-fp32-y.staging-1"]
 
@@ -647,3 +703,5 @@ def test_pointers_are_copies_replaced_only_when_they_change(tmp_path: Path) -> N
     registry.write_pointers(root, {"fp32": c.path})
     assert sorted(p.name for p in root.iterdir()) == ["fp32"]
     assert read_manifest(root / "fp32")["version"] == c.version
+    registry.write_pointers(root, {"fp32": a.path})  # same key, another version
+    assert read_manifest(root / "fp32")["version"] == a.version
