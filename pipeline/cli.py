@@ -75,13 +75,28 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
            f"{r.cache['header']} -> {a.out}")
 
 
+def cmd_tune(a: argparse.Namespace) -> None:
+    from .stages import tune
+
+    r = tune.run(_cfg(a), a.onnx, a.calib_dir, a.eval_data, _out(a.out), validation=a.validation,
+                 calib_data=a.calib_data)
+    kept = ", ".join(k["layer"] for k in r.kept[:6]) + (" ..." if len(r.kept) > 6 else "")
+    ch = r.reference_points["chosen"]
+    unit = "est. GMAC-fp16" if r.latency_kind == "estimate" else "ms"
+    _print(r, a.json, f"tune: keeps {len(r.kept)} of {len(r.layers)} layers in {r.keep_precision}"
+           f"{f' ({kept})' if kept else ''}; {r.budget['metric']} {ch['metric_full']:.6g} on {r.samples['full']} "
+           f"samples ({r.budget['text']}); cost {ch['cost']:.4g} {unit} (full INT8 "
+           f"{r.reference_points['full_int8']['cost']:.4g}, all kept {r.reference_points['float']['cost']:.4g}); "
+           f"{len(r.candidates)} candidates -> {a.out}")
+
+
 def cmd_build(a: argparse.Namespace) -> None:
     from .stages import build
 
     out = _out(a.out or Path(A, "build", a.precision))
     calib_dir = a.calib_dir if a.precision == "int8" else None
     r = build.run(_cfg(a), a.precision, a.onnx, out, calib_dir=calib_dir, calib_data=a.calib_data,
-                  validation=a.validation)
+                  validation=a.validation, tune_dir=a.tune_dir if a.precision == "int8" else None)
     _print(r, a.json, f"build@{a.precision}: {r.backend} {r.backend_version}, {r.engine_bytes} bytes in "
            f"{r.build_seconds} s -> {out}")
 
@@ -160,7 +175,7 @@ def _check_dvc_sync(a: argparse.Namespace) -> None:
                           "dvc.yaml, then dvc repro")
 
 
-STAGES = ("prepare", "export", "validate", "calibrate", "build", "evaluate", "compare", "publish")
+STAGES = ("prepare", "export", "validate", "calibrate", "tune", "build", "evaluate", "compare", "publish")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -198,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validation", type=path_arg, default=Path(A, "validate", "validate.json"),
                    help="validate.json that passed this ONNX (default: artifacts/validate/validate.json)")
     p.add_argument("--out", type=path_arg, default=Path(A, "calibrate"))
+    p = stage("tune", cmd_tune, "the fewest layers kept out of INT8 so that the accuracy budget (tune:) holds")
+    p.add_argument("--onnx", type=path_arg, default=Path(A, "export", "model.onnx"))
+    p.add_argument("--calib-dir", type=path_arg, default=Path(A, "calibrate"))
+    p.add_argument("--eval-data", type=path_arg, default=Path(A, "prepare", "eval.npz"))
+    p.add_argument("--calib-data", type=path_arg, default=Path(A, "prepare", "calib.npz"),
+                   help="calibration samples (TensorRT candidates, when the stage cache cannot be used)")
+    p.add_argument("--validation", type=path_arg, default=Path(A, "validate", "validate.json"),
+                   help="validate.json that passed this ONNX (default: artifacts/validate/validate.json)")
+    p.add_argument("--out", type=path_arg, default=Path(A, "tune"))
     p = stage("build", cmd_build, "build one precision's engine (TensorRT) or model (onnxruntime)")
     p.add_argument("--precision", required=True, choices=["fp32", "fp16", "int8"])
     p.add_argument("--onnx", type=path_arg, default=Path(A, "export", "model.onnx"))
@@ -206,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration samples (TensorRT's calibrator; the fp16 range check)")
     p.add_argument("--validation", type=path_arg, default=Path(A, "validate", "validate.json"),
                    help="validate.json that passed this ONNX (default: artifacts/validate/validate.json)")
+    p.add_argument("--tune-dir", type=path_arg, default=None,
+                   help="int8 with build.int8_from_tune: the tune stage's folder (default: artifacts/tune)")
     p.add_argument("--out", type=path_arg, default=None, help="default: artifacts/build/<precision>")
     p = stage("evaluate", cmd_evaluate, "accuracy, agreement with FP32 and PyTorch, latency of one variant")
     p.add_argument("--precision", required=True, choices=["fp32", "fp16", "int8"])

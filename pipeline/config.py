@@ -339,6 +339,9 @@ class BuildConfig(_Strict):
     layer_precisions: dict[str, Literal["fp32", "fp16"]] = Field(
         default_factory=dict, description="layer-name glob -> precision pinned in the engine"
     )
+    int8_from_tune: bool = Field(
+        False, description="build@int8 applies `trtpipe tune`'s result (--tune-dir): its layer precisions on the "
+        "implicit route, its Q/DQ ONNX on the explicit route and on onnxruntime")
     fp16: FP16Config = FP16Config()
     builder_optimization_level: Optional[int] = Field(
         None, ge=0, le=5, description="TensorRT's builder optimization level 0-5 (trtexec --builderOptimizationLevel); "
@@ -516,6 +519,63 @@ class PublishConfig(_Strict):
     precisions: list[Precision] = list(PRECISIONS)
 
 
+class TuneBudget(_Strict):
+    """The accuracy the tuned INT8 variant must keep, in the gate's terms: a task metric of
+    evaluate.metrics (`min`, `max`, or `max_drop` against the FP32 model), or an agreement
+    statistic against FP32 (`top1_agreement`, `cosine@boxes`, `snr_db`...; `min` for the
+    higher-is-better ones, `max` for max_abs_diff / mean_abs_diff / rel_l2)."""
+
+    metric: str = Field(min_length=1)
+    min: Optional[float] = None
+    max: Optional[float] = None
+    max_drop: Optional[float] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "TuneBudget":
+        given = [k for k in ("min", "max", "max_drop") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"tune.budget needs exactly one of min, max, max_drop for '{self.metric}', got "
+                             f"{', '.join(given) or 'none'}")
+        ref, stat, _ = split_agreement_key(self.metric)
+        if ref == "pytorch":
+            raise ValueError(f"tune.budget.metric '{self.metric}': tune measures agreement against the FP32 model; "
+                             "drop the pytorch_ prefix")
+        if stat in AGREEMENT_HIGHER_BETTER + AGREEMENT_LOWER_BETTER:
+            want = "min" if stat in AGREEMENT_HIGHER_BETTER else "max"
+            if given[0] != want:
+                raise ValueError(f"tune.budget: '{self.metric}' is an agreement statistic "
+                                 f"({'higher' if want == 'min' else 'lower'} is better); bound it with {want}")
+        return self
+
+
+class TuneConfig(_Strict):
+    """`trtpipe tune`: the fewest layers kept out of INT8 so that `budget` holds."""
+
+    budget: TuneBudget
+    keep_precision: Literal["fp16", "fp32"] = Field("fp16", description="precision of the kept layers in TensorRT")
+    strategy: Literal["sensitivity", "bisect", "first_last"] = Field(
+        "sensitivity", description="sensitivity: by per-layer sensitivity, fewest kept (default); bisect: "
+        "Polygraphy-style contiguous bisection; first_last: the first and last layer kept")
+    search_samples: int = Field(128, ge=1, description="evaluation samples the search runs on (a seeded subset); "
+                                "the final check runs on all of them")
+    sensitivity_samples: Optional[int] = Field(None, ge=1, description="samples of the per-layer sensitivity passes "
+                                               "(default: search_samples)")
+    seed: int = 0
+    max_candidates: int = Field(300, ge=1, description="search budget: candidates evaluated, sensitivity included")
+    max_seconds: float = Field(3600.0, gt=0, description="search budget: wall seconds")
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="what measures a candidate: onnxruntime (Q/DQ simulation, estimated latency) or "
+        "tensorrt (an engine per candidate, measured latency); auto: tensorrt on a GPU")
+    op_types: list[str] = Field(default_factory=lambda: ["Conv", "ConvTranspose", "Gemm", "MatMul"],
+                                description="op types of the layers the search may keep out of INT8")
+    objective: Literal["layers", "cost"] = Field(
+        "layers", description="layers: the fewest layers kept; cost: the cheapest candidate (estimated on a CPU, "
+        "measured on a GPU) that meets the budget")
+    calibration_methods: list[Literal["minmax"]] = Field(
+        default_factory=lambda: ["minmax"], description="other ranges a layer's inputs may take instead of being kept "
+        "out of INT8 (minmax: max|x|, recorded by calibrate; [] to search precisions alone)")
+
+
 class Config(_Strict):
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -526,6 +586,7 @@ class Config(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     publish: PublishConfig = PublishConfig()
+    tune: Optional[TuneConfig] = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 

@@ -155,6 +155,7 @@ class BuildReport(Report):
     calibration: Optional[dict[str, Any]] = None  # how int8 ranges came to be (source, cache header, hashes)
     kept_fp32: list[str] = Field(default_factory=list, description="nodes kept in fp32 in an fp16 variant, and why")
     details: dict[str, Any] = Field(default_factory=dict, description="backend-specific facts")
+    tune: Optional[dict[str, Any]] = Field(None, description="int8: the `trtpipe tune` result applied (layers kept, route)")
 
     @property
     def max_batch(self) -> Optional[int]:
@@ -231,6 +232,76 @@ class CompareReport(Report):
         default_factory=dict, description="variant -> fp32|pytorch -> output -> statistic")
     flags: dict[str, list[str]] = Field(default_factory=dict, description="variant -> reasons it is flagged")
     headline: dict[str, Any] = Field(default_factory=dict, description="which latency the tables lead with")
+
+
+# -- tune ----------------------------------------------------------------------------------------
+class TuneLayer(_Part):
+    """A quantizable layer: its weighted ONNX node and the nodes TensorRT fuses with it."""
+
+    name: str  # the weighted node (Conv / Gemm / MatMul ...), as in the ONNX
+    op_type: str
+    index: int  # topological position among the quantizable layers
+    nodes: list[str]  # the node and its fused epilogue (BN, Relu/Clip, swish, the residual Add), ONNX names
+    macs: int  # multiply-accumulates per sample (from the shapes of one real sample)
+    forced_float: Optional[str] = None  # why the layer is never INT8 (an input left out of calibration)
+
+
+class LayerSensitivity(_Part):
+    """What one layer does to the output: quantized alone (every other layer float) and kept
+    alone in float (every other layer INT8), on the sensitivity samples."""
+
+    layer: str
+    rank: int  # 1 = most sensitive
+    score: float  # error energy the layer adds alone (10^(-SQNR/10)), per GMAC of cost with objective cost; the order
+    int8_alone_sqnr_db: float
+    int8_alone_metric: float
+    float_alone_sqnr_db: float
+    float_alone_metric: float
+    float_alone_gain: float  # budget metric of 'this layer kept' minus that of full INT8 (in the better direction)
+    method: str = "calibrated"  # the layer's inputs' ranges from then on: calibrated | minmax
+    int8_alone_minmax_sqnr_db: Optional[float] = None  # alone in INT8 with max|x| ranges, where they differ
+
+
+class TuneCandidate(_Part):
+    id: int
+    phase: str  # full_int8 | float | int8_alone | float_alone | search | prune | verify | bisect | first_last
+    kept: list[str]  # layers kept out of INT8 (weighted node names)
+    minmax: list[str] = Field(default_factory=list, description="INT8 layers whose inputs take max|x| ranges")
+    metric: Optional[float] = None  # the budget's metric on the search samples
+    meets: Optional[bool] = None  # on the search samples
+    metric_sensitivity: Optional[float] = None  # on the sensitivity samples, when they are fewer than the search's
+    metric_full: Optional[float] = None  # on the full evaluation set, where checked
+    meets_full: Optional[bool] = None
+    sqnr_db: float  # output SQNR against FP32 (the budget's output, else the worst) on the first samples measured
+    cost: float  # estimated compute (FP16-equivalent GMAC per sample) or measured latency (ms), see latency_kind
+    latency_ms: dict[str, float] = Field(default_factory=dict, description="measured TensorRT latency per batch (bN)")
+    seconds: float
+
+
+class TuneReport(Report):
+    stage: Literal["tune"] = "tune"
+    model: str
+    backend: str  # what measured the candidates: onnxruntime (Q/DQ simulation) | tensorrt
+    budget: dict[str, Any]  # metric, bound, kind (task | agreement), output, threshold on each set, fp32 value
+    met: bool
+    keep_precision: str
+    strategy: str
+    latency_kind: str  # estimate (CPU: MACs x relative cost) | tensorrt (measured)
+    latency_model: dict[str, Any]
+    samples: dict[str, int]  # search, sensitivity, full
+    layers: list[TuneLayer]
+    sensitivity: list[LayerSensitivity] = Field(default_factory=list)
+    candidates: list[TuneCandidate]
+    chosen: int  # candidate id of the result (the best point found when the budget was not met)
+    kept: list[dict[str, Any]]  # {layer, nodes, why}
+    layer_precisions: dict[str, str]  # build.layer_precisions that apply the result (implicit TensorRT)
+    methods: dict[str, Any] = Field(default_factory=dict, description="calibration method per layer: layers, the "
+                                    "tensors whose ranges changed (calibrated and tuned amax), the layers tried")
+    frontier: list[int]  # candidate ids on the accuracy-cost frontier (search samples)
+    reference_points: dict[str, dict[str, Any]]  # full_int8, float, chosen on the full set
+    search: dict[str, Any]  # budget used, stop reason, candidates by phase
+    seconds: float
+    sha256: dict[str, str]  # onnx, calibrate.json, ranges.json, calibration.cache, eval_data, outputs
 
 
 R = TypeVar("R", bound=Report)

@@ -25,6 +25,8 @@ STAGE_CALLS = {  # each stage's function on the faults template project (tests/f
     "export": "export.run(cfg, A/'prepare'/'model.pt', Path('out/export'))",
     "validate": "validate.run(cfg, A/'prepare'/'model.pt', A/'export'/'model.onnx', A/'prepare'/'eval.npz', Path('out/validate'))",
     "calibrate": "calibrate.run(cfg, A/'export'/'model.onnx', A/'prepare'/'calib.npz', Path('out/calibrate'), progress=False)",
+    "tune": "tune.run(cfg, A/'export'/'model.onnx', A/'calibrate', A/'prepare'/'eval.npz', Path('out/tune'), "
+            "calib_data=A/'prepare'/'calib.npz', progress=False)",
     "build": "[build.run(cfg, p, A/'export'/'model.onnx', Path('out/build')/p, calib_dir=A/'calibrate', "
              "calib_data=A/'prepare'/'calib.npz') for p in ('fp32', 'fp16', 'int8')]",
     "evaluate": "evaluate.run(cfg, 'int8', A/'build'/'int8', A/'build'/'fp32', A/'prepare'/'eval.npz', "

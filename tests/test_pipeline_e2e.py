@@ -78,6 +78,6 @@ def test_calibration_knob_reruns_only_calibrate_and_int8(repo: Path) -> None:
     sh("git", "commit", "-qm", "baseline run", "--allow-empty", cwd=repo)
     log = sh("dvc", "exp", "run", "-S", "calibration.method=minmax", cwd=repo)
     ran = stages_run(log)
-    assert ran == {"calibrate", "build@int8", "evaluate@int8", "compare", "publish"}, ran
+    assert ran == {"calibrate", "tune", "build@int8", "evaluate@int8", "compare", "publish"}, ran
     cal = json.loads((repo / "artifacts/calibrate/calibrate.json").read_text())
     assert cal["method"] == "minmax"

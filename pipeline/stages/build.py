@@ -4,7 +4,9 @@ Inputs are checked first: the ONNX must be the one validate passed; int8 needs c
 outputs made from that same ONNX and unchanged since; the calibration samples must be
 prepare's. Output folder (replaced atomically): the artifact and build.json (a
 BuildReport: backend + version, flags, optimization profiles, workspace, build seconds,
-bytes, sha256, how int8 ranges came to be, the nodes an fp16 variant keeps in fp32)."""
+bytes, sha256, how int8 ranges came to be, the nodes an fp16 variant keeps in fp32).
+With `build.int8_from_tune`, int8 keeps the layers `trtpipe tune` chose (--tune-dir;
+pipeline/stages/build_tune.py) and build.json's `tune` says so."""
 
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def run(
     calib_dir: Optional[Path] = None,
     calib_data: Optional[Path] = None,
     validation: Optional[Path] = None,
+    tune_dir: Optional[Path] = None,
 ) -> BuildReport:
     from ..onnx_utils import load_onnx
     from ..provenance import calibrated, prepared, sha256_of, validated
@@ -48,6 +51,12 @@ def run(
             raise UsageError("build --precision int8 needs --calib-dir (the calibrate stage's folder)")
         route = "onnxruntime" if backend.name == "onnxruntime" else cfg.build.int8_route
         calibrated(calib_dir, onnx_sha, INT8_FILES[route])
+    applied = None
+    if precision == "int8" and cfg.build.int8_from_tune:
+        from .build_tune import apply_tune
+
+        cfg, calib_dir, applied = apply_tune(cfg, route, Path(tune_dir or Path("artifacts", "tune")), Path(calib_dir),
+                                             onnx_sha)
     if calib_data is not None and Path(calib_data).is_file() and (Path(calib_data).parent / "prepare.json").is_file():
         prepared(calib_data, "calib.npz")
     start = time.perf_counter()
@@ -75,6 +84,7 @@ def run(
             calibration=result.calibration,
             kept_fp32=result.kept_fp32,
             details=result.details,
+            tune=applied,
         )
         write_report(tmp / "build.json", report)
     return report
