@@ -245,6 +245,10 @@ def generate(cfg: Config, config_path: str, params_path: Path = Path("params.yam
     users = user_inputs(cfg, root)
     code = {s: code_deps(f"pipeline.stages.{s}") for s in
             ("prepare", "export", "validate", "calibrate", "tune", "build", "evaluate", "compare", "publish")}
+    project = Path(root).resolve()
+    if project != ROOT:  # a user's own project without trtpipe's code in it: those files by absolute path
+        code = {s: [f if (project / f).is_file() else (_local(ROOT / f, project) or (ROOT / f).as_posix())
+                    for f in files] for s, files in code.items()}
     P = f"{A}/prepare"
     stages: dict[str, Any] = {}
     stages["prepare"] = _stage(f"trtpipe prepare --out {P}", code["prepare"] + [config_path] + users["prepare"],

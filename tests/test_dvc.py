@@ -200,3 +200,24 @@ def test_an_int8_knob_reruns_only_the_int8_stages(repo: Path) -> None:
     assert "build@int8" in ran, out
     assert not ran & {"prepare", "export", "validate", "calibrate", "build@fp32", "build@fp16", "evaluate@fp32",
                       "evaluate@fp16"}, ran
+
+
+def test_a_project_without_trtpipe_code_watches_the_installed_files(tmp_path: Path) -> None:
+    """A user's own project (trtpipe installed, not vendored): the code deps are the files that
+    really run, by absolute path, and every one exists (dvc repro would stop on a missing dep)."""
+    root = tmp_path / "mine"
+    (root / "configs").mkdir(parents=True)
+    shutil.copy(dvcgen.ROOT / "configs" / "digits.yaml", root / "configs" / "digits.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump({"config": "configs/digits.yaml"}))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = load_config(quiet=True)
+        stages = dvcgen.generate(cfg, "configs/digits.yaml", root=root)["stages"]
+    finally:
+        os.chdir(cwd)
+    deps = stages["prepare"]["deps"]
+    code = [d for d in deps if d.endswith(".py")]
+    assert str(dvcgen.ROOT / "pipeline" / "stages" / "prepare.py") in code
+    assert all(Path(d).is_absolute() and Path(d).is_file() for d in code), code
+    assert "configs/digits.yaml" in deps
