@@ -69,3 +69,17 @@ def edit_yaml(path: str | Path, fn: Any) -> None:
     data = yaml.safe_load(path.read_text())
     fn(data)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def dvc_project(tmp_path: Path) -> Path:
+    """A folder holding a copy of this repository's code (pipeline/, calibration/, configs/), for
+    tests that run git and dvc in it; skips where git or the venv's dvc is missing."""
+    import sys
+
+    if shutil.which("git") is None or shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("needs git and dvc")
+    r = tmp_path / "repo"
+    r.mkdir()
+    for item in ("pipeline", "calibration", "configs"):
+        shutil.copytree(ROOT / item, r / item, ignore=shutil.ignore_patterns("__pycache__"))
+    return r

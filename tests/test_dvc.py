@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pipeline import dvcgen
+from tests._project import dvc_project
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,16 +134,11 @@ def make():
 def repo(tmp_path: Path) -> Path:
     """A git + DVC project with this repository's code, a user's own model factory, checkpoint
     and npz data, and a dvc.yaml from `trtpipe dvc`; the pipeline run once."""
-    if shutil.which("git") is None or shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("needs git and dvc")
     import numpy as np
     import torch
     from sklearn.datasets import load_digits
 
-    r = tmp_path / "repo"
-    r.mkdir()
-    for item in ("pipeline", "calibration", "configs"):
-        shutil.copytree(ROOT / item, r / item, ignore=shutil.ignore_patterns("__pycache__"))
+    r = dvc_project(tmp_path)
     (r / "user_models.py").write_text(USER_MODEL)
     ns: dict = {}
     exec(USER_MODEL, ns)

@@ -371,14 +371,10 @@ def test_a_per_output_budget_reads_that_output(tmp_path: Path) -> None:
 # -- dvc: a budget change re-runs tune and the int8 stages only -------------------------------------
 @pytest.mark.slow
 def test_a_budget_change_reruns_tune_and_the_int8_stages_only(tmp_path: Path) -> None:
+    from tests._project import dvc_project
     from tests.test_dvc import _sh
 
-    if shutil.which("git") is None or shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("needs git and dvc")
-    r = tmp_path / "repo"
-    r.mkdir()
-    for item in ("pipeline", "calibration", "configs"):
-        shutil.copytree(ROOT / item, r / item, ignore=shutil.ignore_patterns("__pycache__"))
+    r = dvc_project(tmp_path)
     shutil.copy(MODELS / "outlier_cnn.py", r / "outlier_cnn.py")
     sys.path.insert(0, str(r))
     try:
