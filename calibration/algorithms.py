@@ -1,6 +1,6 @@
 """From an |x| histogram to an INT8 range (amax) and scale, per tensor.
 
-``entropy_amax`` is TensorRT's EntropyCalibration2 as DESIGN.md section 4 (steps 2-4) and
+``entropy_amax`` is TensorRT's EntropyCalibration2 (its KL divergence search) as
 NVIDIA's public reference (pytorch-quantization ``_compute_amax_entropy``) describe it:
 
 2. ``bins[0] = bins[1]`` (hides the spike of exact zeros after a ReLU).
@@ -43,7 +43,11 @@ START_BIN = 128
 TIE_ATOL = 1e-12  # divergences this close to the minimum count as equal (see _last_argmin)
 _CANDIDATE_CHUNK = 4096  # candidates evaluated at once: bounds (chunk x 129) temporaries
 
-METHODS = ("entropy", "minmax", "percentile")
+METHODS = ("entropy", "minmax", "percentile", "mse")
+#: Percentiles among the candidates of the ``mse`` search.
+SEARCH_PERCENTILES = (99.9, 99.99, 99.999)
+#: Evenly spaced amax candidates between the smallest named candidate and max|x|.
+SEARCH_GRID = 32
 
 
 # -- EntropyCalibration2 ---------------------------------------------------------------
@@ -80,7 +84,7 @@ def entropy_divergences(counts: np.ndarray, num_quant_bins: int = NUM_QUANT_BINS
 def entropy_amax(counts: np.ndarray, bin_width: float, num_quant_bins: int = NUM_QUANT_BINS,
                  start_bin: int = START_BIN, bin_offset: float = 0.0) -> float:
     """EntropyCalibration2's amax: ``(i + bin_offset) * bin_width`` for the largest
-    minimising ``i`` (offset 0: DESIGN.md's bin edge; 0.5: TensorRT 8.6's bin centre)."""
+    minimising ``i`` (offset 0: the reference rules' bin edge; 0.5: TensorRT 8.6's bin centre)."""
     counts = np.asarray(counts)
     if bin_width == 0.0 or not np.any(counts):
         return 0.0  # all-zero tensor (see calibration.histogram): nothing to clip
@@ -172,10 +176,72 @@ def percentile_amax(counts: np.ndarray, bin_width: float, percentile: float,
     return float(min(amax, max_abs)) if max_abs is not None else float(amax)
 
 
+# -- MSE search --------------------------------------------------------------------------
+def quantization_mse(counts: np.ndarray, bin_width: float, amaxes: np.ndarray) -> np.ndarray:
+    """Mean squared error that symmetric INT8 fake quantization with each amax of ``amaxes``
+    causes on the data of an |x| histogram (each bin's values taken at its centre):
+    ``x -> clip(round_half_even(x / s), 0, 127) * s`` with ``s = amax / 127``, so a value
+    above amax costs ``(x - amax)^2`` and one inside the range its rounding error. amax 0
+    quantizes everything to 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    amaxes = np.atleast_1d(np.asarray(amaxes, dtype=np.float64))
+    total = counts.sum()
+    if total == 0 or bin_width == 0.0:
+        return np.zeros(amaxes.size)
+    nz = np.flatnonzero(counts)
+    x = (nz + 0.5) * bin_width
+    p = counts[nz] / total
+    out = np.empty(amaxes.size)
+    for k, a in enumerate(amaxes):
+        if a <= 0:
+            out[k] = float(p @ (x * x))
+            continue
+        s = a / INT8_MAX
+        q = np.clip(np.rint(x / s), 0, INT8_MAX) * s
+        out[k] = float(p @ ((x - q) ** 2))
+    return out
+
+
+def mse_candidates(hist: AbsHistogram, bin_offset: float = 0.0, percentiles: tuple[float, ...] = SEARCH_PERCENTILES,
+                   grid: int = SEARCH_GRID, bound: float | None = None) -> dict[str, float]:
+    """The named amax candidates of the ``mse`` search: entropy (EntropyCalibration2 at
+    ``bin_offset``), the ``percentiles`` and max|x|, then ``grid`` evenly spaced values
+    between the smallest of them and max|x|. ``bound`` (a Clip's bound, see
+    :mod:`calibration.ptq`) caps every candidate."""
+    cands: dict[str, float] = {}
+    if hist.bin_width == 0.0 or not np.any(hist.counts):
+        return {"max": 0.0}
+    cands["entropy"] = entropy_amax(hist.counts, hist.bin_width, bin_offset=bin_offset) \
+        if hist.num_bins >= START_BIN else float(hist.max_abs)
+    for pct in percentiles:
+        cands[f"p{pct:g}"] = percentile_amax(hist.counts, hist.bin_width, pct, max_abs=hist.max_abs)
+    cands["max"] = float(hist.max_abs)
+    lo = min(cands.values())
+    for k, a in enumerate(np.linspace(lo, hist.max_abs, grid + 2)[1:-1] if grid > 0 else []):
+        cands[f"grid{k}"] = float(a)
+    if bound is not None:
+        cands = {k: min(v, float(bound)) for k, v in cands.items()}
+    return cands
+
+
+def mse_amax(hist: AbsHistogram, bin_offset: float = 0.0, percentiles: tuple[float, ...] = SEARCH_PERCENTILES,
+             grid: int = SEARCH_GRID, bound: float | None = None) -> tuple[float, str]:
+    """The candidate of :func:`mse_candidates` whose quantization MSE on the histogram is the
+    smallest (the largest amax among equal ones); returns ``(amax, candidate name)``."""
+    cands = mse_candidates(hist, bin_offset, percentiles, grid, bound)
+    names = list(cands)
+    values = np.array([cands[n] for n in names])
+    errors = quantization_mse(hist.counts, hist.bin_width, values)
+    best = np.flatnonzero(errors <= errors.min() * (1 + 1e-12))
+    pick = int(best[np.argmax(values[best])])
+    return float(values[pick]), names[pick]
+
+
 # -- dispatch and scale --------------------------------------------------------------------
 def compute_amax(hist: AbsHistogram, method: str, **opts: float) -> float:
-    """amax of one tensor by ``method``: 'entropy' (EntropyCalibration2), 'minmax' or
-    'percentile' (option ``percentile``, default 99.99). Extra options go to the method."""
+    """amax of one tensor by ``method``: 'entropy' (EntropyCalibration2), 'minmax',
+    'percentile' (option ``percentile``, default 99.99) or 'mse' (:func:`mse_amax`: the
+    candidate whose quantization MSE is smallest). Extra options go to the method."""
     key = method.lower()
     if key == "entropy":
         return entropy_amax(hist.counts, hist.bin_width, **opts)
@@ -188,6 +254,8 @@ def compute_amax(hist: AbsHistogram, method: str, **opts: float) -> float:
         if opts:
             raise CalibrationError(f"method 'percentile' takes only 'percentile', got {sorted(opts)}")
         return percentile_amax(hist.counts, hist.bin_width, pct, max_abs=hist.max_abs)
+    if key == "mse":
+        return mse_amax(hist, **opts)[0]
     raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
 
 

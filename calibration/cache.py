@@ -40,10 +40,17 @@ from calibration.errors import CacheMismatchError, CalibrationError
 
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
 DEFAULT_ALGORITHM = "EntropyCalibration2"
+# The header algorithm of a cache, by what made it: the calibrate stage's ``calibration.method`` (its scales go in
+# under EntropyCalibration2, which TensorRT uses as they are, except minmax), and TensorRT's own calibrator
+# (``build.int8_calibrator``).
+METHOD_ALGORITHM = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration", "percentile": "EntropyCalibration2",
+                    "mse": "EntropyCalibration2"}
+CALIBRATOR_ALGORITHM = {"entropy2": "EntropyCalibration2", "minmax": "MinMaxCalibration"}
 
 _HEADER_RE = re.compile(r"^TRT-(\d+)-([A-Za-z0-9_]+)$")
 _VERSION_RE = re.compile(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{1,8}$")
+_LEADING_DIGITS_RE = re.compile(r"\d+")
 
 
 # -- header -----------------------------------------------------------------------------
@@ -55,12 +62,23 @@ def trt_version_int(version: str | int) -> int:
     """
     if isinstance(version, (int, np.integer)) and not isinstance(version, bool):
         return int(version)
-    match = _VERSION_RE.match(str(version))
-    if not match:
+    if not _VERSION_RE.match(str(version)):
         raise CalibrationError(f"cannot read TensorRT version {version!r}; give it as 'major.minor.patch', "
                                "e.g. '8.6.1' (tensorrt.__version__)")
-    major, minor, patch = (int(g) if g else 0 for g in match.groups())
+    major, minor, patch = trt_version_parts(version)
     return major * (10000 if major >= 10 else 1000) + minor * 100 + patch
+
+
+def trt_version_parts(version: str) -> tuple[int, int, int]:
+    """``(major, minor, patch)`` of a TensorRT version string: the leading digits of each of
+    its first three dot-separated parts, a part that is missing or does not start with a
+    digit counting as 0 (``"8.6.1.6" -> (8, 6, 1)``, ``"8.6.dev" -> (8, 6, 0)``,
+    ``"10.0.0b6" -> (10, 0, 0)``). The one parser of TensorRT versions: the cache header,
+    the runtime's API checks and the registry's compatibility check all use it."""
+    parts = [_LEADING_DIGITS_RE.match(p) for p in str(version).strip().split(".")[:3]]
+    numbers = [int(m.group()) if m else 0 for m in parts]
+    numbers += [0] * (3 - len(numbers))
+    return numbers[0], numbers[1], numbers[2]
 
 
 def cache_header(trt_version: str | int, algorithm: str = DEFAULT_ALGORITHM) -> str:
@@ -226,3 +244,98 @@ def _check_header(cache: CalibrationCache, source: Path, expect_version: str | i
         f"(different {what}). TensorRT would silently ignore this cache and calibrate again. "
         "Recreate the cache for this TensorRT and algorithm with `trtpipe calibrate`, or build with "
         "the TensorRT and calibrator that wrote it")
+
+
+# -- values a checksum cannot vet -------------------------------------------------------
+# Tensors TensorRT's parser makes that the ONNX does not name: `(Unnamed Layer* 12) [Constant]_output`.
+UNNAMED_RE = re.compile(r"^\(Unnamed Layer\* \d+\) \[[^\]\n]+\]_output(?:_\d+)?$")
+
+
+@dataclass(frozen=True)
+class NetworkNames:
+    """The tensor names of an ONNX graph: every one (`tensors`) and those holding weights
+    (`weights`: initializers, Constant outputs), whose scale TensorRT writes as 0."""
+
+    tensors: frozenset[str]
+    weights: frozenset[str]
+    source: str = ""
+
+
+def network_names(onnx_path: str | os.PathLike) -> NetworkNames:
+    """The tensor names of `onnx_path` (graph inputs, outputs, node outputs, initializers)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, OSError ...
+        raise CalibrationError(f"{onnx_path}: cannot read the ONNX to check calibration tensor names "
+                               f"({type(e).__name__}: {e}); re-run export") from None
+    g = model.graph
+    weights = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    tensors = ({v.name for v in g.input} | {v.name for v in g.output} | {o for n in g.node for o in n.output}
+               | weights)
+    return NetworkNames(frozenset(t for t in tensors if t), frozenset(weights), str(onnx_path))
+
+
+def _bad_scale(name: str, value: float, network: NetworkNames | None) -> str | None:
+    """Why `value` cannot be the scale of tensor `name` (None: it can)."""
+    unnamed = bool(UNNAMED_RE.match(name))
+    if not np.isfinite(value):
+        return "is not finite"
+    if value < 0:
+        return "is negative"
+    if value == 0 and not unnamed and (network is None or name not in network.weights):
+        return "is zero (only weights and TensorRT's own constants may have scale 0)"
+    if network is not None and name not in network.tensors and not unnamed:
+        return f"names a tensor the network ({network.source}) does not have"
+    return None
+
+
+def check_scales(cache: CalibrationCache, source: str | os.PathLike, network: NetworkNames | None = None) -> None:
+    """Refuse, in one line naming the file, the tensor and the value, a scale that is NaN,
+    +-Inf, negative, zero (but for weights and `(Unnamed Layer* N) [...]_output` constants),
+    or of a tensor the network lacks (`(Unnamed Layer* N) [...]_output`, made by TensorRT's
+    parser, allowed)."""
+    for name, scale in cache.scales.items():
+        why = _bad_scale(name, float(scale), network)
+        if why:
+            raise CalibrationError(f"calibration cache {source}: tensor {name!r} has scale {float(scale)!r} "
+                                   f"(hex {scale_to_hex(scale)}), which {why}; the cache is corrupt or for another "
+                                   "model: recreate it with `trtpipe calibrate`")
+
+
+def check_ranges(path: str | os.PathLike, network: NetworkNames | None = None) -> None:
+    """The calibrate stage's ranges.json: every tensor's amax and scale a finite number > 0
+    (0 for weights), scale_hex valid hex of that scale, and every tensor in the network."""
+    import json
+    import math
+
+    source = Path(path)
+    try:
+        doc = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CalibrationError(f"{source}: not readable calibration ranges ({e}); re-run calibrate") from None
+    tensors = doc.get("tensors") if isinstance(doc, dict) else None
+    if not isinstance(tensors, dict) or not tensors:
+        raise CalibrationError(f"{source}: holds no 'tensors' (name -> amax, scale); re-run calibrate")
+    for name, t in tensors.items():
+        if not isinstance(t, dict):
+            raise CalibrationError(f"{source}: tensor {name!r} is {t!r}, not its range; re-run calibrate")
+        for key in ("amax", "scale"):
+            v = t.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise CalibrationError(f"{source}: tensor {name!r} has {key} {v!r}, not a number; the ranges are "
+                                       "corrupt: re-run calibrate")
+            why = _bad_scale(name, float(v), network)
+            if why:
+                raise CalibrationError(f"{source}: tensor {name!r} has {key} {v!r}, which {why}; the ranges are "
+                                       "corrupt or for another model: re-run calibrate")
+        hx = t.get("scale_hex")
+        if hx is not None:
+            if not isinstance(hx, str) or not _HEX_RE.match(hx):
+                raise CalibrationError(f"{source}: tensor {name!r} has scale_hex {hx!r}, not the hex of a float32; "
+                                       "the ranges are corrupt: re-run calibrate")
+            if scale_to_hex(np.float32(t["scale"])) != hx.lower() and not math.isclose(
+                    float(hex_to_scale(hx)), float(t["scale"]), rel_tol=1e-6):
+                raise CalibrationError(f"{source}: tensor {name!r} has scale_hex {hx!r} ({float(hex_to_scale(hx))!r}) "
+                                       f"but scale {t['scale']!r}; the ranges are corrupt: re-run calibrate")

@@ -4,8 +4,8 @@ The model is augmented once: every tensor to calibrate becomes an extra graph ou
 (except those binned from another one: a Relu output from its input, see
 :func:`derivable_tensors`), and each batch runs through one onnxruntime session. The
 activations of that batch stream into one :class:`calibration.histogram.AbsHistogram`
-per tensor (growing by the rule ``growth`` names: TensorRT's doubling or DESIGN.md's
-appending) and are dropped before the next batch runs, so memory holds one batch of
+per tensor (growing by the rule ``growth`` names: TensorRT's doubling or the reference
+rules' appending) and are dropped before the next batch runs, so memory holds one batch of
 activations at most, whatever the dataset size.
 
 Binning (:mod:`calibration.binning`) runs on every core: the ranges of all tensors of a
@@ -31,7 +31,6 @@ onnxruntime 1.20).
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +47,6 @@ SCOPES = ("all", "quantizable")
 
 # onnx.TensorProto element types: FLOAT, FLOAT16, DOUBLE, BFLOAT16.
 _FLOAT_TYPES = frozenset({1, 10, 11, 16})
-# A serialized proto must stay below 2 GiB; above this, the augmented model goes to a file.
-_INLINE_MODEL_LIMIT = 1_800_000_000
 
 Feeds = Union[np.ndarray, Mapping[str, np.ndarray]]
 
@@ -344,37 +341,16 @@ class ActivationCollector:
         self.stats.seconds_session = time.perf_counter() - start
 
     def _make_session(self, model: Any, threads: Optional[int], optimize: bool, extra: Mapping[str, Any]) -> Any:
-        import onnx
-        import onnxruntime as ort
+        from .ort_session import make_session
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         # With every activation a graph output, the memory pattern planned on the first run
         # holds a second copy of a batch's activations (measured: +0.9 GiB on ResNet-18).
-        options.enable_mem_pattern = False
         # onnxruntime's idle threads spin between runs, taking the cores the binning threads
         # need right then (and any core another process needs); blocking costs nothing here.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        for key, value in extra.items():  # SessionOptions attributes, or config entries ("a.b")
-            if "." in key:
-                options.add_session_config_entry(key, str(value))
-            else:
-                setattr(options, key, value)
-        try:
-            if model.ByteSize() < _INLINE_MODEL_LIMIT:
-                return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            with tempfile.TemporaryDirectory(prefix="trtpipe-calib-") as tmp:  # > 2 GiB: external data
-                path = Path(tmp) / "augmented.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True, location="augmented.onnx.data")
-                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0][:300]
-            raise CalibrationError(f"{self.onnx_path}: onnxruntime cannot run the model with its activations "
-                                   f"exposed for calibration ({msg})") from None
+        config = {"enable_mem_pattern": False, "session.intra_op.allow_spinning": "0", **extra}
+        return make_session(model, threads=threads, level="all" if optimize else "disable", config=config,
+                            what=str(self.onnx_path), error=CalibrationError,
+                            failure="onnxruntime cannot run the model with its activations exposed for calibration")
 
     def _feeds(self, batch: Feeds) -> dict[str, np.ndarray]:
         if isinstance(batch, Mapping):
@@ -539,9 +515,9 @@ def collect_histograms(onnx_path: Union[str, Path], batches: Iterable[Feeds], *,
     iterator: Iterable[Feeds] = batches
     bar = None
     if progress:
-        from tqdm import tqdm
+        from pipeline.log import progress_bar
 
-        bar = tqdm(batches, total=total, desc="calibrate", unit="batch", leave=False)
+        bar = progress_bar(batches, total=total, desc="calibrate", unit="batch")
         iterator = bar
     try:
         collector.add_batches(iterator)

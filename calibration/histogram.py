@@ -5,7 +5,7 @@ The first batch fixes the bin width: ``num_bins`` (2048) equal bins over
 bins. A later batch with a *larger* max grows the histogram by one of two rules
 (``growth``):
 
-* ``"append"``: DESIGN.md section 4, step 1, as NVIDIA's public reference
+* ``"append"``: the histogram step as NVIDIA's public reference
   implementations describe it. Keep the width and append bins until the new max is
   covered, so the histogram may grow past 2048 bins; old counts are never re-binned.
 * ``"double"``: what TensorRT 8.6's own IInt8EntropyCalibrator2 measurably does. The

@@ -50,13 +50,6 @@ def abs_range(flat: np.ndarray) -> tuple[float, float]:
     return float(flat.min()), float(flat.max())
 
 
-def abs_max(lo: float, hi: float) -> float:
-    """max|x| from :func:`abs_range` (NaN stays NaN, ``-inf`` gives ``inf``)."""
-    if math.isnan(lo) or math.isnan(hi):
-        return math.nan
-    return max(hi, -lo, 0.0)
-
-
 def fold_bincount(indices: np.ndarray, num_bins: int) -> np.ndarray:
     """``np.bincount`` of non-negative ``indices`` with every index ``>= num_bins - 1``
     counted in the last bin (``min(index, num_bins - 1)``, without a pass to clamp)."""

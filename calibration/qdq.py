@@ -1,6 +1,6 @@
 """Q/DQ ONNX from calibrated ranges, placed the way TensorRT builds fast INT8 engines.
 
-What goes in (DESIGN.md sections 3 and 4):
+What goes in (README, "Supported versions and what runs where", Q/DQ placement):
 
 * activations: per-tensor symmetric INT8, ``scale = amax / 127`` exactly as the
   TensorRT cache stores it (:func:`calibration.algorithms.amax_to_scale`), zero point 0:
@@ -40,14 +40,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from calibration.algorithms import amax_to_scale
 from calibration.collect import QUANTIZABLE_OP_TYPES
 from calibration.errors import CalibrationError
-from calibration.qdq_insert import insert_qdq
+from calibration.ptq import apply_bias_corrections, bias_corrections
+from calibration.qdq_insert import drop_unused_initializers, insert_qdq
 from calibration.qdq_placement import PLACEMENTS, GraphIndex, Placement, name_nodes, plan_placement
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
@@ -109,9 +110,16 @@ def _fold_constants(model: Any) -> None:
 def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: Mapping[str, float], *,
                  placement: str = "tensorrt", exclude_nodes: Iterable[str] = (),
                  op_types: Sequence[str] = QUANTIZABLE_OP_TYPES, per_channel: bool = True,
-                 dedicated_pairs: bool = False) -> dict[str, Any]:
+                 dedicated_pairs: bool = False,
+                 bias_means: Optional[Mapping[str, np.ndarray]] = None) -> dict[str, Any]:
     """Write the Q/DQ model of ``onnx_path`` to ``out_path`` with activation ranges ``amax``
     (tensor name -> amax). Returns the placement summary (see :func:`placement_summary`).
+
+    ``bias_means``: the FP32 mean of the activation inputs of Conv / Gemm / MatMul over the
+    calibration data (:func:`calibration.ptq.input_means` of :func:`bias_correction_inputs`);
+    given, every such node with a quantized weight gets its bias corrected by the mean error
+    its weight quantization causes (:mod:`calibration.ptq`); the summary's
+    ``bias_corrected`` lists them.
 
     Every activation the placement quantizes must have a range; missing ones raise
     CalibrationError naming them (calibrate with scope "all").
@@ -124,13 +132,29 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     index = GraphIndex.build(model)
     plan = plan_placement(model, rules=placement, op_types=op_types, exclude_nodes=exclude_nodes, index=index)
     scales, groups = _scales(plan, amax, onnx_path, op_types)
+    corrections = {} if bias_means is None else bias_corrections(model, plan.weights, bias_means, per_channel)
     counts = insert_qdq(model, plan.edges, scales, plan.weights, per_channel=per_channel,
                         dedicated_pairs=dedicated_pairs)
+    if corrections:
+        apply_bias_corrections(model, corrections)
+        drop_unused_initializers(model)
     _check(model, onnx_path)
     _save(model, out_path)
     summary = placement_summary(plan, index, scales, groups, op_types=op_types, per_channel=per_channel)
     summary.update(q_nodes=counts.q_nodes, dq_nodes=counts.dq_nodes, renamed_nodes=renamed)
+    if bias_means is not None:
+        summary["bias_corrected"] = {n: round(float(np.abs(c).max()), 8) if c.size else 0.0
+                                     for n, c in corrections.items()}
     return summary
+
+
+def bias_correction_inputs(onnx_path: Union[str, Path]) -> dict[str, str]:
+    """``{activation: consumer op}`` whose FP32 means bias correction needs: the activation
+    input of every Conv / Gemm / MatMul with a constant weight (a superset of what any
+    placement quantizes)."""
+    from calibration.ptq import correction_inputs
+
+    return correction_inputs(_load(Path(onnx_path)))
 
 
 def _scales(plan: Placement, amax: Mapping[str, float], onnx_path: Path,
@@ -244,4 +268,4 @@ def read_qdq_scales(model_or_path: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["quantize_qdq", "placement_summary", "read_qdq_scales", "activation_scale", "MIN_OPSET", "PLACEMENTS"]
+__all__ = ["quantize_qdq", "bias_correction_inputs", "placement_summary", "read_qdq_scales", "activation_scale", "MIN_OPSET", "PLACEMENTS"]

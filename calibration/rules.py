@@ -1,4 +1,4 @@
-"""Which rules turn activations into ranges: TensorRT 8.6 as measured, or DESIGN.md's reference.
+"""Which rules turn activations into ranges: TensorRT 8.6 as measured, or the public reference.
 
 ``calibration.rules`` in the config picks one of two sets. They differ in three places:
 
@@ -10,7 +10,7 @@ entropy amax                  ``(i + 1/2) * width`` (bin centre)  ``i * width`` 
 MaxPool output                the range of its input              its own range
 ============================  ==================================  ==============================
 
-``reference`` is DESIGN.md section 4 as NVIDIA's public reference implementations
+``reference`` is EntropyCalibration2 as NVIDIA's public reference implementations
 describe EntropyCalibration2. ``tensorrt`` is what TensorRT 8.6.0's own
 IInt8EntropyCalibrator2 does, read off the caches it wrote on an H100 for the same ONNX
 and the same batches we calibrate on (the shared ResNet-18 fixture, 50 tensors; a
@@ -20,7 +20,7 @@ torchvision ResNet-50, 123 tensors; the digits CNN, 12 tensors):
   for every tensor whose max never grew and an odd integer for every tensor whose max
   grew, in all three caches: the first width is ``w``, a grown histogram has width
   ``2w``, and amax sits half a bin above the chosen end bin ``i``.
-* The divergence search itself (DESIGN steps 2 to 4) is unchanged: with these rules our
+* The divergence search itself (KL divergence over 128-bin quantizations) is unchanged: with these rules our
   scale equals TensorRT's (to float32 rounding) for 177 of the 185 tensors (ResNet-18
   49/50, ResNet-50 118/123, digits 10/12). Of the other 8, 7 are near ties (TensorRT's
   ``i`` has a divergence within 0.1% of our minimum) and one is a MaxPool output that
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from calibration.algorithms import compute_amax
 from calibration.errors import CalibrationError
@@ -100,21 +100,30 @@ def share_ranges(amax: dict[str, float], sources: Mapping[str, str]) -> dict[str
 
 def ranges_under(rules: CalibrationRules, histograms: Mapping[str, Any], method: str,
                  node_ops: Iterable[tuple[str, Sequence[str], Sequence[str]]] = (),
-                 percentile: float = 99.99) -> tuple[dict[str, float], dict[str, str], list[float]]:
+                 percentile: float = 99.99, bounds: Optional[Mapping[str, float]] = None
+                 ) -> tuple[dict[str, float], dict[str, str], list[float]]:
     """amax of every histogram by ``method`` under ``rules``: the entropy amax at the rules'
     bin offset, then MaxPool outputs given their input's range (found in ``node_ops``)
     where the rules say so. Returns ``(amax, range_from, search_ms)``: ``range_from`` as
-    :func:`share_ranges` gives it, ``search_ms`` the time of each tensor's amax search."""
-    opts: dict[str, float] = {}
+    :func:`share_ranges` gives it, ``search_ms`` the time of each tensor's amax search.
+
+    ``bounds`` (tensor -> largest amax, e.g. a ReLU6's 6 from
+    :func:`calibration.ptq.clip_amax_bounds`) caps those tensors' amax; the ``mse``
+    search caps its candidates before scoring them."""
+    opts: dict[str, Any] = {}
     if method == "percentile":
         opts = {"percentile": percentile}
-    elif method == "entropy":
+    elif method in ("entropy", "mse"):
         opts = {"bin_offset": rules.amax_bin_offset}
+    bounds = bounds or {}
     amax: dict[str, float] = {}
     search_ms: list[float] = []
     for name, hist in histograms.items():
         t0 = time.perf_counter()
-        amax[name] = float(compute_amax(hist, method, **opts))
+        extra = {"bound": bounds[name]} if method == "mse" and name in bounds else {}
+        amax[name] = float(compute_amax(hist, method, **opts, **extra))
+        if name in bounds:
+            amax[name] = min(amax[name], float(bounds[name]))
         search_ms.append((time.perf_counter() - t0) * 1e3)
     range_from = share_ranges(amax, range_sources(node_ops)) if rules.range_from_input else {}
     return amax, range_from, search_ms

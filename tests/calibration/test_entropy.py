@@ -197,8 +197,8 @@ def test_compute_amax_dispatch():
     hist = _HISTS["laplace"]
     assert compute_amax(hist, "entropy") == entropy_amax(hist.counts, hist.bin_width)
     assert compute_amax(hist, "Entropy") == compute_amax(hist, "entropy")
-    with pytest.raises(CalibrationError, match="entropy, minmax, percentile"):
-        compute_amax(hist, "mse")
+    with pytest.raises(CalibrationError, match="unknown calibration method 'kl'.*entropy, minmax, percentile, mse"):
+        compute_amax(hist, "kl")
 
 
 def test_amax_to_scale_is_float32_amax_over_127():

@@ -30,9 +30,9 @@ def calibrated(tmp_path_factory):
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = make_session(path)  # exact Q/DQ semantics on every CPU
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
