@@ -11,7 +11,10 @@ from typing import Any, Mapping, Optional
 
 from .cli_args import path_arg
 from .errors import ArtifactError
+from .manifest import KEY_ENV
 from .registry import DEFAULT_REGISTRY
+
+DEFAULT_POINTERS = Path("artifacts", "publish", "current")
 
 
 def _fmt(v: Any, spec: str = "", none: str = "-") -> str:
@@ -125,27 +128,59 @@ def cmd_show(a: argparse.Namespace) -> None:
     print(json.dumps(m, indent=2, default=str) if a.json else _show_text(m, vdir))
 
 
+SIGNATURES_UNCHECKED = (f"signatures not checked (${KEY_ENV} is not set): the digests and the ledger detect "
+                        "accidental corruption and edits by someone who does not also rewrite the ledger; they cannot "
+                        "stop a writer who rewrites both (set the key when publishing and verifying for that)")
+SIGNATURES_CHECKED = f"signatures checked under ${KEY_ENV}: every manifest and ledger line must carry a valid one"
+
+
+def _pointers(a: argparse.Namespace) -> Optional[Path]:
+    """The publish pointers to verify: --pointers, else publish/current beside the default
+    registry (None: not checked, e.g. another --registry without --pointers)."""
+    if a.pointers is not None:
+        if str(a.pointers) == "none":
+            return None
+        if not Path(a.pointers).is_dir():
+            raise ArtifactError(f"{a.pointers}: --pointers is not a folder; give the publish/current folder (or none)")
+        return Path(a.pointers)
+    if Path(a.registry) == Path(DEFAULT_REGISTRY):
+        return DEFAULT_POINTERS if DEFAULT_POINTERS.is_dir() else None
+    return None
+
+
 def cmd_verify(a: argparse.Namespace) -> None:
     from .compat import probe_here
-    from .registry import leftover_staging, verify_all, version_dirs
+    from .manifest import signing_key
+    from .registry import check_registry_path, leftover_staging, model_dirs, read_ledger, repair, verify_all, version_dirs
 
-    targets = [a.version] if a.version else version_dirs(a.registry)
-    if not targets:
+    check_registry_path(a.registry)
+    repaired = repair(a.registry) if a.repair else []
+    if not a.version and not version_dirs(a.registry) and not any(read_ledger(a.registry, d.name).entries
+                                                                   for d in model_dirs(a.registry)):
         raise ArtifactError(f"{a.registry}: no published versions to verify; run trtpipe publish (or pass --registry)")
+    pointers = None if a.version else _pointers(a)
     here = None if a.integrity_only else probe_here()
-    results = verify_all(a.registry, targets, here=here, integrity_only=a.integrity_only)
+    results = verify_all(a.registry, [a.version] if a.version else None, here=here, integrity_only=a.integrity_only,
+                         pointers=pointers)
     failed = [r for r in results if not r.ok(a.integrity_only)]
+    keyed = signing_key() is not None
     if a.json:
         print(json.dumps({"registry": str(a.registry), "here": here, "integrity_only": a.integrity_only,
+                          "signatures_checked": keyed, "signatures": SIGNATURES_CHECKED if keyed else SIGNATURES_UNCHECKED,
+                          "pointers": str(pointers) if pointers is not None else None, "repaired": repaired,
                           "results": [r.as_dict() for r in results]}, indent=2, default=str))
     else:
+        for note in repaired:
+            print(f"repaired: {note}")
+        print(SIGNATURES_CHECKED if keyed else SIGNATURES_UNCHECKED)
         if here is not None:
             trt = here.get("tensorrt") or "none"
             gpu = f"{here.get('gpu')} (compute capability {here.get('compute_capability')})" if here.get("compute_capability") else "none"
             print(f"here: TensorRT {trt}; GPU {gpu}; onnxruntime {here.get('onnxruntime') or 'none'}")
         for r in results:
             status = "OK  " if r.ok(a.integrity_only) else "FAIL"
-            what = f"{r.checked_files} files match" if r.ok(integrity_only=True) else "content does not match the manifest"
+            what = ((f"{r.checked_files} files match" if r.checked_files else "checked") if r.ok(integrity_only=True)
+                    else "content does not match the manifest" if r.checked_files else "does not verify")
             run = "" if r.runs_here is None else ("; runs here" if r.runs_here else "; cannot run here")
             print(f"{status} {r.version}: {what}{run}")
             for f in r.findings:
@@ -154,11 +189,28 @@ def cmd_verify(a: argparse.Namespace) -> None:
             print(f"note: {p} is left from an interrupted publish; delete it once no publish is running")
     if failed:
         first = failed[0].failures(a.integrity_only)[0]
+        versions = [r for r in results if r.what == "version"]
+        counts = f"{sum(1 for r in failed if r.what == 'version')} of {len(versions)} version(s) failed"
+        ptrs = [r for r in results if r.what == "pointer"]
+        if ptrs:
+            counts += f", and {sum(1 for r in failed if r.what == 'pointer')} of {len(ptrs)} publish pointer(s) " \
+                      f"({pointers})"
         raise ArtifactError(
-            f"verify: {len(failed)} of {len(results)} version(s) failed; {failed[0].version}: {first}"
+            f"verify: {counts}; {failed[0].version}: {first}"
             + ("" if a.integrity_only or any(f.kind == "integrity" for f in failed[0].findings) else
                " (only the integrity of the files: --integrity-only)")
         )
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from .triton import export
+
+    written = export(a.registry, a.triton, a.version)
+    if a.json:
+        print(json.dumps({"triton": str(a.triton), "models": written}, indent=2))
+        return
+    for name, w in written.items():
+        print(f"{a.triton}/{name}: {', '.join(f'{arch} {f}' for arch, f in w['files'].items())} from {', '.join(w['versions'])}")
 
 
 def register(subparsers: Any) -> None:
@@ -186,5 +238,18 @@ def register(subparsers: Any) -> None:
     )
     q.add_argument("version", nargs="?", help="one version (default: all)")
     q.add_argument("--integrity-only", action="store_true", help="check the files only, not whether they can run here")
+    q.add_argument("--pointers", type=path_arg, default=None,
+                   help=f"the publish pointers folder whose copies must be byte-identical to their versions (default: "
+                   f"{DEFAULT_POINTERS} with the default registry; 'none' to skip)")
+    q.add_argument("--repair", action="store_true",
+                   help="first complete what an interrupted publish left: record a complete version whose ledger line "
+                   "is missing, remove a ledger line cut short")
     common(q)
     q.set_defaults(func=cmd_verify)
+    q = sub.add_parser("export", help="write a Triton model repository from published versions",
+                       description="Write a Triton Inference Server model repository (config.pbtxt, one engine per "
+                       "compute capability) from the latest published version per architecture, or --version ones.")
+    q.add_argument("--triton", type=path_arg, required=True, help="the model repository folder to write")
+    q.add_argument("--version", action="append", default=None, help="a version to export (repeatable; default: latest per architecture)")
+    common(q)
+    q.set_defaults(func=cmd_export)

@@ -116,6 +116,9 @@ def validate_report(data: Any, source: str) -> dict[str, Any]:
 
 def load_report(path: Path | str, what: str = "compare report") -> dict[str, Any]:
     path = Path(path)
+    from .fileio import not_a_folder
+
+    not_a_folder(path, what, GateInputError)
     if not path.is_file():
         raise GateInputError(f"{path}: {what} not found; run `dvc repro` (or `trtpipe compare`) first, or pass --report")
     return validate_report(read_json(path, what), str(path))
@@ -348,12 +351,79 @@ class _Judge:
             self._add(c)
 
 
+def _same(a: Any, b: Any) -> bool:
+    fa, fb = as_float(a), as_float(b)
+    if fa is None or fb is None:
+        return fa is None and fb is None
+    if fa != fa or fb != fb:
+        return fa != fa and fb != fb
+    return math.isclose(fa, fb, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def consistency(report: dict[str, Any], source: str, model: Optional[str] = None) -> list[Check]:
+    """The report is of the configured model, and each row's numbers agree with what they were derived from
+    in the same report: `fp32_<stat>`/`pytorch_<stat>` with the worst over `agreement.<variant>` outputs,
+    `<m>_delta` with the row and the reference row, `<m>_delta_pytorch` with `pytorch`, `bB_speedup` with the
+    p50 latencies, `flagged` with `flags`. A mismatch (an edited or forged report) is a failed check."""
+    from .config import AGREEMENT_LOWER_BETTER
+
+    checks: list[Check] = []
+
+    def fail(variant: str, field: str, message: str) -> None:
+        checks.append(Check(variant, "report consistent", f"{source}: {field}", 0, "<=", value=1.0, status="fail",
+                            message=f"{source}: {field}: {message}; the report was edited or is of another run: "
+                                    "re-run compare (dvc repro)"))
+
+    if model is not None and report.get("model") != model:
+        fail("*", "model", f"is {report.get('model')!r}, but the config's model.name is {model!r}")
+    rows: dict[str, dict[str, Any]] = report.get("variants") or {}
+    ref = rows.get(report.get("reference", "fp32")) or {}
+    pytorch = report.get("pytorch") or {}
+    agreement = report.get("agreement") or {}
+    flags = report.get("flags") or {}
+    for p, row in rows.items():
+        for src in ("fp32", "pytorch"):
+            per_output = (agreement.get(p) or {}).get(src) or {}
+            if not per_output:
+                continue
+            for stat in {k.split("_", 1)[1] for k in row if k.startswith(f"{src}_")}:
+                vals = [as_float(s.get(stat)) for s in per_output.values() if as_float(s.get(stat)) is not None]
+                if not vals:
+                    continue
+                worst = (math.nan if any(v != v for v in vals) else
+                         max(vals) if stat in AGREEMENT_LOWER_BETTER else min(vals))
+                if not _same(row.get(f"{src}_{stat}"), worst):
+                    fail(p, f"variants.{p}.{src}_{stat}", f"is {row.get(f'{src}_{stat}')!r}, but agreement.{p}.{src} "
+                         f"gives {worst!r} (the worst over its outputs)")
+        for k, v in row.items():
+            if k.endswith("_delta_pytorch") and k[:-len("_delta_pytorch")] in row:
+                m = k[:-len("_delta_pytorch")]
+                if as_float(pytorch.get(m)) is not None and not _same(v, as_float(row[m]) - as_float(pytorch[m])):
+                    fail(p, f"variants.{p}.{k}", f"is {v!r}, but {m} {row[m]!r} - pytorch.{m} {pytorch[m]!r} differ by that")
+            elif k.endswith("_delta") and k[:-len("_delta")] in row:
+                m = k[:-len("_delta")]
+                if as_float(ref.get(m)) is not None and not _same(v, as_float(row[m]) - as_float(ref[m])):
+                    fail(p, f"variants.{p}.{k}", f"is {v!r}, but {m} {row[m]!r} minus the reference's {ref[m]!r} is not")
+            elif _SPEEDUP.match(k):
+                b = _SPEEDUP.match(k).group(1)
+                here, there = as_float(row.get(f"b{b}_p50_ms")), as_float(ref.get(f"b{b}_p50_ms"))
+                if here and there and not _same(v, there / here):
+                    fail(p, f"variants.{p}.{k}", f"is {v!r}, but the p50 latencies give {there / here!r}")
+        if "flagged" in row and bool(row["flagged"]) != bool(flags.get(p)):
+            fail(p, f"variants.{p}.flagged", f"is {row['flagged']!r}, but flags.{p} is {flags.get(p)!r}")
+    return checks
+
+
+_SPEEDUP = re.compile(r"^b(\d+)_speedup$")
+
+
 def evaluate_gate(
     report: dict[str, Any],
     gate: GateConfig,
     baseline: Optional[dict[str, Any]] = None,
     source: str = str(DEFAULT_REPORT),
     baseline_label: Optional[str] = None,
+    model: Optional[str] = None,
 ) -> GateResult:
     """Run every configured check. Raises GateInputError for unusable input; failures are in the result."""
     report = validate_report(report, source)
@@ -364,6 +434,8 @@ def evaluate_gate(
             f"baseline {baseline_label}: compares model {baseline.get('model')!r}, this report {report.get('model')!r}; pick a baseline of the same model"
         )
     j = _Judge(report, source, gate, baseline, baseline_label)
+    if model is not None:  # the CLI names the configured model: a forged or foreign report fails first
+        j.checks += consistency(report, source, model)
     if j.ref_name not in j.variants:
         raise GateInputError(f"{source}: no '{j.ref_name}' variant, the reference every drop is measured against; re-run compare")
     for p in [p for p in PRECISIONS if p in gate.thresholds]:

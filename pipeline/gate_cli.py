@@ -29,12 +29,53 @@ def _emit(path: Optional[Path], text: str, append: bool = False) -> None:
         write_text(path, text)
 
 
+def _is_junit(data: bytes) -> bool:
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(data)
+    except ET.ParseError:
+        return False
+    suites = [root] if root.tag == "testsuite" else list(root) if root.tag == "testsuites" else []
+    return bool(suites) and all(s.tag == "testsuite" and s.get("name") == "trtpipe gate" for s in suites)
+
+
+def _is_summary(data: bytes) -> bool:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return text.startswith(("## ✅ trtpipe gate", "## ❌ trtpipe gate", "## ⚠️ trtpipe gate"))
+
+
+def _claim_outputs(a: argparse.Namespace, step_summary: Optional[str]) -> None:
+    """--summary, --junit and $GITHUB_STEP_SUMMARY: never a folder, an input or a file the gate did not write
+    (the step summary is appended to, so it must be a text file); refused in one line (exit 2)."""
+    from . import gate
+    from .errors import ArtifactError
+    from .fileio import claim_file
+
+    inputs = (a.report, a.baseline if a.baseline and Path(a.baseline).exists() else None, a.config, a.params)
+    try:
+        if a.summary:
+            claim_file(a.summary, "gate", "--summary", inputs, recognise=_is_summary, kind="markdown summary")
+        if a.junit:
+            claim_file(a.junit, "gate", "--junit", inputs, recognise=_is_junit, kind="JUnit XML")
+        if step_summary:
+            claim_file(step_summary, "gate", "$GITHUB_STEP_SUMMARY", inputs, append=True, kind="step summary")
+        if a.summary and a.junit and Path(a.summary).resolve() == Path(a.junit).resolve():
+            raise ArtifactError(f"--summary and --junit both name {a.junit}; give them different files")
+    except ArtifactError as e:
+        raise gate.GateInputError(str(e)) from None
+
+
 def cmd_gate(a: argparse.Namespace) -> None:
     from . import gate
     from .config import load_config
 
     start = time.perf_counter()
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY") or None
+    _claim_outputs(a, step_summary)  # before anything is written: the gate writes only what it owns
     try:
         try:
             cfg = load_config(a.config, a.params)
@@ -42,7 +83,7 @@ def cmd_gate(a: argparse.Namespace) -> None:
             raise gate.GateInputError(str(e)) from None
         report = gate.load_report(a.report)
         baseline, label = gate.load_baseline(a.baseline, a.report) if a.baseline else (None, None)
-        result = gate.evaluate_gate(report, cfg.gate, baseline, str(a.report), label)
+        result = gate.evaluate_gate(report, cfg.gate, baseline, str(a.report), label, model=cfg.model.name)
     except ReportError as e:  # bad input: still tell CI why, then exit 2
         msg = " ".join(str(e).split())
         _emit(a.summary, gate.bad_input_markdown(msg))

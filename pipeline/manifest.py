@@ -18,8 +18,12 @@ section (identity, software, hardware, build, config, io, metrics, files, notes)
 registry's ledger keeps those section digests outside the manifest (pipeline.registry), so
 an edited manifest is caught even when its own `content_digest` was recomputed, and
 `verify` names the sections that changed. With TRTPIPE_MANIFEST_KEY set at publish,
-`signature` is an HMAC-SHA256 of the content digest under that key: then not even an
-edit of manifest and ledger together goes unnoticed by a verify holding the key."""
+`signature` is an HMAC-SHA256 of the content digest under that key, and each ledger line
+carries an HMAC of its own: then not even an edit of manifest and ledger together goes
+unnoticed by a verify holding the key, and with the key set an unsigned manifest or ledger
+line is refused (keyed mode is strict). Without a key, the digests and the ledger detect
+accidental corruption and edits by someone who does not also rewrite the ledger; they
+cannot stop a writer who rewrites both."""
 
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from typing import Any, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ArtifactError
+from .runtime.cuda_device import normalize_cc
 
 SCHEMA_VERSION = 2
 KEY_ENV = "TRTPIPE_MANIFEST_KEY"
@@ -47,21 +52,6 @@ ROLE_LAYERS = "layers"  # TensorRT engine inspector output
 ROLE_BUILD = "build_report"  # build.json
 ROLE_METRICS = "metrics"  # eval.json
 IDENTITY_ROLES = (ROLE_ARTIFACT, ROLE_CACHE, ROLE_LAYERS)
-
-
-def normalize_cc(cc: Any) -> Optional[str]:
-    """Compute capability as 'major.minor' from '9.0', 'sm_90', 'sm90', '90', 9.0 or (9, 0)."""
-    if cc is None or cc == "":
-        return None
-    if isinstance(cc, (tuple, list)) and len(cc) == 2:
-        return f"{int(cc[0])}.{int(cc[1])}"
-    s = str(cc).strip().lower().removeprefix("sm_").removeprefix("sm")
-    if re.fullmatch(r"\d+\.\d+", s):
-        major, minor = s.split(".")
-        return f"{int(major)}.{int(minor)}"
-    if re.fullmatch(r"\d{2,3}", s):
-        return f"{int(s[:-1])}.{int(s[-1])}"
-    return str(cc)
 
 
 _ENV_KEYS = ("tensorrt", "gpu", "compute_capability", "driver", "driver_cuda", "cuda_runtime", "cpu", "cores")
@@ -183,6 +173,22 @@ def sign(digest: str, key: Optional[str] = None) -> Optional[str]:
     return hmac.new(key.encode(), digest.encode(), hashlib.sha256).hexdigest()
 
 
+def signing_key() -> Optional[str]:
+    """$TRTPIPE_MANIFEST_KEY, or None when unset or empty (then signatures are not checked)."""
+    return os.environ.get(KEY_ENV) or None
+
+
+def sign_entry(entry: Mapping[str, Any], key: Optional[str] = None) -> Optional[str]:
+    """HMAC-SHA256 of a ledger line (every field but `signature`, canonical JSON) under `key`
+    (default: $TRTPIPE_MANIFEST_KEY; None without one)."""
+    key = key if key is not None else signing_key()
+    if not key:
+        return None
+    blob = json.dumps({k: v for k, v in entry.items() if k != "signature"}, sort_keys=True, separators=(",", ":"),
+                      default=str)
+    return hmac.new(key.encode(), blob.encode(), hashlib.sha256).hexdigest()
+
+
 def make_manifest(
     model: str,
     precision: str,
@@ -285,8 +291,11 @@ def consistency_findings(m: Mapping[str, Any]) -> list[str]:
     if content_digest(m) != m.get("content_digest"):
         out.append("content_digest does not match the manifest's content: the manifest was edited after publishing")
     key = os.environ.get(KEY_ENV)
-    if key and m.get("signature") is not None and not hmac.compare_digest(str(sign(str(m.get("content_digest")), key)),
-                                                                          str(m.get("signature"))):
+    if key and not m.get("signature"):
+        out.append(f"manifest is not signed, but ${KEY_ENV} is set and then every version must be: it was published "
+                   "without the key or its signature was removed; republish it with the key set (remove the folder "
+                   f"first), or unset ${KEY_ENV} to check digests and ledger only")
+    elif key and not hmac.compare_digest(str(sign(str(m.get("content_digest")), key)), str(m.get("signature"))):
         out.append(f"signature does not match the content under ${KEY_ENV}: the manifest was edited (or signed with "
                    "another key)")
     if m.get("backend") == "tensorrt":

@@ -142,9 +142,24 @@ def _topk_metric(k: int, output: str, name: str) -> Callable[..., dict[str, floa
     return fn
 
 
-def resolve_metrics(specs: list[Any], output_names: list[str]) -> list[TaskMetric]:
-    """Config entries (BuiltinMetric / MetricSpec, or their config forms: 'top1',
-    'module:function', dicts) -> callables, checked against the model's outputs."""
+def _spec_output(spec: Any, output_names: list[str]) -> Optional[str]:
+    """The output a metric reads (None: all of them), after checking it against the model's."""
+    output = getattr(spec, "output", None)
+    if output is not None and output not in output_names:
+        what = getattr(spec, "metric", None) or getattr(spec, "function", "")
+        raise ConfigError(f"evaluate.metrics '{what}' reads output '{output}', which the model does not have "
+                          f"({', '.join(output_names)})")
+    builtin = getattr(spec, "metric", None)
+    if builtin is not None and output is None:
+        if len(output_names) != 1:
+            raise ConfigError(f"evaluate.metrics '{builtin}': the model has {len(output_names)} outputs "
+                              f"({', '.join(output_names)}); say which one it reads: "
+                              f"{{metric: {builtin}, output: <name>}}")
+        output = output_names[0]
+    return output
+
+
+def _validated(specs: list[Any]) -> list[Any]:
     if any(isinstance(s, (str, dict)) for s in specs):
         from pydantic import ValidationError
 
@@ -154,22 +169,19 @@ def resolve_metrics(specs: list[Any], output_names: list[str]) -> list[TaskMetri
             specs = EvaluateConfig(metrics=list(specs)).metrics
         except ValidationError as e:
             raise ConfigError(f"evaluate.metrics: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return list(specs)
+
+
+def resolve_metrics(specs: list[Any], output_names: list[str]) -> list[TaskMetric]:
+    """Config entries (BuiltinMetric / MetricSpec, or their config forms: 'top1',
+    'module:function', dicts) -> callables, checked against the model's outputs."""
+    specs = _validated(specs)
     out = []
     for spec in specs:
-        output = getattr(spec, "output", None)
-        if output is not None and output not in output_names:
-            what = getattr(spec, "metric", None) or getattr(spec, "function", "")
-            raise ConfigError(f"evaluate.metrics '{what}' reads output '{output}', which the model does not have "
-                              f"({', '.join(output_names)})")
+        output = _spec_output(spec, output_names)
         builtin = getattr(spec, "metric", None)
         if builtin is not None:
             k = int(_TOPK.match(builtin).group(1))  # type: ignore[union-attr]
-            if output is None:
-                if len(output_names) != 1:
-                    raise ConfigError(f"evaluate.metrics '{builtin}': the model has {len(output_names)} outputs "
-                                      f"({', '.join(output_names)}); say which one it reads: "
-                                      f"{{metric: {builtin}, output: <name>}}")
-                output = output_names[0]
             name = spec.name or (builtin if len(output_names) == 1 else f"{builtin}_{output}")
             out.append(TaskMetric(name, _topk_metric(k, output, name), output=output))
             continue
@@ -182,6 +194,33 @@ def resolve_metrics(specs: list[Any], output_names: list[str]) -> list[TaskMetri
         wants = frozenset(a for a in ("reference", "inputs") if a in params or var_kw)
         out.append(TaskMetric(spec.function, fn, dict(spec.kwargs), wants, output))
     return out
+
+
+def metric_specs(evaluate: Any, output_names: list[str], labelled: bool) -> tuple[list[Any], Optional[str]]:
+    """The task metrics evaluate computes, and a note when the config left them out and the
+    default had to fit the model: `evaluate.metrics` as written, else top1 and top5 for a
+    model of one output with labelled data, else none (agreement with fp32 only: without
+    labels a top-k measures nothing, and with several outputs it cannot guess which one)."""
+    if "metrics" in evaluate.model_fields_set:
+        return list(evaluate.metrics), None
+    if labelled and len(output_names) == 1:
+        return list(evaluate.metrics), None
+    why = "the evaluation data has no labels" if not labelled else (
+        f"the model has {len(output_names)} outputs ({', '.join(output_names)})")
+    return [], (f"evaluate.metrics is not set and {why}: no task metric, agreement with fp32 only (set "
+                "evaluate.metrics, e.g. {metric: top1, output: <name>} or 'module:function', for a task metric)")
+
+
+def check_metric_specs(specs: list[Any], output_names: list[str], labelled: bool, labels_key: str) -> None:
+    """What can be known before anything runs: each metric's output exists (or one is named
+    where the model has several), and a top-k has labels to count against."""
+    for spec in _validated(specs):
+        _spec_output(spec, output_names)
+        builtin = getattr(spec, "metric", None)
+        if builtin is not None and not labelled:
+            raise ConfigError(f"evaluate.metrics '{builtin}' is a top-k accuracy, but the evaluation data has no labels "
+                              f"(no '{labels_key}' array, data.labels_key): drop it from evaluate.metrics (agreement "
+                              "with fp32 is measured anyway) or give labelled data")
 
 
 def compute_task_metrics(

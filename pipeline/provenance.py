@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import PipelineError
-from .fileio import sha256_file
+from .fileio import CALIBRATE_REPORT, not_a_folder, onnx_external_files, sha256_file, sha256_model
 from .reports import CalibrateReport, ExportReport, PrepareReport, ValidateReport, read_report
 
 
@@ -21,19 +21,28 @@ class ProvenanceError(PipelineError):
     """An input that its producing stage did not write or validate (stale or changed)."""
 
 
-_CACHE: dict[tuple[str, int, int], str] = {}
+_CACHE: dict[tuple, str] = {}
 
 
 def sha256_of(path: Union[str, Path]) -> str:
-    """sha256 of a file, remembered per (path, size, mtime) so a stage hashes each input once."""
+    """sha256 of an input file (an ONNX model's with its external-data files: fileio.sha256_model),
+    remembered per (path, size, mtime) of the file and of those it loads, so a stage hashes each input once."""
     p = Path(path)
+    not_a_folder(p, "this input", ProvenanceError)
     try:
         st = p.stat()
     except OSError:
         return sha256_file(p)  # raises the not-found error
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key: tuple = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if p.suffix.lower() == ".onnx":
+        for loc in onnx_external_files(p):
+            try:
+                est = (p.parent / loc).stat()
+                key += (loc, est.st_size, est.st_mtime_ns)
+            except OSError:
+                return sha256_model(p)  # raises the missing-file error
     if key not in _CACHE:
-        _CACHE[key] = sha256_file(p)
+        _CACHE[key] = sha256_model(p)
     return _CACHE[key]
 
 
@@ -43,6 +52,9 @@ def require_hash(path: Union[str, Path], expected: Optional[str], what: str, rep
     if expected is None:
         raise ProvenanceError(f"{report}: records no sha256 for {what} ({path}); re-run {stage} (dvc repro {stage})")
     if got != expected:
+        ext = onnx_external_files(path) if Path(path).suffix.lower() == ".onnx" else []
+        if ext:
+            what = f"{what} (with its external data {', '.join(ext)})"
         raise ProvenanceError(
             f"{path}: {what} is not the file {stage} wrote or checked (sha256 {got[:12]}…, {report} records "
             f"{expected[:12]}…): it changed after {stage} ran; re-run {stage} (dvc repro {stage})")
@@ -83,7 +95,7 @@ def validated(onnx_path: Union[str, Path], validation: Union[str, Path]) -> Vali
 def calibrated(calib_dir: Union[str, Path], onnx_sha: str, files: tuple[str, ...]) -> CalibrateReport:
     """calibrate's outputs in `calib_dir`, made from the ONNX with sha256 `onnx_sha`, unchanged since."""
     calib_dir = Path(calib_dir)
-    report = calib_dir / "calibrate.json"
+    report = calib_dir / CALIBRATE_REPORT
     rep = read_report(report, CalibrateReport, "calibration report", "calibrate", ProvenanceError)
     if rep.sha256.get("onnx") != onnx_sha:
         raise ProvenanceError(

@@ -1,4 +1,4 @@
-"""Typed reports between stages (DESIGN.md section 5): one pydantic model per report,
+"""Typed reports between stages (README, "Stages and what they write"): one pydantic model per report,
 shared by the stage that writes it and every stage that reads it.
 
 Reports are strict JSON: a non-finite number (an SNR of identical outputs, a NaN metric)
@@ -59,7 +59,7 @@ class PrepareReport(Report):
     weights: dict[str, Any]  # from: trained | checkpoint, and what that means
     data: PrepareData
     pytorch_eval_top1: Optional[float] = Field(None, description="percent; only for labelled classification data")
-    seconds: float
+    seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
     sources: dict[str, Optional[str]] = Field(default_factory=dict, description="sha256 of the user's inputs")
     sha256: dict[str, str]  # model.pt, calib.npz, eval.npz
 
@@ -76,7 +76,7 @@ class ExportReport(Report):
     nodes: int
     torch_version: str
     onnx_version: str
-    seconds: float
+    seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
     sha256: dict[str, str]  # checkpoint, onnx
 
 
@@ -105,7 +105,7 @@ class ValidateReport(Report):
     outputs: dict[str, OutputCheck]
     passed: bool
     reference: str
-    seconds: float
+    seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
     sha256: dict[str, str]  # onnx, checkpoint, eval_data, reference.npz
 
 
@@ -127,9 +127,9 @@ class CalibrateReport(Report):
     cache: dict[str, Any]
     qdq: dict[str, Any]
     collect: dict[str, Any]
-    seconds: dict[str, float]
-    search_ms_per_tensor: dict[str, float]
-    peak_rss_mb: float
+    seconds: Optional[dict[str, float]] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
+    search_ms_per_tensor: Optional[dict[str, float]] = None
+    peak_rss_mb: Optional[float] = None
     software: dict[str, str]
     sha256: dict[str, str]  # onnx, calib_data, ranges.json, calibration.cache, model.qdq.onnx
 
@@ -146,8 +146,8 @@ class BuildReport(Report):
     onnx_sha256: str
     sha256: str  # of the artifact
     engine_bytes: int
-    build_seconds: float
-    built_at: str
+    build_seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
+    built_at: Optional[str] = None
     environment: dict[str, Any]
     flags: list[str] = Field(default_factory=list)
     profiles: Optional[list[dict[str, dict[str, list[int]]]]] = None  # input -> {min, opt, max}; None: any shape
@@ -156,12 +156,6 @@ class BuildReport(Report):
     kept_fp32: list[str] = Field(default_factory=list, description="nodes kept in fp32 in an fp16 variant, and why")
     details: dict[str, Any] = Field(default_factory=dict, description="backend-specific facts")
     tune: Optional[dict[str, Any]] = Field(None, description="int8: the `trtpipe tune` result applied (layers kept, route)")
-
-    @property
-    def max_batch(self) -> Optional[int]:
-        if not self.profiles:
-            return None
-        return max(p[n]["max"][0] for p in self.profiles for n in p if p[n]["max"])
 
 
 # -- evaluate ------------------------------------------------------------------------------------
@@ -205,7 +199,7 @@ class EvalReport(Report):
     engine_bytes: Optional[int] = None
     build_seconds: Optional[float] = None
     flags: list[str] = Field(default_factory=list, description="numbers that cannot be trusted, and why")
-    seconds: float
+    seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
     sha256: dict[str, str]  # artifact, fp32 artifact, eval_data, reference, onnx
 
 
@@ -275,7 +269,7 @@ class TuneCandidate(_Part):
     sqnr_db: float  # output SQNR against FP32 (the budget's output, else the worst) on the first samples measured
     cost: float  # estimated compute (FP16-equivalent GMAC per sample) or measured latency (ms), see latency_kind
     latency_ms: dict[str, float] = Field(default_factory=dict, description="measured TensorRT latency per batch (bN)")
-    seconds: float
+    seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
 
 
 class TuneReport(Report):
@@ -300,24 +294,48 @@ class TuneReport(Report):
     frontier: list[int]  # candidate ids on the accuracy-cost frontier (search samples)
     reference_points: dict[str, dict[str, Any]]  # full_int8, float, chosen on the full set
     search: dict[str, Any]  # budget used, stop reason, candidates by phase
-    seconds: float
+    seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
     sha256: dict[str, str]  # onnx, calibrate.json, ranges.json, calibration.cache, eval_data, outputs
 
 
 R = TypeVar("R", bound=Report)
 
 
+# Run-to-run noise (wall times, memory peaks, clock stamps): kept out of the report a stage
+# writes, so that re-running a stage on the same inputs writes the same bytes and DVC does not
+# re-run every stage after it. `trtpipe <stage> --timings FILE` writes them there (dvc.yaml
+# declares that file `cache: false`, and no stage depends on it).
+NOISE = ("seconds", "build_seconds", "built_at", "peak_rss_mb", "search_ms_per_tensor")
+_NESTED_NOISE: dict[str, Any] = {"candidates": {"__all__": {"seconds"}}, "search": {"seconds"}}
+
+
+def _noise_exclude(report: Report) -> dict[str, Any]:
+    fields = type(report).model_fields
+    out: dict[str, Any] = {k: True for k in NOISE if k in fields}
+    out.update({k: v for k, v in _NESTED_NOISE.items() if k in fields})
+    return out
+
+
+def timings(report: Report) -> dict[str, Any]:
+    """The noise `write_report` leaves out of `report` (what `--timings` writes)."""
+    data = report.model_dump(mode="json", include=_noise_exclude(report))
+    return {"stage": getattr(report, "stage", None), **{k: v for k, v in data.items() if v not in (None, {}, [])}}
+
+
 def write_report(path: Union[str, Path], report: Report) -> Path:
-    """Write `report` as strict JSON, atomically."""
+    """Write `report` as strict JSON, atomically, without its run-to-run noise (NOISE)."""
     from .fileio import write_text
 
-    return write_text(path, report.model_dump_json(indent=2) + "\n")
+    return write_text(path, report.model_dump_json(indent=2, exclude=_noise_exclude(report)) + "\n")
 
 
 def read_report(path: Union[str, Path], cls: type[R], what: str, stage: str,
                 error: type[PipelineError] = ArtifactError) -> R:
     """Read a report of type `cls`; `stage` is the stage to re-run when it is missing or unusable."""
     path = Path(path)
+    from .fileio import not_a_folder
+
+    not_a_folder(path, what, error)
     if not path.is_file():
         raise error(f"{path}: {what} not found; run the {stage} stage first (dvc repro {stage})")
     try:

@@ -495,7 +495,7 @@ def test_load_report_and_its_errors(tmp_path: Path) -> None:
         gate.load_report(tmp_path / "missing.json")
     assert str(e.value) == (f"{tmp_path / 'missing.json'}: compare report not found; run `dvc repro` (or `trtpipe compare`) first, "
                             "or pass --report")
-    with pytest.raises(GateInputError, match=r"^.*: baseline report not found;"):
+    with pytest.raises(GateInputError, match=r"^.*: is a folder, but baseline report is a file;"):
         gate.load_report(tmp_path, "baseline report")  # a folder is not a report
     p.write_text('{"schema_version": 2,\n "variants": oops}')
     with pytest.raises(ReportErrorType) as e:

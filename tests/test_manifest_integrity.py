@@ -143,9 +143,13 @@ def test_with_a_key_even_manifest_and_ledger_edited_together_are_caught(tmp_path
                                   "sections": section_digests(m), "published_at": m["published_at"]}) + "\n")
     assert findings(reg, v.path) == [
         ("integrity", "manifest.json", f"signature does not match the content under ${KEY_ENV}: the manifest was "
-                                       "edited (or signed with another key)")]
+                                       "edited (or signed with another key)"),
+        ("integrity", "ledger.jsonl", f"the ledger line of version {v.version} is not signed, but ${KEY_ENV} is set "
+                                      "and then every line must be: it was written without the key; republish the "
+                                      f"version with the key set (remove the folder first), or unset ${KEY_ENV} to "
+                                      "check digests and ledger only")]
     monkeypatch.setenv(KEY_ENV, "another key")
-    assert len(findings(reg, v.path)) == 1
+    assert len(findings(reg, v.path)) == 2
     monkeypatch.delenv(KEY_ENV)
     assert findings(reg, v.path) == []  # without the key the signature cannot be checked
 
@@ -341,10 +345,13 @@ def test_a_signature_is_only_checked_with_a_key(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(KEY_ENV, "other")
     assert consistency_findings(m) == [f"signature does not match the content under ${KEY_ENV}: the manifest was "
                                        "edited (or signed with another key)"]
-    unsigned = {**m, "signature": None}
-    assert consistency_findings(unsigned) == []
+    unsigned = {**m, "signature": None}  # keyed mode is strict: an unsigned manifest fails
+    assert consistency_findings(unsigned) == [
+        f"manifest is not signed, but ${KEY_ENV} is set and then every version must be: it was published without the "
+        "key or its signature was removed; republish it with the key set (remove the folder first), or unset "
+        f"${KEY_ENV} to check digests and ledger only"]
     monkeypatch.delenv(KEY_ENV)
-    assert consistency_findings(m) == []
+    assert consistency_findings(m) == [] and consistency_findings(unsigned) == []
 
 
 # --------------------------------------------------------------------------- read_manifest

@@ -123,7 +123,7 @@ def test_load_returns_a_working_runner(reg: SimpleNamespace) -> None:
     assert top1 == pytest.approx(read_manifest(reg.ort["path"])["metrics"]["task"]["top1"])
     # by its hash8, or by path (e.g. the publish pointer)
     registry.load(reg.ort["version"][-8:], reg.registry).close()
-    registry.load(reg.root / "publish" / "current" / "fp32").close()
+    registry.load(reg.root / "publish" / "current" / "fp32", reg.registry).close()
 
 
 def test_load_refuses_a_flipped_byte(reg: SimpleNamespace, tmp_path: Path) -> None:

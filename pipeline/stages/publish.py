@@ -28,7 +28,7 @@ from typing import Any, Optional
 from .. import __version__
 from ..config import Config
 from ..errors import ArtifactError
-from ..fileio import project_path, sha256_file, write_json
+from ..fileio import CACHE_FILE, RANGES_FILE, project_path, sha256_file, sha256_model, write_json
 from ..manifest import (
     ROLE_ARTIFACT,
     ROLE_BUILD,
@@ -44,7 +44,6 @@ from ..registry import write_pointers
 from ..reports import BuildReport, CalibrateReport, EvalReport, ExportReport, read_report
 
 A = Path("artifacts")
-CACHE = "calibration.cache"
 LAYERS = "layers.json"
 
 # Build settings that shape a TensorRT engine (timing_cache is a path: it changes how
@@ -137,10 +136,12 @@ def _check_consistent(precision: str, build_dir: Path, build: BuildReport, eval_
     return artifact
 
 
-def _check_cache(path: Path, build: BuildReport, calib: Optional[CalibrateReport]) -> str:
+def _check_cache(path: Path, build: BuildReport, calib: Optional[CalibrateReport], network: Any = None) -> str:
     """Read the cache that would ship and check its header: the TensorRT the engine was built
-    with (TensorRT builds), or the header the calibrate stage recorded. Returns the header."""
-    from calibration.cache import read_cache
+    with (TensorRT builds), or the header the calibrate stage recorded; and its values: every
+    scale finite and > 0 (0 for weights) and of a tensor of `network` (calibration.cache.
+    check_scales). Returns the header."""
+    from calibration.cache import check_scales, read_cache
     from calibration.errors import CalibrationError
 
     try:
@@ -152,6 +153,7 @@ def _check_cache(path: Path, build: BuildReport, calib: Optional[CalibrateReport
             if calib is not None and cache.header != calib.cache.get("header"):
                 raise CalibrationError(f"calibration cache {path} has header {cache.header!r}, but calibrate wrote "
                                        f"{calib.cache.get('header')!r}")
+        check_scales(cache, path, network)
     except CalibrationError as e:
         raise ArtifactError(f"{path}: will not publish this calibration cache: {e}") from None
     if not cache.scales:
@@ -182,7 +184,7 @@ def prepare_variant(cfg: Config, precision: str, build_dir: Path, eval_path: Pat
 
     build = read_report(build_dir / "build.json", BuildReport, "build report", f"build@{precision}")
     evaluation = read_report(eval_path, EvalReport, "evaluation report", f"evaluate@{precision}")
-    onnx_sha = sha256_file(onnx_path)
+    onnx_sha = sha256_model(onnx_path)  # with its external data, as provenance hashes it
     artifact = _check_consistent(precision, build_dir, build, eval_path, evaluation, onnx_sha)
     notes: list[str] = []
     sources: dict[str, tuple[Path, str]] = {
@@ -195,20 +197,38 @@ def prepare_variant(cfg: Config, precision: str, build_dir: Path, eval_path: Pat
     inputs: dict[str, Any] = {"checkpoint": sha256_file(model_pt), "onnx": onnx_sha}
     config = config_subset(cfg, precision, build.backend)
     inputs["config"] = _sha_json(config)
+    # What the build itself decided (the ranges and tune result it applied, the nodes it kept in
+    # float) and, where the artifact is a deterministic model (onnxruntime), the model itself:
+    # a tuned int8 build never takes the version of the untuned one.
+    inputs["build"] = _sha_json({"calibration": build.calibration, "kept_fp32": build.kept_fp32, "tune": build.tune})
+    if build.backend != "tensorrt":
+        inputs["artifact"] = build.sha256
     if precision == "int8":
         calib_data = prepare_dir / "calib.npz"
         prepared(calib_data, "calib.npz")
-        calib = calibrated(calib_dir, onnx_sha, ("calibration.cache", "ranges.json"))
+        calib = calibrated(calib_dir, onnx_sha, (CACHE_FILE, RANGES_FILE))
         if calib.sha256.get("calib_data") != sha256_file(calib_data):
             raise ProvenanceError(f"{calib_dir}/calibrate.json: calibrated other samples than {calib_data}; re-run calibrate")
         inputs["calibration_data"] = sha256_file(calib_data)
         # The cache the calibrate stage wrote is an input; the one the build used (its own
         # folder's: completed for the network, or TensorRT's calibrator output) ships with the engine.
-        inputs["calibration_cache"] = calib.sha256["calibration.cache"]
-        inputs["calibration_ranges"] = calib.sha256["ranges.json"]
-        ship = build_dir / CACHE if (build_dir / CACHE).is_file() else calib_dir / CACHE
-        _check_cache(ship, build, calib)
-        sources[CACHE] = (ship, ROLE_CACHE)
+        inputs["calibration_cache"] = calib.sha256[CACHE_FILE]
+        inputs["calibration_ranges"] = calib.sha256[RANGES_FILE]
+        # Values a checksum cannot vet: the ranges and caches match calibrate.json's hashes,
+        # but their scales must also be numbers TensorRT can use, of this network's tensors.
+        from calibration.cache import check_ranges, check_scales, network_names, read_cache
+        from calibration.errors import CalibrationError
+
+        ship = build_dir / CACHE_FILE if (build_dir / CACHE_FILE).is_file() else calib_dir / CACHE_FILE
+        try:
+            network = network_names(onnx_path)
+            check_ranges(calib_dir / RANGES_FILE, network)
+            if ship != calib_dir / CACHE_FILE:  # the calibrate stage's cache, an input of the build
+                check_scales(read_cache(calib_dir / CACHE_FILE), calib_dir / CACHE_FILE, network)
+        except CalibrationError as e:
+            raise ArtifactError(f"will not publish int8: {e}") from None
+        _check_cache(ship, build, calib, network)
+        sources[CACHE_FILE] = (ship, ROLE_CACHE)
     if build.backend == "tensorrt":
         layers = build_dir / LAYERS
         if not layers.is_file():

@@ -364,7 +364,8 @@ CASES = [
     # -- gate reports -------------------------------------------------------------------------------------
     Case("gate-missing-report", ("gate", "--report", "nope.json"), ("nope.json: compare report not found",), code=2),
     Case("gate-nan-metric", ("gate",), ("int8: top1 vs fp32 is NaN",),
-         lambda: edit_json(A / "compare" / "compare.json", lambda c: c["variants"]["int8"].update(top1="NaN")), writes=True),
+         lambda: edit_json(A / "compare" / "compare.json", lambda c: c["variants"]["int8"].update(  # as compare writes it
+             top1="NaN", top1_delta="NaN", top1_delta_pytorch="NaN")), writes=True),
     Case("gate-report-not-json", ("gate",), ("compare.json: compare report is not valid JSON",),
          lambda: (A / "compare" / "compare.json").write_text("{"), code=2),
 ]
