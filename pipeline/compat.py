@@ -14,20 +14,15 @@ A key that is absent means "unknown" and is not checked; a key present with None
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-from typing import Any, Mapping, Optional
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from calibration.cache import trt_version_parts
 
 from .errors import ArtifactError
 from .manifest import normalize_cc
-
-
-def _major_minor(version: str) -> tuple[int, ...]:
-    parts = []
-    for p in str(version).split(".")[:3]:
-        digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+from .runtime.cuda_device import probe_gpu
 
 
 def compat_findings(manifest: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
@@ -46,7 +41,7 @@ def compat_findings(manifest: Mapping[str, Any], here: Mapping[str, Any]) -> lis
                 f"{built_cc} ({built_gpu}): install trtpipe[tensorrt] on such a machine"
             )
         # TensorRT engines are only guaranteed to deserialize with the exact version that built them.
-        elif built_trt and here.get("tensorrt") and _major_minor(built_trt) != _major_minor(here["tensorrt"]):
+        elif built_trt and here.get("tensorrt") and trt_version_parts(built_trt) != trt_version_parts(here["tensorrt"]):
             out.append(
                 f"engine was built with TensorRT {built_trt}, this machine has TensorRT {here['tensorrt']}; "
                 f"rebuild the engine here (trtpipe build) or run it where TensorRT {built_trt} is installed"
@@ -79,82 +74,6 @@ def check_runs_here(manifest: Mapping[str, Any], here: Mapping[str, Any], where:
         raise ArtifactError(f"{where}: " + "; ".join(findings))
 
 
-def _gpu_cuda_python(index: int) -> Optional[dict[str, Any]]:
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except Exception:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]
-        except Exception:
-            return None
-    err, n = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or n <= index:
-        return {"compute_capability": None, "gpu": None, "gpu_error": f"cudaGetDeviceCount: {err}, {n} devices"}
-    err, prop = cudart.cudaGetDeviceProperties(index)
-    if int(err) != 0:
-        return None
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    err, drv = cudart.cudaDriverGetVersion()
-    info = {"compute_capability": f"{prop.major}.{prop.minor}", "gpu": name.rstrip("\x00")}
-    if int(err) == 0:
-        info["cuda_driver_api"] = f"{drv // 1000}.{(drv % 1000) // 10}"
-    return info
-
-
-def _gpu_pycuda(index: int) -> Optional[dict[str, Any]]:
-    try:
-        import pycuda.driver as cuda  # never pycuda.autoinit: no context is needed to query a device
-    except Exception:
-        return None
-    try:
-        cuda.init()
-        if cuda.Device.count() <= index:
-            return {"compute_capability": None, "gpu": None, "gpu_error": f"{cuda.Device.count()} CUDA devices"}
-        d = cuda.Device(index)
-        major, minor = d.compute_capability()
-        return {"compute_capability": f"{major}.{minor}", "gpu": d.name()}
-    except Exception as e:
-        return {"compute_capability": None, "gpu": None, "gpu_error": f"pycuda: {e}"}
-
-
-def _gpu_nvidia_smi(index: int) -> Optional[dict[str, Any]]:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v.strip() for v in visible.split(",") if v.strip()]
-        if not ids or ids[0] == "-1" or len(ids) <= index:
-            return {"compute_capability": None, "gpu": None, "gpu_error": f"CUDA_VISIBLE_DEVICES={visible!r}"}
-        target = ids[index]
-    else:
-        target = str(index)
-    try:
-        r = subprocess.run(
-            ["nvidia-smi", f"--id={target}", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0 or not r.stdout.strip():
-        return None
-    name, cc, driver = [p.strip() for p in r.stdout.strip().splitlines()[0].split(",")][:3]
-    return {"compute_capability": normalize_cc(cc), "gpu": name, "driver": driver}
-
-
-def _gpu_libcuda(index: int) -> Optional[dict[str, Any]]:
-    """pipeline.runtime.cuda_device: the CUDA driver through ctypes (no bindings needed)."""
-    try:
-        from .runtime.cuda_device import device_info, gpu_count
-    except Exception:
-        return None
-    try:
-        n = gpu_count()
-    except Exception as e:  # no driver at all
-        return {"compute_capability": None, "gpu": None, "gpu_error": str(e).split(";")[0]}
-    if n <= index:
-        return {"compute_capability": None, "gpu": None, "gpu_error": f"the CUDA driver sees {n} GPU(s)"}
-    d = device_info(index)
-    return {k: d.get(k) for k in ("compute_capability", "gpu", "driver", "cuda_runtime")}
-
-
 @functools.lru_cache(maxsize=4)
 def _probe(device_index: int) -> tuple[tuple[str, Any], ...]:
     here: dict[str, Any] = {}
@@ -172,19 +91,7 @@ def _probe(device_index: int) -> tuple[tuple[str, Any], ...]:
     except Exception as e:  # ImportError, or a broken install (missing libnvinfer)
         here["tensorrt"] = None
         here["tensorrt_error"] = f"{type(e).__name__}: {e}".splitlines()[0]
-    gpu: Optional[dict[str, Any]] = None
-    for probe in (_gpu_libcuda, _gpu_cuda_python, _gpu_pycuda, _gpu_nvidia_smi):
-        try:
-            found = probe(device_index)
-        except Exception as e:
-            found = {"compute_capability": None, "gpu": None, "gpu_error": f"{probe.__name__[5:]}: {e}"}
-        if found is not None and found.get("compute_capability"):
-            gpu = found
-            break
-        gpu = gpu or found  # keep the first reason there is no GPU
-    if gpu is None:
-        gpu = {"compute_capability": None, "gpu": None, "gpu_error": "no CUDA driver, cuda-python, pycuda or nvidia-smi found"}
-    here.update(gpu)
+    here.update(probe_gpu(device_index))
     return tuple(here.items())
 
 
@@ -192,3 +99,58 @@ def probe_here(device_index: int = 0) -> dict[str, Any]:
     """What this machine offers an artifact: TensorRT and onnxruntime versions, and the
     compute capability and name of CUDA device `device_index` (None where absent)."""
     return dict(_probe(device_index))
+
+
+# -- a TensorRT runner whose engine is checked against this machine first ---------------------------------------------
+ManifestArg = Union[None, str, Path, Mapping[str, Any]]
+
+
+def manifest_from_build_info(build_info: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The parts of a build.json (or a manifest) that `check_runs_here` reads, in manifest form."""
+    from .manifest import build_environment
+
+    if not build_info:
+        return None
+    if isinstance(build_info.get("manifest"), Mapping):
+        build_info = build_info["manifest"]
+    if "software" in build_info and "hardware" in build_info:
+        return {"backend": build_info.get("backend", "tensorrt"), "software": build_info["software"],
+                "hardware": build_info["hardware"]}
+    env = build_environment(build_info)
+    return {
+        "backend": build_info.get("backend", "tensorrt"),
+        "software": {"tensorrt": env.get("tensorrt")},
+        "hardware": {"compute_capability": env.get("compute_capability"), "gpu": env.get("gpu")},
+    }
+
+
+def _load_manifest(manifest: ManifestArg, engine_path: Path) -> tuple[Optional[Mapping[str, Any]], str]:
+    if isinstance(manifest, Mapping):
+        return manifest, f"manifest of {engine_path}"
+    path = Path(manifest) if manifest is not None else engine_path.parent / "manifest.json"
+    if manifest is None and not path.is_file():
+        return None, ""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: manifest not found (given for engine {engine_path})")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({e}); republish the engine") from None
+
+
+def trt_runner(engine_path: Union[str, Path], manifest: ManifestArg = None, **kwargs: Any) -> Any:
+    """`TrtRunner(engine_path, **kwargs)` that first checks the engine's manifest against this machine.
+
+    `manifest`: a dict, a path, or None to use manifest.json beside the engine when there is one (no check
+    without one). The check runs inside the runner, once it knows this machine's TensorRT and GPU, before
+    the engine is deserialized."""
+    from .runtime.trt_runner import TrtRunner
+
+    engine_path = Path(engine_path)
+
+    def check(here: Mapping[str, Any]) -> None:
+        man, where = _load_manifest(manifest, engine_path)
+        if man is not None:
+            check_runs_here(man, here, where=where)
+
+    return TrtRunner(engine_path, check_here=check, **kwargs)

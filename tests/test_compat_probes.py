@@ -20,12 +20,11 @@ from typing import Any, Optional
 import pytest
 
 from pipeline import compat
-from pipeline.compat import check_runs_here, compat_findings, probe_here
+from pipeline.compat import check_runs_here, compat_findings, manifest_from_build_info, probe_here
 from pipeline.errors import ArtifactError
 from pipeline.manifest import make_manifest
 from pipeline.reports import BuildReport
 from pipeline.runtime import cuda_device
-from pipeline.runtime.trt_runner import manifest_from_build_info
 
 _LIBCUDA = cuda_device._libcuda  # lru-cached loader of the real library
 H100 = {"index": 0, "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "multiprocessors": 132,
@@ -206,28 +205,28 @@ TWO_GPUS = [{"gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "drive
 @pytest.fixture
 def smi(monkeypatch: pytest.MonkeyPatch) -> FakeNvidiaSmi:
     fake = FakeNvidiaSmi(TWO_GPUS)
-    monkeypatch.setattr(compat.subprocess, "run", fake)
+    monkeypatch.setattr(cuda_device.subprocess, "run", fake)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return fake
 
 
 def test_nvidia_smi_probe_reports_the_gpu_asked_for(smi: FakeNvidiaSmi) -> None:
-    assert compat._gpu_nvidia_smi(0) == {"compute_capability": "8.0", "gpu": "NVIDIA A100-SXM4-80GB", "driver": "535.104.05"}
-    assert compat._gpu_nvidia_smi(1) == {"compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3", "driver": "535.104.05"}
+    assert cuda_device._gpu_nvidia_smi(0) == {"compute_capability": "8.0", "gpu": "NVIDIA A100-SXM4-80GB", "driver": "535.104.05"}
+    assert cuda_device._gpu_nvidia_smi(1) == {"compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3", "driver": "535.104.05"}
     assert smi.calls[-1] == ["nvidia-smi", "--id=1", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"]
-    assert compat._gpu_nvidia_smi(2) is None  # "No devices were found" (exit 6): no answer from nvidia-smi
+    assert cuda_device._gpu_nvidia_smi(2) is None  # "No devices were found" (exit 6): no answer from nvidia-smi
 
 
 def test_nvidia_smi_probe_follows_cuda_visible_devices(smi: FakeNvidiaSmi, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # CUDA device 0 is the machine's GPU 1
-    assert compat._gpu_nvidia_smi(0)["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert cuda_device._gpu_nvidia_smi(0)["gpu"] == "NVIDIA H100 80GB HBM3"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", " 1 , 0 ")
-    assert compat._gpu_nvidia_smi(1)["gpu"] == "NVIDIA A100-SXM4-80GB"
+    assert cuda_device._gpu_nvidia_smi(1)["gpu"] == "NVIDIA A100-SXM4-80GB"
     assert smi.calls[-1][1] == "--id=0"
     for visible, index in (("", 0), ("-1", 0), (" , ", 0), ("1", 1), ("1,0", 2)):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         n = len(smi.calls)
-        assert compat._gpu_nvidia_smi(index) == {"compute_capability": None, "gpu": None,
+        assert cuda_device._gpu_nvidia_smi(index) == {"compute_capability": None, "gpu": None,
                                                   "gpu_error": f"CUDA_VISIBLE_DEVICES={visible!r}"}, visible
         assert len(smi.calls) == n  # decided without asking nvidia-smi
 
@@ -238,18 +237,18 @@ def test_nvidia_smi_missing_failing_or_hanging_is_no_answer(monkeypatch: pytest.
     def missing(*a: Any, **k: Any) -> Any:
         raise FileNotFoundError(2, "No such file or directory", "nvidia-smi")
 
-    monkeypatch.setattr(compat.subprocess, "run", missing)
-    assert compat._gpu_nvidia_smi(0) is None
-    monkeypatch.setattr(compat.subprocess, "run", FakeNvidiaSmi([]))  # a driver without GPUs
-    assert compat._gpu_nvidia_smi(0) is None
-    monkeypatch.setattr(compat.subprocess, "run", FakeNvidiaSmi(TWO_GPUS, hang=True))
-    assert compat._gpu_nvidia_smi(0) is None  # given up after the timeout, not waited on forever
+    monkeypatch.setattr(cuda_device.subprocess, "run", missing)
+    assert cuda_device._gpu_nvidia_smi(0) is None
+    monkeypatch.setattr(cuda_device.subprocess, "run", FakeNvidiaSmi([]))  # a driver without GPUs
+    assert cuda_device._gpu_nvidia_smi(0) is None
+    monkeypatch.setattr(cuda_device.subprocess, "run", FakeNvidiaSmi(TWO_GPUS, hang=True))
+    assert cuda_device._gpu_nvidia_smi(0) is None  # given up after the timeout, not waited on forever
 
     def empty(argv: list[str], **k: Any) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(argv, 0, "  \n", "")
 
-    monkeypatch.setattr(compat.subprocess, "run", empty)
-    assert compat._gpu_nvidia_smi(0) is None
+    monkeypatch.setattr(cuda_device.subprocess, "run", empty)
+    assert cuda_device._gpu_nvidia_smi(0) is None
 
 
 # ---------------------------------------------------------------------------------- libcuda
@@ -314,17 +313,17 @@ def libcuda(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def test_libcuda_probe_reports_the_gpu_asked_for(libcuda: Any) -> None:
     libcuda([{"gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}, {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}])
-    assert compat._gpu_libcuda(1) == {"compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3", "driver": "550.54.15",
+    assert cuda_device._gpu_libcuda(1) == {"compute_capability": "9.0", "gpu": "NVIDIA H100 80GB HBM3", "driver": "550.54.15",
                                       "cuda_runtime": "12.4"}
-    assert compat._gpu_libcuda(0)["gpu"] == "NVIDIA A100-SXM4-80GB"
-    assert compat._gpu_libcuda(2) == {"compute_capability": None, "gpu": None, "gpu_error": "the CUDA driver sees 2 GPU(s)"}
+    assert cuda_device._gpu_libcuda(0)["gpu"] == "NVIDIA A100-SXM4-80GB"
+    assert cuda_device._gpu_libcuda(2) == {"compute_capability": None, "gpu": None, "gpu_error": "the CUDA driver sees 2 GPU(s)"}
 
 
 def test_libcuda_probe_without_gpus_or_driver(libcuda: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     libcuda([], init_rc=100)  # CUDA_ERROR_NO_DEVICE: a driver, no GPU
-    assert compat._gpu_libcuda(0) == {"compute_capability": None, "gpu": None, "gpu_error": "the CUDA driver sees 0 GPU(s)"}
+    assert cuda_device._gpu_libcuda(0) == {"compute_capability": None, "gpu": None, "gpu_error": "the CUDA driver sees 0 GPU(s)"}
     libcuda([], init_rc=999)
-    assert compat._gpu_libcuda(0) == {"compute_capability": None, "gpu": None,
+    assert cuda_device._gpu_libcuda(0) == {"compute_capability": None, "gpu": None,
                                       "gpu_error": "the CUDA driver failed to initialize (cuInit returned CUresult 999)"}
     # No driver library at all: the first clause of the driver module's message (what, not the advice).
     monkeypatch.setattr(cuda_device, "_libcuda", _LIBCUDA.__wrapped__)  # uncached: CDLL is called
@@ -334,7 +333,7 @@ def test_libcuda_probe_without_gpus_or_driver(libcuda: Any, monkeypatch: pytest.
 
     monkeypatch.setattr(cuda_device.ctypes, "CDLL", no_library)
     cuda_device._init.cache_clear()
-    assert compat._gpu_libcuda(0) == {"compute_capability": None, "gpu": None, "gpu_error": (
+    assert cuda_device._gpu_libcuda(0) == {"compute_capability": None, "gpu": None, "gpu_error": (
         "the NVIDIA driver library libcuda is not loadable (libcuda.so.1: cannot open shared object file: "
         "No such file or directory)")}
 
@@ -391,42 +390,42 @@ GPU_PROPS = [{"name": b"NVIDIA A100-SXM4-80GB\x00\x00\x00", "major": 8, "minor":
 
 def test_cuda_python_probe_reports_the_gpu_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
     install_cuda_python(monkeypatch, fake_cudart(GPU_PROPS))
-    assert compat._gpu_cuda_python(0) == {"compute_capability": "8.0", "gpu": "NVIDIA A100-SXM4-80GB", "cuda_driver_api": "12.2"}
+    assert cuda_device._gpu_cuda_python(0) == {"compute_capability": "8.0", "gpu": "NVIDIA A100-SXM4-80GB", "cuda_driver_api": "12.2"}
     # The name's trailing NULs go, and only those (a GPU name may end in X).
-    assert compat._gpu_cuda_python(1) == {"compute_capability": "6.1", "gpu": "NVIDIA TITAN X", "cuda_driver_api": "12.2"}
+    assert cuda_device._gpu_cuda_python(1) == {"compute_capability": "6.1", "gpu": "NVIDIA TITAN X", "cuda_driver_api": "12.2"}
 
 
 @pytest.mark.parametrize("version, text", [(12000, "12.0"), (12020, "12.2"), (11080, "11.8"), (13010, "13.1")])
 def test_cuda_python_probe_reads_the_driver_api_version(version: int, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
     install_cuda_python(monkeypatch, fake_cudart(GPU_PROPS, driver=(cudaError_t.cudaSuccess, version)))
-    assert compat._gpu_cuda_python(0)["cuda_driver_api"] == text
+    assert cuda_device._gpu_cuda_python(0)["cuda_driver_api"] == text
 
 
 def test_cuda_python_probe_names_and_failures(monkeypatch: pytest.MonkeyPatch) -> None:
     # older cuda-python (cuda.cudart), a str name, no driver version
     props = [{"name": "Tesla T4", "major": 7, "minor": 5}]
     install_cuda_python(monkeypatch, fake_cudart(props, driver=(cudaError_t.cudaErrorInsufficientDriver, 0)), new_layout=False)
-    assert compat._gpu_cuda_python(0) == {"compute_capability": "7.5", "gpu": "Tesla T4"}
+    assert cuda_device._gpu_cuda_python(0) == {"compute_capability": "7.5", "gpu": "Tesla T4"}
     # a name that is not UTF-8 is still a name
     install_cuda_python(monkeypatch, fake_cudart([{"name": b"GPU \xff\x00", "major": 9, "minor": 0}]))
-    assert compat._gpu_cuda_python(0)["gpu"] == "GPU \ufffd"
+    assert cuda_device._gpu_cuda_python(0)["gpu"] == "GPU \ufffd"
     # no GPU, or not the one asked for: say how many there are
     install_cuda_python(monkeypatch, fake_cudart([]))
-    assert compat._gpu_cuda_python(0) == {"compute_capability": None, "gpu": None,
+    assert cuda_device._gpu_cuda_python(0) == {"compute_capability": None, "gpu": None,
                                           "gpu_error": f"cudaGetDeviceCount: {cudaError_t.cudaSuccess}, 0 devices"}
     install_cuda_python(monkeypatch, fake_cudart(props))
-    assert compat._gpu_cuda_python(1)["gpu_error"] == f"cudaGetDeviceCount: {cudaError_t.cudaSuccess}, 1 devices"
+    assert cuda_device._gpu_cuda_python(1)["gpu_error"] == f"cudaGetDeviceCount: {cudaError_t.cudaSuccess}, 1 devices"
     install_cuda_python(monkeypatch, fake_cudart(props, count_err=cudaError_t.cudaErrorInsufficientDriver))
-    assert compat._gpu_cuda_python(0) == {"compute_capability": None, "gpu": None,
+    assert cuda_device._gpu_cuda_python(0) == {"compute_capability": None, "gpu": None,
                                           "gpu_error": f"cudaGetDeviceCount: {cudaError_t.cudaErrorInsufficientDriver}, 0 devices"}
     # the device's properties cannot be read: no answer from cuda-python
     broken = fake_cudart(props)
     broken.cudaGetDeviceProperties = lambda device: (cudaError_t.cudaErrorInvalidDevice, None)
     install_cuda_python(monkeypatch, broken)
-    assert compat._gpu_cuda_python(0) is None
+    assert cuda_device._gpu_cuda_python(0) is None
     # not installed
     monkeypatch.setitem(sys.modules, "cuda", None)
-    assert compat._gpu_cuda_python(0) is None
+    assert cuda_device._gpu_cuda_python(0) is None
 
 
 # ----------------------------------------------------------------------------------- pycuda
@@ -467,15 +466,15 @@ def install_pycuda(monkeypatch: pytest.MonkeyPatch, gpus: list[tuple[str, tuple[
 
 def test_pycuda_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     install_pycuda(monkeypatch, [("Tesla T4", (7, 5)), ("NVIDIA L4", (8, 9))])
-    assert compat._gpu_pycuda(1) == {"compute_capability": "8.9", "gpu": "NVIDIA L4"}
-    assert compat._gpu_pycuda(0) == {"compute_capability": "7.5", "gpu": "Tesla T4"}
-    assert compat._gpu_pycuda(2) == {"compute_capability": None, "gpu": None, "gpu_error": "2 CUDA devices"}
+    assert cuda_device._gpu_pycuda(1) == {"compute_capability": "8.9", "gpu": "NVIDIA L4"}
+    assert cuda_device._gpu_pycuda(0) == {"compute_capability": "7.5", "gpu": "Tesla T4"}
+    assert cuda_device._gpu_pycuda(2) == {"compute_capability": None, "gpu": None, "gpu_error": "2 CUDA devices"}
     install_pycuda(monkeypatch, [], init_error="cuInit failed: no CUDA-capable device is detected")
-    assert compat._gpu_pycuda(0) == {"compute_capability": None, "gpu": None,
+    assert cuda_device._gpu_pycuda(0) == {"compute_capability": None, "gpu": None,
                                      "gpu_error": "pycuda: cuInit failed: no CUDA-capable device is detected"}
     monkeypatch.setitem(sys.modules, "pycuda", None)
     monkeypatch.setitem(sys.modules, "pycuda.driver", None)
-    assert compat._gpu_pycuda(0) is None
+    assert cuda_device._gpu_pycuda(0) is None
 
 
 # --------------------------------------------------------------------------------- probe_here
@@ -513,7 +512,7 @@ def test_probe_here_falls_through_and_keeps_the_first_reason(fresh_probe: None, 
     assert here["compute_capability"] == "8.9" and here["gpu"] == "NVIDIA L4"
     compat._probe.cache_clear()
     install_pycuda(monkeypatch, [])
-    monkeypatch.setattr(compat.subprocess, "run", FakeNvidiaSmi([]))
+    monkeypatch.setattr(cuda_device.subprocess, "run", FakeNvidiaSmi([]))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     here = probe_here()
     assert (here["compute_capability"], here["gpu"], here["gpu_error"]) == (None, None, "the CUDA driver sees 0 GPU(s)")
@@ -524,12 +523,12 @@ def test_probe_here_reports_a_probe_that_crashes(fresh_probe: None, monkeypatch:
         raise RuntimeError("driver went away")
 
     for name in ("_gpu_libcuda", "_gpu_pycuda", "_gpu_nvidia_smi"):
-        monkeypatch.setattr(compat, name, lambda index: None)
-    monkeypatch.setattr(compat, "_gpu_cuda_python", _gpu_cuda_python)
+        monkeypatch.setattr(cuda_device, name, lambda index: None)
+    monkeypatch.setattr(cuda_device, "_gpu_cuda_python", _gpu_cuda_python)
     here = probe_here()
     assert (here["compute_capability"], here["gpu"], here["gpu_error"]) == (None, None, "cuda_python: driver went away")
     compat._probe.cache_clear()
-    monkeypatch.setattr(compat, "_gpu_cuda_python", lambda index: None)
+    monkeypatch.setattr(cuda_device, "_gpu_cuda_python", lambda index: None)
     here = probe_here()
     assert (here["compute_capability"], here["gpu"], here["gpu_error"]) == (
         None, None, "no CUDA driver, cuda-python, pycuda or nvidia-smi found")
@@ -545,7 +544,7 @@ class _BrokenTensorRT(types.ModuleType):
 
 def test_probe_here_without_onnxruntime_or_with_a_broken_tensorrt(fresh_probe: None, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("_gpu_libcuda", "_gpu_cuda_python", "_gpu_pycuda", "_gpu_nvidia_smi"):
-        monkeypatch.setattr(compat, name, lambda index: None)
+        monkeypatch.setattr(cuda_device, name, lambda index: None)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     monkeypatch.setitem(sys.modules, "tensorrt", _BrokenTensorRT("tensorrt"))
     here = probe_here()

@@ -29,19 +29,15 @@ RANGE_CHECK_SAMPLES = 64
 
 def tensor_maxima(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """max |x| of every float tensor the graph computes (inf where a value is not finite)."""
-    import onnxruntime as ort
-
     from calibration.collect import augment, calibration_tensors
     from calibration.onnx_io import load_model
+    from calibration.ort_session import make_session
 
     model = load_model(onnx_path)
     names = calibration_tensors(model, "all")
     graph_inputs = {i.name for i in model.graph.input}
     exposed = [n for n in names if n not in graph_inputs]
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(augment(model, exposed).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    session = make_session(augment(model, exposed), level="disable", what=f"{onnx_path} (every tensor exposed)")
     maxima: dict[str, float] = {}
     for batch in batches:
         values = session.run(exposed, dict(batch))

@@ -7,27 +7,37 @@ fp16: float16 weights and activations with float32 I/O, written by the float16 c
       transformer are kept in float32, e.g. a Cast feeding a kept Add); the nodes
       pipeline.backends.fp16 names (reductions, and what leaves fp16's range on calibration
       data) stay in float32;
-int8: the Q/DQ ONNX from calibrate, i.e. TensorRT's INT8 numerics simulated on a CPU.
+int8: the Q/DQ ONNX from calibrate, i.e. TensorRT's INT8 numerics simulated on a CPU, with
+      exact dequantize -> float op -> quantize semantics on every CPU (calibration.ort_session:
+      onnxruntime's integer kernels saturate on x86 CPUs without VNNI; TensorRT never does).
 Reports always say `backend: onnxruntime`, so a CPU simulation is never mistaken for
 an engine measurement."""
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendError, ModelError
+from ..errors import ArtifactError, BackendError
+from ..fileio import QDQ_FILE
 from ..runtime.runner import PLAIN, Runner
 from .base import Backend, BuildRequest, BuildResult
 
 ARTIFACT = "model.onnx"
+
+
+def cpu_device() -> dict[str, Any]:
+    """The CPU a number came from, with the features that decide onnxruntime's integer
+    kernels, and the INT8 arithmetic every session here uses (exact Q/DQ semantics)."""
+    from calibration.ort_session import EXACT, cpu_features, describe
+
+    c = cpu_features()
+    return {"device": "cpu", "cpu": c["model"], "machine": c["machine"], "cores": c["cores"],
+            "cpu_flags": c["flags"], "int8_dot_product": c["int8_dot"], "int8_semantics": describe(EXACT)}
 
 
 class OrtRunner(Runner):
@@ -58,37 +68,27 @@ class OrtRunner(Runner):
         return {"times_ms": times, "method": "host perf_counter around InferenceSession.run (CPU, end to end)"}
 
     def device(self) -> dict[str, Any]:
-        return {"device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+        return cpu_device()
 
 
 def _save_optimized(onnx_path: Path, out: Path) -> None:
     """onnxruntime's optimized graph of `onnx_path` written to `out`. The model is loaded
     first on its own, so a failure to write is never blamed on the input."""
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
     from ..onnx_utils import ort_session
 
     ort_session(onnx_path)  # the input loads: any error now names the input
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(out)
-    try:
-        ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ArtifactError(f"{out}: onnxruntime could not write the optimized model ({str(e).splitlines()[0][:200]}); "
-                            "check free disk space and permissions") from None
+    make_session(onnx_path, level="extended", optimized_path=out, what=str(out), error=ArtifactError,
+                 failure="onnxruntime could not write the optimized model (check free disk space and permissions)")
     if not out.is_file() or out.stat().st_size == 0:
         raise ArtifactError(f"{out}: onnxruntime wrote no optimized model; check free disk space")
 
 
 def _fp16(req: BuildRequest, out: Path) -> BuildResult:
-    import onnx
-    from onnxruntime.transformers import float16
-
     from ..data import load_samples
-    from ..onnx_utils import load_onnx
-    from .fp16 import describe, fold_identities, keep_fp32_nodes, range_check_batches
+    from .fp16 import describe, keep_fp32_nodes, range_check_batches
+    from .trt_typed import write_fp16_onnx
 
     cfg = req.config
     batches = None
@@ -99,20 +99,11 @@ def _fp16(req: BuildRequest, out: Path) -> BuildResult:
         samples = load_samples(req.calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
         batches = range_check_batches(samples.x)
     keep = keep_fp32_nodes(req.onnx_path, cfg.build.fp16, batches)
-    model = fold_identities(load_onnx(req.onnx_path))
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # weights beyond fp16's range, clamped
-            warnings.simplefilter("always")
-            half = float16.convert_float_to_float16(
-                model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST), node_block_list=list(keep))
-    except Exception as e:
-        raise ModelError(f"{req.onnx_path}: the float16 converter cannot convert the model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    onnx.save(half, str(out))
-    clamped = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    info = write_fp16_onnx(req.onnx_path, keep, out)  # the same typed FP16 ONNX a strongly typed TensorRT builds
     return BuildResult(ARTIFACT, flags=["float16 weights and activations (onnxruntime.transformers.float16)", "float32 I/O"],
                        kept_fp32=describe(keep),
-                       details={"weights_clamped_to_fp16_range": len(clamped), "examples": clamped[:3]})
+                       details={"weights_clamped_to_fp16_range": info["weights_clamped_to_fp16_range"],
+                                "examples": info["examples"]})
 
 
 class OnnxRuntimeBackend(Backend):
@@ -133,14 +124,15 @@ class OnnxRuntimeBackend(Backend):
         elif req.precision == "fp16":
             result = _fp16(req, out)
         elif req.precision == "int8":
-            qdq = (req.calib_dir / "model.qdq.onnx") if req.calib_dir else None
+            qdq = (req.calib_dir / QDQ_FILE) if req.calib_dir else None
             if qdq is None or not qdq.is_file():
                 raise BackendError(
                     f"int8 needs the Q/DQ model from the calibrate stage ({req.calib_dir}/model.qdq.onnx); run calibrate first"
                 )
             shutil.copyfile(qdq, out)
             load_onnx(out)
-            result = BuildResult(ARTIFACT, flags=["int8 Q/DQ (activations per tensor, weights per channel, symmetric)"],
+            result = BuildResult(ARTIFACT, flags=["int8 Q/DQ (activations per tensor, weights per channel, symmetric)",
+                                                  "exact Q/DQ semantics (session.disable_quant_qdq=1)"],
                                  calibration={"source": "calibrate stage ranges (Q/DQ ONNX)", "route": "explicit"})
         else:
             raise BackendError(f"unknown precision '{req.precision}'; choose fp32, fp16 or int8")
@@ -151,10 +143,4 @@ class OnnxRuntimeBackend(Backend):
         return OrtRunner(artifact)
 
     def environment(self) -> dict[str, Any]:
-        return {
-            "backend": self.name,
-            "version": self.version(),
-            "device": "cpu",
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-        }
+        return {"backend": self.name, "version": self.version(), **cpu_device()}

@@ -4,11 +4,20 @@ loads them as `TrtRunner`s.
 Optimization profiles: one per entry of `build.profiles` (min/opt/max for every dynamic
 axis of every input; pipeline.profiles), or the batch range of `build.profile`.
 
-FP16: the FP16 flag, with the nodes pipeline.backends.fp16 names (reductions, and what
-leaves fp16's range on calibration data) pinned to FP32 (precision constraints, TensorRT
-< 11; on 11 the build says it cannot pin them).
+By TensorRT version (pipeline.backends.trt_build.trt_api detects what the API has; build.json
+says what the build did: route, strongly_typed, flags, notes):
+- 8.x: weakly typed, as before: FP16/INT8 flags, precision constraints, calibrators.
+- 10: every typed ONNX (the FP32 export, the FP16 ONNX, the Q/DQ ONNX) strongly typed, no
+  precision flags; implicit INT8 still builds (weakly typed), with a deprecation note.
+- 11+: strongly typed only; implicit INT8 is refused in one line.
 
-INT8 has two routes (build.int8_route):
+FP16: on 8.x the FP16 flag, with the nodes pipeline.backends.fp16 names (reductions, and what
+leaves fp16's range on calibration data) pinned to FP32 (precision constraints); on >= 10
+the typed FP16 ONNX (pipeline.backends.trt_typed: FP16 initializers, those nodes left in FP32
+with Casts around them), model.fp16.onnx in the build folder, built strongly typed.
+
+INT8 has two routes (build.int8_route; `auto`, the default, takes implicit where TensorRT
+has it (8.6, 10) and explicit on 11, saying why):
 - implicit: BuilderFlag.INT8 with ranges from `build.calibration_source`:
   `cache` (the calibrate stage's cache, completed with the tensors TensorRT's parser adds:
   pipeline.backends.trt_cache), `tensorrt` (TensorRT's own IInt8EntropyCalibrator2 /
@@ -17,6 +26,10 @@ INT8 has two routes (build.int8_route):
   Deprecated in TensorRT 10, removed in 11: refused there with a pointer to explicit.
 - explicit: the Q/DQ ONNX written by `calibrate` (calib_dir/model.qdq.onnx), strongly
   typed on TensorRT >= 10, with the INT8 flag (and FP16 for the float layers) on 8.x.
+
+build.layer_precisions: precision constraints on a weakly typed build; on a strongly typed
+fp16 build its fp32 pins join the nodes the FP16 ONNX keeps in FP32 (a typed-ONNX edit);
+any other strongly typed build refuses it in one line naming what to use.
 
 Side files written into the staging folder: model.engine, layers.json (the engine
 inspector's layer information), calibration.cache (implicit INT8: the cache the engine
@@ -27,40 +40,44 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from calibration.cache import CALIBRATOR_ALGORITHM
+
 from ..config import PRECISIONS
 from ..errors import BackendError, ConfigError, DataError, ModelError
-from ..fileio import project_path, write_bytes, write_json
+from ..fileio import CACHE_FILE, QDQ_FILE, project_path, write_bytes, write_json
 from ..profiles import config_profiles, onnx_inputs
 from ..runtime.cuda_device import device_info
-from ..runtime.trt_common import capture, get_logger, require_tensorrt, trt_version
+from ..runtime.trt_common import capture, get_logger, require_tensorrt
 from .base import Backend, BuildRequest, BuildResult, Runner
 from .trt_build import (
     TimingCache,
+    TrtApi,
     apply_builder_options,
     build_progress,
     engine_layers,
     layer_summary,
     network_flags,
     parse_onnx,
+    resolve_int8_route,
+    trt_api,
 )
-from .trt_layers import apply_layer_precisions
+from .trt_layers import apply_layer_precisions, match_layer_precisions
+from .trt_typed import FP16_ONNX, write_fp16_onnx
 
 ENGINE_FILE = "model.engine"
 LAYERS_FILE = "layers.json"
-CACHE_FILE = "calibration.cache"
-QDQ_FILE = "model.qdq.onnx"
-ALGORITHMS = {"entropy2": "EntropyCalibration2", "minmax": "MinMaxCalibration"}
 
 
 def _log(msg: str) -> None:
-    print(f"[trtpipe] {msg}", file=sys.stderr, flush=True)
+    from ..log import get_logger as trtpipe_logger
+
+    trtpipe_logger(__name__).info(msg)
 
 
 def _tensor_names(messages: list[str]) -> list[str]:
@@ -91,93 +108,68 @@ class TensorRTBackend(Backend):
                 "cuda_memory": available()}
 
     def load(self, artifact: Path, build_info: dict[str, Any]) -> Runner:
-        from ..runtime.trt_runner import TrtRunner, manifest_from_build_info
+        from ..compat import manifest_from_build_info, trt_runner
 
-        return TrtRunner(artifact, memory=self.memory, manifest=manifest_from_build_info(build_info))
+        return trt_runner(artifact, manifest=manifest_from_build_info(build_info), memory=self.memory)
 
     # -- build ---------------------------------------------------------------------------------
     def build(self, req: BuildRequest) -> BuildResult:
         trt = require_tensorrt()
-        major = trt_version(trt)[0]
+        api = trt_api(trt)
         cfg = req.config.build
         if req.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {req.precision!r}; choose one of {', '.join(PRECISIONS)}")
         int8 = req.precision == "int8"
-        explicit = int8 and cfg.int8_route == "explicit"
-        if int8 and not explicit and major >= 11:
-            raise BackendError(
-                f"TensorRT {trt.__version__} removed implicit INT8 (BuilderFlag.INT8 with IInt8EntropyCalibrator2); "
-                "set build.int8_route: explicit to build the Q/DQ ONNX written by `trtpipe calibrate`"
-            )
-        if int8 and not explicit and major >= 10:
-            _log(f"TensorRT {trt.__version__} deprecates implicit INT8 calibration; build.int8_route: explicit is the "
-                 "route that keeps working on TensorRT 11")
+        route, route_why = resolve_int8_route(api, cfg.int8_route) if int8 else (None, None)
+        explicit = route == "explicit"
+        notes: list[str] = []
+        if int8 and not explicit and api.implicit_deprecated:
+            notes.append(f"TensorRT {trt.__version__} deprecates implicit INT8 (since 10.1) and TensorRT 11 removed it; "
+                         "build.int8_route: explicit is the route that keeps working on TensorRT 11")
+            _log(notes[-1])
+        # Strongly typed: every typed ONNX on TensorRT >= 10; implicit INT8 (10 only) stays weakly typed.
+        strongly_typed = api.typed_builds and not (int8 and not explicit)
         onnx_path = self._onnx_for(req, explicit)
         profiles = config_profiles(onnx_inputs(onnx_path), cfg, onnx_path)  # cheap checks before the GPU
-        strongly_typed = explicit and major >= 10 and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
-        if strongly_typed and cfg.layer_precisions:
-            raise ConfigError("build.layer_precisions cannot apply to a strongly typed (explicit Q/DQ) build: the types "
-                              "come from the ONNX; remove it or use int8_route: implicit")
         keep = self._fp16_keep(req) if req.precision == "fp16" else {}
+        typed_pins = self._typed_layer_precisions(api, req, keep) if strongly_typed and cfg.layer_precisions else None
         out_dir = Path(req.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        typed_onnx = None
+        if strongly_typed and req.precision == "fp16":
+            typed_onnx = write_fp16_onnx(onnx_path, keep, out_dir / FP16_ONNX)
+            onnx_path = out_dir / FP16_ONNX
+            notes.append(f"fp16: the typed FP16 ONNX ({FP16_ONNX}: FP16 initializers, {len(keep)} node(s) kept in FP32 "
+                         f"with Casts) built strongly typed: TensorRT {trt.__version__} takes precision from the ONNX")
         dev = device_info(0)
         t_start = time.monotonic()
 
         builder = trt.Builder(get_logger())
-        flags, net_flag_names = network_flags(trt, strongly_typed)
-        network = builder.create_network(flags)
-        parser = parse_onnx(trt, network, onnx_path)
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_mb) << 20)
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-        if req.precision == "fp16" or (int8 and not strongly_typed and cfg.int8_float_fallback == "fp16"):
-            config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without int8 kernels run in fp16, not fp32
-        if not cfg.tf32 and hasattr(trt.BuilderFlag, "TF32"):
-            config.clear_flag(trt.BuilderFlag.TF32)  # trtexec --noTF32: FP32 layers in true FP32
-        if int8 and not strongly_typed:
-            config.set_flag(trt.BuilderFlag.INT8)
-        pins = self._pin_layers(trt, network, config, cfg.layer_precisions, req.precision)
-        kept = self._pin_fp32(trt, network, config, keep) if keep else {}
+        network, parser, net_flag_names = self._network(trt, builder, onnx_path, strongly_typed)
+        config, flags_set = self._config(trt, api, builder, req, strongly_typed)
+        pins, kept = self._precisions(trt, api, network, config, req, strongly_typed, keep, typed_pins)
         options = apply_builder_options(trt, config, cfg.builder_optimization_level, cfg.preview_features)
+        notes += options.pop("notes", [])
 
-        for shapes in profiles:
-            profile = builder.create_optimization_profile()
-            for name, s in shapes.items():
-                profile.set_shape(name, s["min"], s["opt"], s["max"])
-            config.add_optimization_profile(profile)
+        self._add_profiles(builder, config, profiles)
 
         calibrator = None
         calibration: Optional[dict[str, Any]] = None
         try:
             if int8 and not explicit:
                 calibrator, cal_shapes, calibration = self._calibrator(trt, req, network, out_dir)
-                config.int8_calibrator = calibrator
-                cal_profile = builder.create_optimization_profile()
-                for name, dims in cal_shapes.items():
-                    cal_profile.set_shape(name, dims, dims, dims)
-                config.set_calibration_profile(cal_profile)
+                self._attach_calibrator(builder, config, calibrator, cal_shapes)
             elif explicit:
-                calibration = {"source": "calibrate stage Q/DQ ONNX", "route": "explicit", "onnx": QDQ_FILE,
-                               "strongly_typed": strongly_typed}
+                calibration = self._explicit_calibration(trt, api, strongly_typed)
+            if calibration is not None:
+                calibration["route_why"] = route_why  # "why" stays the calibration source's own reason
 
             tcache = TimingCache(project_path(cfg.timing_cache, "build.timing_cache") if cfg.timing_cache else None)
             tcache.attach(trt, config)
             label = f"{req.config.model.name} {req.precision} engine"
             _log(f"building {label} from {onnx_path} (TensorRT {trt.__version__}, {dev['gpu']})")
-            activate = calibrator._mem.activate() if calibrator is not None else contextlib.nullcontext()
-            with build_progress(trt, config, label, self.heartbeat_s) as progress_how, activate, capture() as cap:
-                t0 = time.monotonic()
-                serialized = builder.build_serialized_network(network, config)
-                build_seconds = time.monotonic() - t0
-            if calibrator is not None:
-                calibrator.raise_if_failed()
-            if serialized is None:
-                msgs = cap.errors()[-5:] or ["no error message"]
-                raise BackendError(f"{onnx_path}: TensorRT {trt.__version__} failed to build the {req.precision} engine: "
-                                   + " | ".join(msgs))
-            data = bytes(serialized)
-            del serialized
+            data, build_seconds, progress_how, cap = self._build_engine(trt, builder, network, config, calibrator, label,
+                                                                        f"{onnx_path}", req.precision)
             tcache.save(config)
             tcache.info["messages"] = cap.matching("timing cache")[:5]
             write_bytes(out_dir / ENGINE_FILE, data)
@@ -186,8 +178,15 @@ class TensorRTBackend(Backend):
             details: dict[str, Any] = {
                 "tensorrt": trt.__version__,
                 "onnx": str(onnx_path),
-                "int8_route": cfg.int8_route if int8 else None,
+                "int8_route": route,
+                "int8_route_requested": cfg.int8_route if int8 else None,
+                "int8_route_why": route_why,
+                "strongly_typed": strongly_typed,
                 "network_flags": net_flag_names,
+                "precision_flags_set": flags_set,
+                "typed_onnx": typed_onnx,
+                "tensorrt_api": api.describe(),
+                "notes": notes,
                 **options,
                 "builder_seconds": round(build_seconds, 3),
                 "total_seconds": round(time.monotonic() - t_start, 3),
@@ -215,6 +214,94 @@ class TensorRTBackend(Backend):
         )
 
     # -- pieces ----------------------------------------------------------------------------------
+    # -- the steps of build, in order: network, config, profiles, calibration, build, inspect (_write_layers) ---------
+    @staticmethod
+    def _network(trt: Any, builder: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any, Any, list[str]]:
+        """(network, parser, network flag names): the ONNX parsed into a network of the right typing."""
+        flags, net_flag_names = network_flags(trt, strongly_typed)
+        network = builder.create_network(flags)
+        parser = parse_onnx(trt, network, onnx_path)
+        return network, parser, net_flag_names
+
+    @staticmethod
+    def _config(trt: Any, api: TrtApi, builder: Any, req: BuildRequest, strongly_typed: bool) -> tuple[Any, list[str]]:
+        """(builder config, precision flags set): workspace, detailed profiling, and on a weakly typed build the
+        FP16/INT8 flags that pick the precisions; TF32 off when build.tf32 is false."""
+        cfg = req.config.build
+        int8 = req.precision == "int8"
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_mb) << 20)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+        flags_set: list[str] = []
+        if not strongly_typed:  # weakly typed (8.x; implicit INT8 on 10): the builder flags pick the precisions
+            if req.precision == "fp16" or (int8 and cfg.int8_float_fallback == "fp16"):
+                config.set_flag(trt.BuilderFlag.FP16)  # int8: layers without int8 kernels run in fp16, not fp32
+                flags_set.append("FP16")
+            if int8:
+                config.set_flag(trt.BuilderFlag.INT8)
+                flags_set.append("INT8")
+        if not cfg.tf32 and api.tf32_flag:
+            config.clear_flag(trt.BuilderFlag.TF32)  # trtexec --noTF32: FP32 layers in true FP32
+        return config, flags_set
+
+    def _precisions(self, trt: Any, api: TrtApi, network: Any, config: Any, req: BuildRequest, strongly_typed: bool,
+                    keep: dict[str, str], typed_pins: Optional[dict[str, Any]]) -> tuple[Optional[dict], dict[str, str]]:
+        """(layer pins, nodes kept in FP32): a typed build has them in its ONNX already; a weakly typed one pins
+        build.layer_precisions and the FP16 keep-list on the network's layers."""
+        if strongly_typed:
+            return typed_pins, dict(keep)
+        pins = self._pin_layers(trt, network, config, req.config.build.layer_precisions, req.precision)
+        kept = self._pin_fp32(trt, api, network, config, keep) if keep else {}
+        return pins, kept
+
+    @staticmethod
+    def _add_profiles(builder: Any, config: Any, profiles: list[dict[str, dict[str, Any]]]) -> None:
+        """One TensorRT optimization profile per entry of build.profiles."""
+        for shapes in profiles:
+            profile = builder.create_optimization_profile()
+            for name, s in shapes.items():
+                profile.set_shape(name, s["min"], s["opt"], s["max"])
+            config.add_optimization_profile(profile)
+
+    @staticmethod
+    def _attach_calibrator(builder: Any, config: Any, calibrator: Any, cal_shapes: dict[str, Any]) -> None:
+        """Implicit INT8: the calibrator, and a calibration profile fixed at the calibration data's shapes."""
+        config.int8_calibrator = calibrator
+        cal_profile = builder.create_optimization_profile()
+        for name, dims in cal_shapes.items():
+            cal_profile.set_shape(name, dims, dims, dims)
+        config.set_calibration_profile(cal_profile)
+
+    @staticmethod
+    def _explicit_calibration(trt: Any, api: TrtApi, strongly_typed: bool) -> dict[str, Any]:
+        """Explicit INT8: the ranges come from the Q/DQ ONNX (build.json's calibration section says so)."""
+        calibration = {"source": "calibrate stage Q/DQ ONNX", "route": "explicit", "onnx": QDQ_FILE,
+                       "strongly_typed": strongly_typed}
+        if not api.implicit_int8:
+            calibration["calibration_cache"] = (f"not read: the calibrate stage's {CACHE_FILE} is for TensorRT "
+                                                f"< 11 (implicit INT8); TensorRT {trt.__version__} takes the "
+                                                "ranges from the Q/DQ ONNX")
+        return calibration
+
+    def _build_engine(self, trt: Any, builder: Any, network: Any, config: Any, calibrator: Any, label: str,
+                      onnx_name: str, precision: str) -> tuple[bytes, float, Any, Any]:
+        """(engine bytes, builder seconds, how progress was shown, captured TensorRT messages); a failed build is
+        a BackendError with TensorRT's last errors."""
+        activate = calibrator._mem.activate() if calibrator is not None else contextlib.nullcontext()
+        with build_progress(trt, config, label, self.heartbeat_s) as progress_how, activate, capture() as cap:
+            t0 = time.monotonic()
+            serialized = builder.build_serialized_network(network, config)
+            build_seconds = time.monotonic() - t0
+        if calibrator is not None:
+            calibrator.raise_if_failed()
+        if serialized is None:
+            msgs = cap.errors()[-5:] or ["no error message"]
+            raise BackendError(f"{onnx_name}: TensorRT {trt.__version__} failed to build the {precision} engine: "
+                               + " | ".join(msgs))
+        data = bytes(serialized)
+        del serialized
+        return data, build_seconds, progress_how, cap
+
     @staticmethod
     def _onnx_for(req: BuildRequest, explicit: bool) -> Path:
         if not explicit:
@@ -240,9 +327,34 @@ class TensorRTBackend(Backend):
         return keep_fp32_nodes(req.onnx_path, cfg.build.fp16, batches)
 
     @staticmethod
-    def _pin_fp32(trt: Any, network: Any, config: Any, keep: dict[str, str]) -> dict[str, str]:
+    def _typed_layer_precisions(api: TrtApi, req: BuildRequest, keep: dict[str, str]) -> dict[str, Any]:
+        """build.layer_precisions on a strongly typed build: on fp16, its fp32 pins join `keep`
+        (the FP16 ONNX leaves them in FP32 with Casts around them); anything else is refused."""
+        from ..onnx_utils import load_onnx
+
+        patterns = req.config.build.layer_precisions
+        if req.precision != "fp16":
+            raise ConfigError(
+                f"build.layer_precisions cannot pin layers of a strongly typed TensorRT {api.version} {req.precision} "
+                "build: the types come from the ONNX; for int8 use tune's result (build.int8_from_tune: true, Q/DQ "
+                "removed on the kept layers) or calibration.exclude, for fp32 remove it (pin fp32 nodes in the fp16 "
+                "variant)")
+        nodes = [n.name for n in load_onnx(req.onnx_path).graph.node]
+        assign, matched = match_layer_precisions(nodes, patterns)
+        clash = [n for n, p in assign.items() if p == "fp16" and n in keep]
+        if clash:
+            raise ConfigError(f"build.layer_precisions pins {clash[0]!r} to fp16, but the fp16 variant keeps it in FP32 "
+                              f"({keep[clash[0]]}); remove that pin")
+        for n, p in assign.items():
+            if p == "fp32":
+                keep.setdefault(n, "build.layer_precisions: fp32")
+        return {"matched": matched, "pinned": assign, "skipped": [],
+                "applied_as": "typed ONNX: fp32 pins kept in FP32 with Casts; fp16 pins are FP16 in the FP16 ONNX"}
+
+    @staticmethod
+    def _pin_fp32(trt: Any, api: TrtApi, network: Any, config: Any, keep: dict[str, str]) -> dict[str, str]:
         """Pin the layers named after `keep`'s ONNX nodes to FP32; returns those pinned."""
-        if not hasattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS"):
+        if not api.precision_constraints:
             _log(f"TensorRT {trt.__version__} has no layer precision constraints: {len(keep)} node(s) that overflow "
                  "in fp16 cannot be pinned to fp32; use the explicit route with Cast nodes")
             return {}
@@ -309,6 +421,9 @@ class TensorRTBackend(Backend):
             _log(f"calibration: the calibrate stage's cache is not for this TensorRT/calibrator; TensorRT's own "
                  f"calibrator runs instead ({e})")
             return None, {"why": f"stage cache not usable here: {e}"}
+        from calibration.cache import check_scales, network_names
+
+        check_scales(cache, stage_cache, network_names(req.onnx_path))  # NaN, Inf, <= 0, tensors the ONNX lacks
         scales = {k: float(v) for k, v in cache.scales.items()}
         from .trt_cache import complete_scales
 
@@ -324,7 +439,7 @@ class TensorRTBackend(Backend):
         from .trt_calibrator import make_calibrator
 
         cfg = req.config
-        algorithm = ALGORITHMS[cfg.build.int8_calibrator]
+        algorithm = CALIBRATOR_ALGORITHM[cfg.build.int8_calibrator]
         read_from, why = self._stage_cache(trt, req, network, algorithm)
         inputs = [network.get_input(i) for i in range(network.num_inputs)]
         dtypes = {t.name: np.dtype(trt.nptype(t.dtype)) for t in inputs}

@@ -1,34 +1,117 @@
-"""TensorRT build helpers: network creation flags, builder options (optimization level,
-preview features), ONNX parsing with errors that name the node, the timing cache, build
-progress, and the engine inspector. Each takes the `tensorrt` module as an argument, so
-nothing here imports it at module level."""
+"""TensorRT build helpers: what this TensorRT's API has (`trt_api`, the one place that
+detects removed APIs), the INT8 route, network creation flags, builder options
+(optimization level, preview features), ONNX parsing with errors that name the node, the
+timing cache, build progress, and the engine inspector. Each takes the `tensorrt` module as
+an argument, so nothing here imports it at module level."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ..errors import BackendError, ConfigError
 from ..fileio import write_bytes
-from ..runtime.trt_common import capture, get_logger
+from ..log import get_logger as trtpipe_logger
+from ..runtime.trt_common import capture, get_logger, trt_version
+
+
+# -- what this TensorRT has ------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrtApi:
+    """The parts of TensorRT's Python API that changed between 8.6, 10 and 11. Built once per
+    build by `trt_api`; the build path asks this object, never the module, whether a removed
+    API exists."""
+
+    version: str
+    major: int
+    explicit_batch: bool  # NetworkDefinitionCreationFlag.EXPLICIT_BATCH (required on 8.x, ignored on 10, gone in 11)
+    strongly_typed: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED (TensorRT >= 10)
+    precision_flags: bool  # BuilderFlag.FP16 / INT8 (gone in 11)
+    precision_constraints: bool  # OBEY_PRECISION_CONSTRAINTS, ILayer.precision, set_output_type (gone in 11)
+    implicit_int8: bool  # IInt8EntropyCalibrator2, config.int8_calibrator, set_calibration_profile, caches (gone in 11)
+    tf32_flag: bool  # BuilderFlag.TF32
+    preview_features: tuple[str, ...]  # the PreviewFeature enum's members
+
+    @property
+    def typed_builds(self) -> bool:
+        """Every typed ONNX (the FP32 export, the FP16 ONNX, Q/DQ) builds as a strongly typed network (>= 10)."""
+        return self.strongly_typed and self.major >= 10
+
+    @property
+    def implicit_deprecated(self) -> bool:
+        return self.implicit_int8 and self.major >= 10
+
+    def describe(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("explicit_batch", "strongly_typed", "precision_flags",
+                                             "precision_constraints", "implicit_int8")}
+
+
+def trt_api(trt: Any) -> TrtApi:
+    """What `trt` (the tensorrt module) has, from its version and its enums' members."""
+    major = trt_version(trt)[0]
+    net = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    flag = getattr(trt, "BuilderFlag", None)
+    preview = getattr(trt, "PreviewFeature", None)
+    weak = major < 11  # TensorRT 11 removed weak typing whatever a module claims
+    return TrtApi(
+        version=str(trt.__version__),
+        major=major,
+        explicit_batch=hasattr(net, "EXPLICIT_BATCH"),
+        strongly_typed=hasattr(net, "STRONGLY_TYPED"),
+        precision_flags=weak and hasattr(flag, "FP16") and hasattr(flag, "INT8"),
+        precision_constraints=weak and hasattr(flag, "OBEY_PRECISION_CONSTRAINTS"),
+        implicit_int8=weak and hasattr(trt, "IInt8EntropyCalibrator2"),
+        tf32_flag=hasattr(flag, "TF32"),
+        preview_features=tuple(getattr(preview, "__members__", {}) if preview is not None else ()),
+    )
+
+
+class ImplicitInt8Unavailable(BackendError):
+    """build.int8_route: implicit asked of a TensorRT without implicit INT8 (11 and later)."""
+
+
+INT8_ROUTES = ("auto", "implicit", "explicit")
+
+
+def resolve_int8_route(api: TrtApi, requested: str) -> tuple[str, str]:
+    """("implicit" | "explicit", why) for `build.int8_route`. auto: the design card's route,
+    TensorRT's IInt8EntropyCalibrator2 (or the calibrate stage's exact cache), where this
+    TensorRT has it (8.6, 10); the calibrate stage's Q/DQ ONNX, strongly typed, where it does not (11)."""
+    if requested not in INT8_ROUTES:
+        raise ConfigError(f"build.int8_route: {requested!r} is not one of {', '.join(INT8_ROUTES)}")
+    if requested == "explicit":
+        return "explicit", "build.int8_route: explicit (the calibrate stage's Q/DQ ONNX)"
+    if requested == "implicit":
+        if not api.implicit_int8:
+            raise ImplicitInt8Unavailable(
+                f"build.int8_route: implicit needs BuilderFlag.INT8 and IInt8EntropyCalibrator2, which TensorRT "
+                f"{api.version} removed; set build.int8_route: explicit (or auto) to build the calibrate stage's "
+                "Q/DQ ONNX")
+        return "implicit", "build.int8_route: implicit"
+    if api.implicit_int8:
+        return "implicit", (f"build.int8_route: auto: TensorRT {api.version} has IInt8EntropyCalibrator2, the route the "
+                            "design card asks for (calibrator or the calibrate stage's exact cache)")
+    return "explicit", (f"build.int8_route: auto: TensorRT {api.version} has no implicit INT8 (removed in 11); "
+                        "building the calibrate stage's Q/DQ ONNX strongly typed")
 
 
 # -- network ------------------------------------------------------------------------------
 def network_flags(trt: Any, strongly_typed: bool = False) -> tuple[int, list[str]]:
     """EXPLICIT_BATCH only where the enum still has it (required on 8.x, ignored on 10,
     absent on 11); STRONGLY_TYPED when asked and present (TensorRT >= 10)."""
+    api = trt_api(trt)
     enum = trt.NetworkDefinitionCreationFlag
     flags, names = 0, []
-    if hasattr(enum, "EXPLICIT_BATCH"):
+    if api.explicit_batch:
         flags |= 1 << int(enum.EXPLICIT_BATCH)
         names.append("EXPLICIT_BATCH")
     if strongly_typed:
-        if not hasattr(enum, "STRONGLY_TYPED"):
+        if not api.strongly_typed:
             raise BackendError(f"TensorRT {trt.__version__} has no strongly typed networks (needs TensorRT >= 10)")
         flags |= 1 << int(enum.STRONGLY_TYPED)
         names.append("STRONGLY_TYPED")
@@ -40,6 +123,15 @@ def _feature_key(name: str) -> str:
     """'faster_dynamic_shapes_0805', 'FASTER_DYNAMIC_SHAPES_0805' and trtexec's
     'fasterDynamicShapes0805' all name the same preview feature."""
     return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+# Preview features of one TensorRT version that a later one dropped (tests/backends/trt_names.py).
+RETIRED_PREVIEW_FEATURES = {
+    "fasterdynamicshapes0805": "dropped in TensorRT 10.0, where its behaviour is the default",
+    "disableexternaltacticsourcesforcore0805": "dropped in TensorRT 10.0",
+    "profilesharing0806": "dropped in TensorRT 11, where its behaviour is the default",
+    "multideviceruntime1016": "only in TensorRT 10.16",
+}
 
 
 def apply_builder_options(trt: Any, config: Any, optimization_level: Optional[int],
@@ -57,12 +149,19 @@ def apply_builder_options(trt: Any, config: Any, optimization_level: Optional[in
     enum = getattr(trt, "PreviewFeature", None)
     members = dict(getattr(enum, "__members__", {})) if enum is not None else {}
     known = {_feature_key(n): n for n in members}
+    notes = []
     for name, on in preview_features.items():
         member = known.get(_feature_key(name))
+        if member is None and _feature_key(name) in RETIRED_PREVIEW_FEATURES:
+            notes.append(f"build.preview_features: {name} is not a preview feature of TensorRT {trt.__version__} "
+                         f"({RETIRED_PREVIEW_FEATURES[_feature_key(name)]}); not set")
+            continue
         if member is None:
             raise ConfigError(f"build.preview_features: TensorRT {trt.__version__} has no preview feature {name!r}; "
                               f"it has {', '.join(sorted(n.lower() for n in members)) or 'none'}")
         config.set_preview_feature(members[member], bool(on))
+    if notes:
+        out["notes"] = notes
     if members:
         out["preview_features"] = {n.lower(): bool(config.get_preview_feature(f)) for n, f in members.items()}
     return out
@@ -167,7 +266,7 @@ class TimingCache:
 
 
 def _num_keys(cache: Any) -> Optional[int]:
-    query = getattr(cache, "query_keys", None)  # TensorRT >= 10
+    query = getattr(cache, "queryKeys", None)  # TensorRT >= 10 (the binding's name; there is no query_keys)
     if cache is None or query is None:
         return None
     try:
@@ -178,7 +277,7 @@ def _num_keys(cache: Any) -> Optional[int]:
 
 # -- progress --------------------------------------------------------------------------------
 def _tqdm_monitor(trt: Any) -> Any:
-    from tqdm import tqdm
+    from ..log import progress_bar
 
     class _Monitor(trt.IProgressMonitor):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -191,7 +290,7 @@ def _tqdm_monitor(trt: Any) -> Any:
             while p and p in self.bars:
                 depth += 1
                 p = getattr(self.bars[p], "_parent", None)
-            bar = tqdm(total=num_steps, desc=phase_name, position=depth, leave=depth == 0, file=sys.stderr)
+            bar = progress_bar(total=num_steps, desc=phase_name, position=depth)
             bar._parent = parent_phase
             self.bars[phase_name] = bar
 
@@ -227,7 +326,7 @@ def build_progress(trt: Any, config: Any, label: str, interval_s: float = 15.0) 
 
     def beat() -> None:
         while not stop.wait(interval_s):
-            print(f"[trtpipe] building {label}: {time.monotonic() - t0:.0f} s elapsed", file=sys.stderr, flush=True)
+            trtpipe_logger(__name__).info(f"building {label}: {time.monotonic() - t0:.0f} s elapsed")
 
     thread = threading.Thread(target=beat, name="trt-build-heartbeat", daemon=True)
     thread.start()
@@ -271,7 +370,9 @@ def layer_precision(layer: dict[str, Any]) -> str:
     printed one (not with dynamic shapes on 8.6), else its weights' type, else the data types
     in its kernel (tactic) name, else "other"."""
     outs = layer.get("Outputs") or []
-    fmt = outs[0].get("Format/Datatype", "") if outs and isinstance(outs[0], dict) else ""
+    out0 = outs[0] if outs and isinstance(outs[0], dict) else {}
+    # 8.6/10 print one "Format/Datatype" text; 11 splits it into "Format" and "Datatype"
+    fmt = str(out0.get("Format/Datatype") or out0.get("Datatype") or "")
     weights = layer.get("Weights", {}).get("Type", "") if isinstance(layer.get("Weights"), dict) else ""
     for text in (fmt, weights):
         for needle, kind in _KINDS:
@@ -281,10 +382,11 @@ def layer_precision(layer: dict[str, Any]) -> str:
     return next((kind for needle, kind in _TACTIC_KINDS if needle in tactic), "other")
 
 
-def layer_summary(layers: dict[str, Any]) -> dict[str, Any]:
+def layer_summary(layers: Any) -> dict[str, Any]:
     """Count engine layers by precision (see `layer_precision`)."""
     counts: dict[str, int] = {}
-    entries = [ly for ly in layers.get("Layers", []) if isinstance(ly, dict)]
+    listed = layers if isinstance(layers, list) else layers.get("Layers", [])  # a bare list of layers, or {"Layers": ...}
+    entries = [ly for ly in listed if isinstance(ly, dict)]
     for layer in entries:
         kind = layer_precision(layer)
         counts[kind] = counts.get(kind, 0) + 1

@@ -16,15 +16,16 @@ callers and tests see whether calibration ran.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 
+from calibration.cache import CALIBRATOR_ALGORITHM
 from calibration.errors import CalibrationError
 
-ALGORITHM_NAMES = {"entropy2": "EntropyCalibration2", "minmax": "MinMaxCalibration"}
+from ..log import get_logger as trtpipe_logger
+
 Batch = Union[np.ndarray, Mapping[str, np.ndarray]]
 
 
@@ -53,7 +54,7 @@ class _CalibratorMixin:
         from ..runtime.cuda_memory import open_memory
 
         self.kind = kind
-        self.algorithm = ALGORITHM_NAMES[kind]
+        self.algorithm = CALIBRATOR_ALGORITHM[kind]
         self.batch_size = int(batch_size)
         self.cache_path = Path(cache_path) if cache_path else None
         self.read_cache_from = Path(read_cache_from) if read_cache_from else None
@@ -166,10 +167,9 @@ class _CalibratorMixin:
         self.num_samples += int(n or 0)
         if self.progress:
             if self._bar is None:
-                from tqdm import tqdm
+                from ..log import progress_bar
 
-                self._bar = tqdm(total=self.num_batches, desc=f"calibrating ({self.algorithm})", unit="batch",
-                                 file=sys.stderr, leave=True)
+                self._bar = progress_bar(total=self.num_batches, desc=f"calibrating ({self.algorithm})", unit="batch")
             self._bar.update(1)
         return ptrs
 
@@ -212,8 +212,8 @@ _CLASSES: dict[str, type] = {}
 
 
 def _calibrator_class(kind: str) -> type:
-    if kind not in ALGORITHM_NAMES:
-        raise CalibrationError(f"unknown TensorRT calibrator {kind!r}; choose one of {', '.join(ALGORITHM_NAMES)} "
+    if kind not in CALIBRATOR_ALGORITHM:
+        raise CalibrationError(f"unknown TensorRT calibrator {kind!r}; choose one of {', '.join(CALIBRATOR_ALGORITHM)} "
                                "(build.int8_calibrator)")
     if kind not in _CLASSES:
         from ..runtime.trt_common import require_tensorrt
@@ -270,5 +270,5 @@ def make_calibrator(
             raise CalibrationError("make_calibrator needs batch_size when batches is an iterator")
     return cls(kind=kind, batches=batches, batch_size=batch_size, cache_path=cache_path,
                read_cache_from=read_cache_from, memory=memory, progress=progress,
-               log=log or (lambda m: print(m, file=sys.stderr, flush=True)), trt_version=trt.__version__,
+               log=log or trtpipe_logger(__name__).info, trt_version=trt.__version__,
                num_batches=num_batches, dtypes=dtypes)

@@ -13,15 +13,15 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16")
+LAYER_PRECISIONS = ("fp32", "fp16")  # what build.layer_precisions may pin a layer to (not the build variants)
 
 
 def match_layer_precisions(layer_names: Sequence[str], patterns: Mapping[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(layer -> precision, pattern -> matched layers). The first pattern (in the
     mapping's order) that matches a layer decides its precision."""
     for pat, prec in patterns.items():
-        if prec not in PRECISIONS:
-            raise ConfigError(f"build.layer_precisions['{pat}']: precision must be one of {', '.join(PRECISIONS)}, got {prec!r}")
+        if prec not in LAYER_PRECISIONS:
+            raise ConfigError(f"build.layer_precisions['{pat}']: precision must be one of {', '.join(LAYER_PRECISIONS)}, got {prec!r}")
     assign: dict[str, str] = {}
     matched: dict[str, list[str]] = {p: [] for p in patterns}
     for name in layer_names:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
+import re
+import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
@@ -119,10 +122,7 @@ def cuda_runtime_version() -> Optional[str]:
     """Version of the CUDA runtime binding in this process (cuda-python), else pycuda's
     build-time CUDA version, else None."""
     try:
-        try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-        except ImportError:
-            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        cudart = import_cudart()
         err, v = cudart.cudaRuntimeGetVersion()
         if int(err) == 0:
             return _version_str(int(v))
@@ -155,3 +155,117 @@ def device_info(i: int = 0) -> dict[str, Any]:
         "driver_cuda": _version_str(int(drv.value)),
         "cuda_runtime": cuda_runtime_version(),
     }
+
+
+def normalize_cc(cc: Any) -> Optional[str]:
+    """Compute capability as 'major.minor' from '9.0', 'sm_90', 'sm90', '90', 9.0 or (9, 0)."""
+    if cc is None or cc == "":
+        return None
+    if isinstance(cc, (tuple, list)) and len(cc) == 2:
+        return f"{int(cc[0])}.{int(cc[1])}"
+    s = str(cc).strip().lower().removeprefix("sm_").removeprefix("sm")
+    if re.fullmatch(r"\d+\.\d+", s):
+        major, minor = s.split(".")
+        return f"{int(major)}.{int(minor)}"
+    if re.fullmatch(r"\d{2,3}", s):
+        return f"{int(s[:-1])}.{int(s[-1])}"
+    return str(cc)
+
+
+# -- one probe for "which GPU is here", by every means there is ------------------------------------------------------
+def import_cudart() -> Any:
+    """cuda-python's runtime module (``cuda.bindings.runtime`` from 12.6, ``cuda.cudart`` before), or None."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except Exception:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+        except Exception:
+            return None
+    return cudart
+
+
+def _gpu_cuda_python(index: int) -> Optional[dict[str, Any]]:
+    cudart = import_cudart()
+    if cudart is None:
+        return None
+    err, n = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or n <= index:
+        return {"compute_capability": None, "gpu": None, "gpu_error": f"cudaGetDeviceCount: {err}, {n} devices"}
+    err, prop = cudart.cudaGetDeviceProperties(index)
+    if int(err) != 0:
+        return None
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    err, drv = cudart.cudaDriverGetVersion()
+    info = {"compute_capability": f"{prop.major}.{prop.minor}", "gpu": name.rstrip("\x00")}
+    if int(err) == 0:
+        info["cuda_driver_api"] = f"{drv // 1000}.{(drv % 1000) // 10}"
+    return info
+
+
+def _gpu_pycuda(index: int) -> Optional[dict[str, Any]]:
+    try:
+        import pycuda.driver as cuda  # never pycuda.autoinit: no context is needed to query a device
+    except Exception:
+        return None
+    try:
+        cuda.init()
+        if cuda.Device.count() <= index:
+            return {"compute_capability": None, "gpu": None, "gpu_error": f"{cuda.Device.count()} CUDA devices"}
+        d = cuda.Device(index)
+        major, minor = d.compute_capability()
+        return {"compute_capability": f"{major}.{minor}", "gpu": d.name()}
+    except Exception as e:
+        return {"compute_capability": None, "gpu": None, "gpu_error": f"pycuda: {e}"}
+
+
+def _gpu_nvidia_smi(index: int) -> Optional[dict[str, Any]]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        if not ids or ids[0] == "-1" or len(ids) <= index:
+            return {"compute_capability": None, "gpu": None, "gpu_error": f"CUDA_VISIBLE_DEVICES={visible!r}"}
+        target = ids[index]
+    else:
+        target = str(index)
+    try:
+        r = subprocess.run(
+            ["nvidia-smi", f"--id={target}", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 or not r.stdout.strip():
+        return None
+    name, cc, driver = [p.strip() for p in r.stdout.strip().splitlines()[0].split(",")][:3]
+    return {"compute_capability": normalize_cc(cc), "gpu": name, "driver": driver}
+
+
+def _gpu_libcuda(index: int) -> Optional[dict[str, Any]]:
+    """The CUDA driver through ctypes (no bindings needed)."""
+    try:
+        n = gpu_count()
+    except Exception as e:  # no driver at all
+        return {"compute_capability": None, "gpu": None, "gpu_error": str(e).split(";")[0]}
+    if n <= index:
+        return {"compute_capability": None, "gpu": None, "gpu_error": f"the CUDA driver sees {n} GPU(s)"}
+    d = device_info(index)
+    return {k: d.get(k) for k in ("compute_capability", "gpu", "driver", "cuda_runtime")}
+
+
+def probe_gpu(device_index: int = 0) -> dict[str, Any]:
+    """{compute_capability, gpu, ...} of CUDA device `device_index` from the first of libcuda, cuda-python,
+    pycuda and nvidia-smi that finds it; else None values and `gpu_error`, the first reason there is no GPU."""
+    gpu: Optional[dict[str, Any]] = None
+    for probe in (_gpu_libcuda, _gpu_cuda_python, _gpu_pycuda, _gpu_nvidia_smi):
+        try:
+            found = probe(device_index)
+        except Exception as e:
+            found = {"compute_capability": None, "gpu": None, "gpu_error": f"{probe.__name__[5:]}: {e}"}
+        if found is not None and found.get("compute_capability"):
+            gpu = found
+            break
+        gpu = gpu or found  # keep the first reason there is no GPU
+    if gpu is None:
+        gpu = {"compute_capability": None, "gpu": None, "gpu_error": "no CUDA driver, cuda-python, pycuda or nvidia-smi found"}
+    return gpu

@@ -5,13 +5,16 @@ given, so every builder and runtime here uses this one) that can capture message
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 import threading
 from typing import Any, Iterator
 
-from ..errors import BackendError
+from calibration.cache import trt_version_parts
 
-SUPPORTED = "TensorRT >= 8.6, < 11"
+from ..errors import BackendError
+from ..log import get_logger as trtpipe_logger
+
+SUPPORTED = "TensorRT >= 8.6"
 
 
 def require_tensorrt() -> Any:
@@ -38,10 +41,7 @@ def installed_version() -> Any:
 
 def trt_version(trt: Any = None) -> tuple[int, int, int]:
     trt = trt or require_tensorrt()
-    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(trt.__version__).split(".")[:3]]
-    while len(parts) < 3:
-        parts.append(0)
-    return parts[0], parts[1], parts[2]
+    return trt_version_parts(str(trt.__version__))
 
 
 class _Capture:
@@ -85,8 +85,9 @@ def get_logger() -> Any:
                         c.messages.append((name, msg))
                     if self.quiet:
                         return
-                    if name in ("ERROR", "INTERNAL_ERROR", "WARNING") or (self.verbose and name == "INFO"):
-                        print(f"[TensorRT {name}] {msg}", file=sys.stderr, flush=True)
+                    level = {"ERROR": logging.ERROR, "INTERNAL_ERROR": logging.ERROR, "WARNING": logging.WARNING,
+                             "INFO": logging.INFO if self.verbose else logging.DEBUG}.get(name, logging.DEBUG)
+                    trtpipe_logger("trtpipe.tensorrt").log(level, f"[TensorRT {name}] {msg}")
 
             _LOGGER = _Logger()  # records INFO and above; VERBOSE is dropped at once
         return _LOGGER

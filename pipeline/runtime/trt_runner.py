@@ -6,9 +6,10 @@ so a user's server can use it as is::
     with TrtRunner("model.engine") as r:
         out = r.infer({"input": batch})            # any batch inside the engine's profile
 
-Loading checks the engine's manifest first (this machine's TensorRT version and GPU
-compute capability against what built it), then deserializes; a file that is not an
-engine, or comes from another TensorRT, is an ArtifactError naming the file.
+Loading runs the caller's `check_here` first, with this machine's TensorRT version and GPU
+(`pipeline.compat.trt_runner` passes the manifest's check, so the runtime never imports the
+registry or compat layers), then deserializes; a file that is not an engine, or comes from
+another TensorRT, is an ArtifactError naming the file.
 
 Only the name-based tensor API is used (num_io_tensors, get_tensor_name,
 get_tensor_mode, set_input_shape, set_tensor_address, execute_async_v3). Inputs are
@@ -22,23 +23,21 @@ A runner is not thread-safe: use one per thread.
 
 from __future__ import annotations
 
-import json
 import math
 import time as _time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
 from .runner import CUDA_GRAPH, PLAIN, Runner
-from ..compat import check_runs_here
 from ..errors import ArtifactError, BackendError, DataError
 from .cuda_device import device_info
 from .cuda_memory import CudaGraph, DeviceBuffer, HostBuffer, graphs_available, open_memory
 from .trt_common import capture, get_logger, require_tensorrt
 
-ManifestArg = Union[None, str, Path, Mapping[str, Any]]
+HereCheck = Callable[[Mapping[str, Any]], None]  # raises when the engine cannot run on this machine
 
 
 Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # min, opt, max
@@ -51,39 +50,6 @@ class TensorSpec:
     dtype: np.dtype
     shape: tuple[int, ...]  # as the engine declares it; -1 on dynamic axes
     profiles: Optional[list[Profile]] = None  # inputs: one (min, opt, max) per optimization profile
-
-
-def manifest_from_build_info(build_info: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """The parts of a build.json (or a manifest) that `check_runs_here` reads, in manifest form."""
-    from ..manifest import build_environment
-
-    if not build_info:
-        return None
-    if isinstance(build_info.get("manifest"), Mapping):
-        build_info = build_info["manifest"]
-    if "software" in build_info and "hardware" in build_info:
-        return {"backend": build_info.get("backend", "tensorrt"), "software": build_info["software"],
-                "hardware": build_info["hardware"]}
-    env = build_environment(build_info)
-    return {
-        "backend": build_info.get("backend", "tensorrt"),
-        "software": {"tensorrt": env.get("tensorrt")},
-        "hardware": {"compute_capability": env.get("compute_capability"), "gpu": env.get("gpu")},
-    }
-
-
-def _load_manifest(manifest: ManifestArg, engine_path: Path) -> tuple[Optional[Mapping[str, Any]], str]:
-    if isinstance(manifest, Mapping):
-        return manifest, f"manifest of {engine_path}"
-    path = Path(manifest) if manifest is not None else engine_path.parent / "manifest.json"
-    if manifest is None and not path.is_file():
-        return None, ""
-    if not path.is_file():
-        raise ArtifactError(f"{path}: manifest not found (given for engine {engine_path})")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: manifest is not valid JSON ({e}); republish the engine") from None
 
 
 def _deserialize_error(path: Path, errors: list[str], version: str) -> ArtifactError:
@@ -105,12 +71,14 @@ class TrtRunner(Runner):
         self,
         engine_path: Union[str, Path],
         memory: str = "auto",
-        manifest: ManifestArg = None,
         use_cuda_graph: bool = False,
         device: int = 0,
+        check_here: Optional[HereCheck] = None,
     ) -> None:
-        """`manifest`: a dict, a path, or None to use manifest.json beside the engine when
-        there is one. `memory`: "auto" | "pycuda" | "cuda-python"."""
+        """`memory`: "auto" | "pycuda" | "cuda-python". `check_here`: called with this machine's
+        TensorRT version, compute capability and GPU name before the engine is deserialized; it
+        raises when the engine cannot run here (`pipeline.compat.trt_runner` passes the
+        manifest's check)."""
         self._closed = True
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
@@ -123,9 +91,8 @@ class TrtRunner(Runner):
         self._device_info = device_info(device)
         here = {"tensorrt": trt.__version__, "compute_capability": self._device_info["compute_capability"],
                 "gpu": self._device_info["gpu"]}
-        man, where = _load_manifest(manifest, self.engine_path)
-        if man is not None:
-            check_runs_here(man, here, where=where)
+        if check_here is not None:
+            check_here(here)
 
         self.use_cuda_graph = bool(use_cuda_graph)
         self._mem = open_memory(memory, device)

@@ -18,12 +18,21 @@ from typing import Optional
 from ..backends import BuildRequest, get_backend
 from ..config import PRECISIONS, Config
 from ..errors import UsageError
-from ..fileio import sha256_file, staging_dir
+from ..fileio import CACHE_FILE, QDQ_FILE, claim_dir, sha256_file, sha256_model, staging_dir
 from ..reports import BuildReport, write_report
 
 # The calibrate outputs each route reads.
-INT8_FILES = {"onnxruntime": ("model.qdq.onnx",), "explicit": ("model.qdq.onnx",),
-              "implicit": ("calibration.cache",)}
+INT8_FILES = {"onnxruntime": (QDQ_FILE,), "explicit": (QDQ_FILE,),
+              "implicit": (CACHE_FILE,)}
+
+
+def _trt_int8_route(requested: str) -> str:
+    """implicit / explicit for this TensorRT (`build.int8_route: auto` resolved; implicit on
+    TensorRT 11 refused in one line), before any calibrate output is read."""
+    from ..backends.trt_build import resolve_int8_route, trt_api
+    from ..runtime.trt_common import require_tensorrt
+
+    return resolve_int8_route(trt_api(require_tensorrt()), requested)[0]
 
 
 def run(
@@ -41,6 +50,8 @@ def run(
 
     if precision not in PRECISIONS:
         raise UsageError(f"--precision '{precision}' is not one of {', '.join(PRECISIONS)}")
+    claim_dir(out_dir, "build", inputs=(onnx_path, calib_dir, calib_data, validation, tune_dir),
+              identity={"precision": precision})  # only into an output it owns (fileio.claim_dir)
     onnx_path = Path(onnx_path)
     load_onnx(onnx_path)
     validated(onnx_path, validation or Path("artifacts", "validate", "validate.json"))
@@ -49,7 +60,7 @@ def run(
     if precision == "int8":
         if calib_dir is None:
             raise UsageError("build --precision int8 needs --calib-dir (the calibrate stage's folder)")
-        route = "onnxruntime" if backend.name == "onnxruntime" else cfg.build.int8_route
+        route = "onnxruntime" if backend.name == "onnxruntime" else _trt_int8_route(cfg.build.int8_route)
         calibrated(calib_dir, onnx_sha, INT8_FILES[route])
     applied = None
     if precision == "int8" and cfg.build.int8_from_tune:
@@ -73,7 +84,7 @@ def run(
             backend_requested=cfg.build.backend,
             artifact=result.artifact,
             onnx_sha256=onnx_sha,
-            sha256=sha256_file(artifact),
+            sha256=sha256_model(artifact),
             engine_bytes=artifact.stat().st_size,
             build_seconds=round(time.perf_counter() - start, 3),
             built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import ArtifactError
+from ..fileio import CACHE_FILE, CALIBRATE_REPORT, QDQ_FILE
 from ..reports import TuneReport, read_report
 
 
@@ -33,8 +34,8 @@ def apply_tune(cfg: Config, route: str, tune_dir: Path, calib_dir: Path, onnx_sh
     if rep.sha256.get("onnx") != onnx_sha:
         raise ProvenanceError(f"{report_path}: tuned another ONNX (sha256 {str(rep.sha256.get('onnx'))[:12]}…) than the "
                               f"one being built ({onnx_sha[:12]}…); re-run tune (dvc repro tune)")
-    cal_sha = sha256_of(calib_dir / "calibrate.json")
-    if rep.sha256.get("calibrate.json") != cal_sha:
+    cal_sha = sha256_of(calib_dir / CALIBRATE_REPORT)
+    if rep.sha256.get(CALIBRATE_REPORT) != cal_sha:
         raise ProvenanceError(f"{report_path}: tuned with other calibrate outputs than {calib_dir} (calibrate.json "
                               f"sha256 {cal_sha[:12]}…); re-run tune (dvc repro tune)")
     if not rep.met:
@@ -54,14 +55,14 @@ def apply_tune(cfg: Config, route: str, tune_dir: Path, calib_dir: Path, onnx_sh
         info["layer_precisions"] = dict(rep.layer_precisions)
         build = cfg.build.model_copy(update={"layer_precisions": pins})
         if rep.methods.get("tensors"):  # tuned ranges: tune's copy of calibrate's cache carries them
-            require_hash(tune_dir / "calibration.cache", rep.sha256.get("calibration.cache"), "calibration.cache",
+            require_hash(tune_dir / CACHE_FILE, rep.sha256.get(CACHE_FILE), CACHE_FILE,
                          report_path, "tune")
-            info["ranges"] = {"cache": str(tune_dir / "calibration.cache"), "minmax_layers": list(rep.methods["layers"]),
+            info["ranges"] = {"cache": str(tune_dir / CACHE_FILE), "minmax_layers": list(rep.methods["layers"]),
                               "tensors": len(rep.methods["tensors"])}
             calib_dir = tune_dir
         return cfg.model_copy(update={"build": build}), calib_dir, info
-    require_hash(tune_dir / "model.qdq.onnx", rep.sha256.get("model.qdq.onnx"), "the tuned Q/DQ model", report_path,
+    require_hash(tune_dir / QDQ_FILE, rep.sha256.get(QDQ_FILE), "the tuned Q/DQ model", report_path,
                  "tune")
-    info["qdq_onnx"] = str(tune_dir / "model.qdq.onnx")
-    info["qdq_sha256"] = rep.sha256.get("model.qdq.onnx")
+    info["qdq_onnx"] = str(tune_dir / QDQ_FILE)
+    info["qdq_sha256"] = rep.sha256.get(QDQ_FILE)
     return cfg, tune_dir, info

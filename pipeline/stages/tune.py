@@ -50,10 +50,11 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ConfigError, PipelineError
-from ..fileio import sha256_file, staging_dir, write_json
+from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, QDQ_FILE, RANGES_FILE, claim_dir, sha256_file, sha256_model,
+                      staging_dir, write_json)
 from ..reports import LayerSensitivity, TuneCandidate, TuneLayer, TuneReport, write_report
 
-OUTPUTS = ("model.qdq.onnx", "layer_precisions.json", "tune.png", "calibration.cache")
+OUTPUTS = (QDQ_FILE, "layer_precisions.json", "tune.png", CACHE_FILE)
 
 
 class TuneBudgetError(PipelineError):
@@ -64,6 +65,7 @@ def run(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir:
         validation: Optional[Path] = None, calib_data: Optional[Path] = None, progress: bool = True,
         threads: Optional[int] = None) -> TuneReport:
     """Check the inputs against their producers, then tune (see the module docstring)."""
+    claim_dir(out_dir, "tune", inputs=(onnx_path, calib_dir, eval_data, validation, calib_data))  # only into an output it owns (fileio.claim_dir)
     from ..onnx_utils import load_onnx
     from ..provenance import calibrated, prepared, sha256_of, validated
 
@@ -74,7 +76,7 @@ def run(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir:
     load_onnx(onnx_path, check=False)
     validated(onnx_path, validation or Path("artifacts", "validate", "validate.json"))
     backend = _backend(cfg)
-    files = ("ranges.json", "calibration.cache") if backend == "tensorrt" else ("ranges.json",)
+    files = (RANGES_FILE, CACHE_FILE) if backend == "tensorrt" else (RANGES_FILE,)
     calibrated(calib_dir, sha256_of(onnx_path), files)
     if (eval_data.parent / "prepare.json").is_file():
         prepared(eval_data, "eval.npz")
@@ -142,9 +144,9 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
     start = time.perf_counter()
     samples = load_samples(eval_data, cfg.model.inputs, cfg.data.labels_key, "evaluation data")
     n = len(samples)
-    cal = read_report(calib_dir / "calibrate.json", CalibrateReport, "calibration report", "calibrate")
+    cal = read_report(calib_dir / CALIBRATE_REPORT, CalibrateReport, "calibration report", "calibrate")
     try:
-        ranges = json.loads((calib_dir / "ranges.json").read_text())
+        ranges = json.loads((calib_dir / RANGES_FILE).read_text())
         amax = {k: float(v["amax"]) for k, v in ranges["tensors"].items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{calib_dir / 'ranges.json'}: not the calibrate stage's ranges ({e}); re-run calibrate") from None
@@ -167,7 +169,7 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
     forced = _forced_float(onnx_path, dict(cal.excluded), list(t.op_types))
 
     with staging_dir(out_dir) as tmp:
-        placement = quantize_qdq(onnx_path, tmp / "model.qdq.onnx", amax, exclude_nodes=sorted(forced))
+        placement = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=sorted(forced))
         layers = find_layers(onnx_path, placement, list(t.op_types), {k: v[:1] for k, v in samples.x.items()}, forced)
         always = [layer.name for layer in layers if layer.forced_float]
         alternatives = {}
@@ -217,10 +219,10 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
         minmax = list(chosen["minmax"])
         final_amax = tuned_amax(amax, alternatives, minmax)
         changed = overrides(amax, alternatives, minmax)
-        summary = quantize_qdq(onnx_path, tmp / "model.qdq.onnx", final_amax, exclude_nodes=sorted(kept_names))
+        summary = quantize_qdq(onnx_path, tmp / QDQ_FILE, final_amax, exclude_nodes=sorted(kept_names))
         write_json(tmp / "layer_precisions.json", pins)
-        if (calib_dir / "calibration.cache").is_file():  # calibrate's cache with the tuned ranges (implicit route)
-            write_tuned_cache(calib_dir / "calibration.cache", tmp / "calibration.cache",
+        if (calib_dir / CACHE_FILE).is_file():  # calibrate's cache with the tuned ranges (implicit route)
+            write_tuned_cache(calib_dir / CACHE_FILE, tmp / CACHE_FILE,
                               {k: v["amax"] for k, v in changed.items()})
         methods = {"layers": {name: "minmax" for name in minmax}, "tensors": changed, "tried": sorted(alternatives),
                    "why": {name: (f"alone in INT8 the output SQNR is {rank[name]['int8_alone_sqnr_db']:.2f} dB with "
@@ -263,12 +265,12 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
                                                                           "dq": summary["dq_nodes"]},
                     "seconds": round(time.perf_counter() - start, 3)},
             seconds=round(time.perf_counter() - start, 3),
-            sha256={"onnx": sha256_of(onnx_path), "calibrate.json": sha256_of(calib_dir / "calibrate.json"),
-                    "ranges.json": sha256_of(calib_dir / "ranges.json"),
-                    **({"calibration.cache": sha256_of(calib_dir / "calibration.cache")}
-                       if (calib_dir / "calibration.cache").is_file() else {}),
+            sha256={"onnx": sha256_of(onnx_path), CALIBRATE_REPORT: sha256_of(calib_dir / CALIBRATE_REPORT),
+                    RANGES_FILE: sha256_of(calib_dir / RANGES_FILE),
+                    **({CACHE_FILE: sha256_of(calib_dir / CACHE_FILE)}
+                       if (calib_dir / CACHE_FILE).is_file() else {}),
                     "eval_data": sha256_of(eval_data),
-                    **{name: sha256_file(tmp / name) for name in OUTPUTS if (tmp / name).is_file()}},
+                    **{name: sha256_model(tmp / name) for name in OUTPUTS if (tmp / name).is_file()}},
         )
         write_report(tmp / "tune.json", report)
     if not met:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import AGREEMENT_HIGHER_BETTER, AGREEMENT_LOWER_BETTER, Config, split_agreement_key
 from ..errors import ConfigError
-from ..metrics import TaskMetric, agreement, compute_task_metrics, resolve_metrics
+from ..metrics import TaskMetric, agreement, compute_task_metrics, metric_specs, resolve_metrics
 
 Outputs = Mapping[str, np.ndarray]
 
@@ -50,7 +50,8 @@ class Budget:
         b = cfg.tune.budget
         bound = next(k for k in ("min", "max", "max_drop") if getattr(b, k) is not None)
         value = float(getattr(b, bound))
-        fns = resolve_metrics(cfg.evaluate.metrics, list(output_names)) if cfg.evaluate.metrics else []
+        specs, _ = metric_specs(cfg.evaluate, list(output_names), labels is not None)
+        fns = resolve_metrics(specs, list(output_names)) if specs else []
         task, reads = compute_task_metrics(fns, dict(fp32), labels, reference=dict(fp32), inputs=inputs) if fns else ({}, {})
         if b.metric in task:
             higher = b.metric not in cfg.gate.lower_is_better

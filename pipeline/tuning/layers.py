@@ -125,7 +125,8 @@ def find_layers(onnx_path: Path, placement: Mapping[str, Any], op_types: Sequenc
 def _macs(model: Any, index: Any, nodes: Sequence[Any], sample: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Multiply-accumulates per sample of each node, from the shapes of one sample."""
     import onnx
-    import onnxruntime as ort
+
+    from calibration.ort_session import make_session
 
     inits = {i.name: list(i.dims) for i in model.graph.initializer}
     have = {o.name for o in model.graph.output}
@@ -138,10 +139,7 @@ def _macs(model: Any, index: Any, nodes: Sequence[Any], sample: Mapping[str, np.
     probe.CopyFrom(model)
     for t in wanted:
         probe.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    sess = make_session(probe, level="disable", what="the model with its layers' tensors exposed")
     names = [o.name for o in sess.get_outputs()]
     feeds = {i.name: np.ascontiguousarray(sample[i.name][:1]) for i in sess.get_inputs()}
     shapes = {k: list(np.shape(v)) for k, v in zip(names, sess.run(None, feeds))}

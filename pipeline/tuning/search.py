@@ -93,9 +93,9 @@ class Tuner:
             s.fp32_metric = self.budget.measure(s.fp32, s.fp32, s.y, s.x)
             s.threshold = self.budget.threshold(s.fp32_metric)
         if self.progress:
-            from tqdm import tqdm
+            from ..log import progress_bar
 
-            self._bar = tqdm(desc="tune", unit="candidate", leave=False)
+            self._bar = progress_bar(desc="tune", unit="candidate")
 
     @property
     def searchable(self) -> list[Layer]:

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from ..config import Config
+from ..fileio import CACHE_FILE
 from .layers import Layer, layer_precisions
 
 ENGINE = "model.engine"
@@ -78,7 +79,7 @@ class TrtCandidates:
 
         d = Path(self._tmp.name) / "calib"
         d.mkdir(exist_ok=True)
-        write_tuned_cache(self.calib_dir / "calibration.cache", d / "calibration.cache",
+        write_tuned_cache(self.calib_dir / CACHE_FILE, d / CACHE_FILE,
                           tuned_amax({}, self.alternatives, minmax))
         return d
 

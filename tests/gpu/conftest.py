@@ -26,7 +26,7 @@ def _gpu_reason() -> Optional[str]:
     try:
         import tensorrt  # noqa: F401
     except Exception as e:
-        return f"TensorRT is not installed here ({type(e).__name__}); run these on the GPU device with the kit (shared/gpu/README.md)"
+        return f"TensorRT is not installed here ({type(e).__name__}); these need TensorRT and an NVIDIA GPU (pip install -e .[tensorrt]; README, On a GPU)"
     try:
         from pipeline.runtime.cuda_device import gpu_count
 
@@ -97,11 +97,11 @@ def make_qdq_onnx(path: Path, calib: np.ndarray, tmp: Path) -> Path:
     """The tiny net with QuantizeLinear/DequantizeLinear on both conv inputs (per-tensor,
     amax from the calibration data) and weights (per output channel); biases and the
     Gemm stay float, as TensorRT's explicit route expects."""
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
     from onnx import TensorProto, helper, numpy_helper
 
     probe = make_tiny_onnx(tmp / "probe.onnx", extra_outputs=("r1",))
-    sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    sess = make_session(probe)  # exact Q/DQ semantics
     _, r1 = sess.run(None, {"input": calib})
     amax = {"input": float(np.abs(calib).max()), "r1": float(np.abs(r1).max())}
     w = _weights()
@@ -140,9 +140,9 @@ def make_qdq_onnx(path: Path, calib: np.ndarray, tmp: Path) -> Path:
 
 
 def ort_run(onnx_path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = make_session(onnx_path)  # exact Q/DQ semantics
     return sess.run(["logits"], {"input": x})[0]
 
 

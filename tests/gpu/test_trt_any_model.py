@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorrt", reason="TensorRT is not installed: run on the GPU device with the kit (shared/gpu/README.md)")
+pytest.importorskip("tensorrt", reason="TensorRT is not installed: these need TensorRT and an NVIDIA GPU (pip install -e .[tensorrt]; README, On a GPU)")
 pytestmark = pytest.mark.gpu
 
 from pipeline.errors import DataError  # noqa: E402
@@ -62,9 +62,9 @@ def _tokens(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def _ort(onnx: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
-    s = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    s = make_session(onnx)  # exact Q/DQ semantics
     return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-pytest.importorskip("tensorrt", reason="TensorRT is not installed: run on the GPU device with the kit (shared/gpu/README.md)")
+pytest.importorskip("tensorrt", reason="TensorRT is not installed: these need TensorRT and an NVIDIA GPU (pip install -e .[tensorrt]; README, On a GPU)")
 pytestmark = pytest.mark.gpu
 
 

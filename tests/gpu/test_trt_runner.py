@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorrt", reason="TensorRT is not installed: run on the GPU device with the kit (shared/gpu/README.md)")
+pytest.importorskip("tensorrt", reason="TensorRT is not installed: these need TensorRT and an NVIDIA GPU (pip install -e .[tensorrt]; README, On a GPU)")
 pytestmark = pytest.mark.gpu
 
 from pipeline.errors import ArtifactError, DataError  # noqa: E402
+from pipeline.compat import trt_runner  # noqa: E402
 from pipeline.runtime.trt_runner import TrtRunner  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def test_manifest_for_another_gpu_is_refused(env, fp32):
     other = "8.0" if cc != "8.0" else "9.0"
     man = {"backend": "tensorrt", "software": {"tensorrt": version}, "hardware": {"compute_capability": other, "gpu": "A100"}}
     with pytest.raises(ArtifactError) as e:
-        TrtRunner(fp32, manifest=man)
+        trt_runner(fp32, manifest=man)
     assert other in str(e.value) and cc in str(e.value)
 
 
@@ -101,12 +102,12 @@ def test_manifest_for_another_tensorrt_is_refused(env, fp32, tmp_path):
     path.write_text(json.dumps({"backend": "tensorrt", "software": {"tensorrt": "10.3.0"},
                                 "hardware": {"compute_capability": cc}}))
     with pytest.raises(ArtifactError) as e:
-        TrtRunner(fp32, manifest=path)
+        trt_runner(fp32, manifest=path)
     assert "10.3.0" in str(e.value) and version in str(e.value)
     engine = tmp_path / "model.engine"  # manifest.json beside the engine is found by itself
     engine.write_bytes(fp32.read_bytes())
     with pytest.raises(ArtifactError, match="10.3.0"):
-        TrtRunner(engine)
+        trt_runner(engine)
 
 
 def test_matching_manifest_loads_through_the_backend(env, engines):

@@ -114,7 +114,7 @@ def test_deserialize_errors_are_classified(tmp_path):
 
 def test_manifest_from_build_info_feeds_the_compat_check():
     from pipeline.compat import check_runs_here
-    from pipeline.runtime.trt_runner import manifest_from_build_info
+    from pipeline.compat import manifest_from_build_info
 
     info = {"backend": "tensorrt", "tensorrt": "8.6.0", "device": {"compute_capability": "9.0", "gpu": "H100"}}
     man = manifest_from_build_info(info)

@@ -57,9 +57,9 @@ def _snr_db(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    s = make_session(path)  # exact Q/DQ semantics on every CPU
     return s.run(None, {s.get_inputs()[0].name: x})[0]
 
 
@@ -167,7 +167,8 @@ def test_a_budget_that_cannot_be_met_fails_naming_the_best_point(planted: Path, 
     from tests._project import trtpipe
 
     root = _copy(planted, tmp_path / "p")
-    params = {"config": "configs/model.yaml", "tune": {"budget": {"metric": "top1", "min": 101.0}}}
+    params = {"config": "configs/model.yaml", "override": True,  # this budget wins over the config's, on purpose
+              "tune": {"budget": {"metric": "top1", "min": 101.0}}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with _inside(root):
         capsys.readouterr()
@@ -343,10 +344,10 @@ def test_a_per_output_budget_reads_that_output(tmp_path: Path) -> None:
     assert rep["budget"]["output"] == "boxes" and rep["met"]
     with np.load(root / "artifacts/prepare/eval.npz") as z:
         x = z["image"]
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
     def outputs(path: Path) -> dict[str, np.ndarray]:
-        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        s = make_session(path)  # exact Q/DQ semantics on every CPU
         return dict(zip([o.name for o in s.get_outputs()], s.run(None, {"image": x})))
 
     ref = outputs(root / "artifacts/export/model.onnx")
@@ -386,8 +387,7 @@ def test_a_budget_change_reruns_tune_and_the_int8_stages_only(tmp_path: Path) ->
     cfg = json.loads(json.dumps(OUTLIER_CONFIG))
     cfg["build"]["int8_from_tune"] = True
     (r / "configs" / "model.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    params = {"config": "configs/model.yaml", "tune": {"budget": {"metric": "snr_db", "min": 20.0}}}
-    (r / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (r / "params.yaml").write_text("config: configs/model.yaml\n")  # one source: the budget lives in the config
     _sh(r, "git", "init", "-q")
     _sh(r, "dvc", "init", "-q")
     _sh(r, sys.executable, "-m", "pipeline", "dvc")
@@ -396,7 +396,7 @@ def test_a_budget_change_reruns_tune_and_the_int8_stages_only(tmp_path: Path) ->
     assert build["tune"]["applied"] and build["tune"]["kept"] == ["/inner/c3/Conv"]
     _sh(r, "git", "add", "-A")
     _sh(r, "git", "commit", "-qm", "run")
-    out = _sh(r, "dvc", "exp", "run", "-S", "tune.budget.min=25")
+    out = _sh(r, "dvc", "exp", "run", "-S", "configs/model.yaml:tune.budget.min=25")
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
     assert "tune" in ran and "build@int8" in ran, out
     assert ran <= {"tune", "build@int8", "evaluate@int8", "compare", "publish"}, ran

@@ -1,0 +1,279 @@
+"""The TensorRT build path on 8.6, 10.x and 11.x, run against the stand-in `tensorrt`
+modules (tests/backends/trt_standin.py: the names each version's bindings export, with a
+recording builder): which network flags, builder flags, casts, profiles and calibrators each
+version's build sets, and that a build on 11 never touches an API 11 removed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, PipelineError
+from tests.backends.trt_standin import install
+
+V86, V10, V11 = "8.6.1", "10.16.0", "11.1.0"
+PROFILE = {"input": ([1, 3, 8, 8], [4, 3, 8, 8], [8, 3, 8, 8])}
+
+
+def _model(path: Path, qdq: bool = False) -> Path:
+    """input -> Conv -> Relu -> ReduceMean (a reduction build.fp16 keeps in FP32) -> out;
+    with `qdq`, the Conv's input and weights go through QuantizeLinear/DequantizeLinear."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([0.1, -0.2, 0.3, 0.0], np.float32), "B")]
+    nodes = []
+    x, w = "input", "W"
+    if qdq:
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "s_x"),
+                  numpy_helper.from_array(np.array(0, np.int8), "z"),
+                  numpy_helper.from_array(np.array(0.02, np.float32), "s_w")]
+        nodes += [helper.make_node("QuantizeLinear", ["input", "s_x", "z"], ["xq"], name="/q_x"),
+                  helper.make_node("DequantizeLinear", ["xq", "s_x", "z"], ["xdq"], name="/dq_x"),
+                  helper.make_node("QuantizeLinear", ["W", "s_w", "z"], ["wq"], name="/q_w"),
+                  helper.make_node("DequantizeLinear", ["wq", "s_w", "z"], ["wdq"], name="/dq_w")]
+        x, w = "xdq", "wdq"
+    nodes += [helper.make_node("Conv", [x, w, "B"], ["c"], name="/conv/Conv", kernel_shape=[1, 1]),
+              helper.make_node("Relu", ["c"], ["r"], name="/relu/Relu"),
+              helper.make_node("ReduceMean", ["r"], ["out"], name="/pool/ReduceMean", axes=[2, 3], keepdims=0)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _config(**build) -> Config:
+    return Config.model_validate({
+        "model": {"name": "tiny", "arch": "tiny", "input": {"shape": [3, 8, 8]}},
+        "calibration": {"num_samples": 8, "batch_size": 4},
+        "build": {"backend": "tensorrt", "timing_cache": None,
+                  "profile": {"min_batch": 1, "opt_batch": 4, "max_batch": 8}, **build}})
+
+
+class _Memory:  # pipeline.runtime.cuda_memory's interface, without a GPU
+    def activate(self):
+        return contextlib.nullcontext()
+
+    def alloc_device(self, nbytes):
+        return types.SimpleNamespace(ptr=1, nbytes=nbytes, free=lambda: None)
+
+    def htod(self, ptr, array):
+        pass
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    from pipeline.backends import tensorrt_backend
+    from pipeline.runtime import cuda_memory
+
+    monkeypatch.setattr(tensorrt_backend, "device_info", lambda i=0: {"gpu": "stand-in"})
+    monkeypatch.setattr(cuda_memory, "open_memory", lambda kind="auto", device=0: _Memory())
+    onnx_path = _model(tmp_path / "model.onnx")
+    calib = tmp_path / "calibrate"
+    calib.mkdir()
+    _model(calib / "model.qdq.onnx", qdq=True)
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(1).normal(size=(8, 3, 8, 8)).astype(np.float32))
+
+    def build(version, precision, **build_cfg):
+        from pipeline.backends.base import BuildRequest
+        from pipeline.backends.tensorrt_backend import TensorRTBackend
+
+        trt = install(monkeypatch, version)
+        out = tmp_path / f"out-{version}-{precision}-{len(list(tmp_path.iterdir()))}"
+        req = BuildRequest(precision, onnx_path, out, _config(**build_cfg), calib_dir=calib,
+                           calib_data=tmp_path / "calib.npz")
+        result = TensorRTBackend(progress=False).build(req)
+        return trt._rec, result, out
+
+    return types.SimpleNamespace(build=build, onnx=onnx_path, calib=calib, monkeypatch=monkeypatch)
+
+
+# -- fp32 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version, net_flags", [(V86, ["EXPLICIT_BATCH"]), (V10, ["EXPLICIT_BATCH", "STRONGLY_TYPED"]),
+                                                (V11, ["STRONGLY_TYPED"])])
+def test_fp32_flags_and_profiles(env, version, net_flags):
+    rec, res, out = env.build(version, "fp32")
+    assert rec.network_flags == net_flags
+    assert rec.flags_set == [] and rec.layer_precision == {} and rec.output_types == {}
+    assert rec.profiles == [PROFILE] and rec.calibration_profile is None and rec.calibrator is None
+    assert rec.parsed["path"] == str(env.onnx) and rec.memory_pools == {"WORKSPACE": 1024 << 20}
+    assert res.details["strongly_typed"] is (version != V86)
+    assert res.details["by_output_type"] == {"FP32": 3}  # the inspector's JSON read in each version's shape
+    assert (out / "model.engine").is_file() and (out / "layers.json").is_file()
+    if version == V11:
+        assert rec.missing == []
+        assert "Format/Datatype" not in (out / "layers.json").read_text()  # 11's split fields were parsed
+
+
+# -- fp16 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [V10, V11])
+def test_fp16_is_the_typed_onnx_built_strongly_typed(env, version):
+    rec, res, out = env.build(version, "fp16")
+    typed = out / "model.fp16.onnx"
+    assert rec.parsed["path"] == str(typed)
+    assert "STRONGLY_TYPED" in rec.network_flags
+    assert rec.flags_set == [] and rec.layer_precision == {} and rec.output_types == {}  # no flags, no constraints
+    assert rec.parsed["fp16_initializers"] >= 2  # W and B in FP16
+    assert rec.parsed["input_dtypes"] == {"input": "FLOAT"} and rec.parsed["output_dtypes"] == {"out": "FLOAT"}
+    # FP32 in and out, the kept ReduceMean wrapped in Casts: to FP16 after the input, to FP32 around the reduction
+    assert rec.parsed["cast_to"].get("HALF", 0) >= 1 and rec.parsed["cast_to"].get("FLOAT", 0) >= 1
+    assert res.kept_fp32 == ["/pool/ReduceMean: op ReduceMean (build.fp16.keep_fp32_ops)"]
+    import hashlib
+
+    info = res.details["typed_onnx"]
+    assert info["sha256"] == hashlib.sha256(typed.read_bytes()).hexdigest() and info["kept_fp32_nodes"] == 1
+    assert res.details["precision_flags_set"] == [] and "FP16" not in res.flags
+    assert res.details["by_output_type"].get("FP16", 0) >= 2  # Conv and Relu run FP16 (from the ONNX's types)
+    assert any("typed FP16 ONNX" in n for n in res.details["notes"])
+    if version == V11:
+        assert rec.missing == []
+
+
+def test_fp16_on_86_keeps_the_flag_and_the_constraints(env):
+    rec, res, out = env.build(V86, "fp16")
+    assert rec.parsed["path"] == str(env.onnx) and not (out / "model.fp16.onnx").exists()
+    assert rec.network_flags == ["EXPLICIT_BATCH"]
+    assert rec.flags_set == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    assert rec.layer_precision == {"/pool/ReduceMean": "FLOAT"} and rec.output_types == {"/pool/ReduceMean": ["FLOAT"]}
+    assert res.details["strongly_typed"] is False and res.details["typed_onnx"] is None
+
+
+# -- int8 explicit ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [V86, V10, V11])
+def test_int8_explicit_builds_the_qdq_onnx(env, version):
+    rec, res, _ = env.build(version, "int8", int8_route="explicit")
+    assert rec.parsed["path"] == str(env.calib / "model.qdq.onnx")
+    assert rec.parsed["quantize"] == 2 and rec.parsed["dequantize"] == 2
+    assert rec.calibrator is None and rec.calibration_profile is None and rec.profiles == [PROFILE]
+    assert res.details["int8_route"] == "explicit" and res.calibration["route"] == "explicit"
+    if version == V86:  # as before: weakly typed, INT8 with FP16 for the float layers
+        assert rec.network_flags == ["EXPLICIT_BATCH"] and rec.flags_set == ["FP16", "INT8"]
+        return
+    assert "STRONGLY_TYPED" in rec.network_flags and rec.flags_set == [] and rec.layer_precision == {}
+    if version == V11:
+        assert rec.missing == []
+        assert "TensorRT < 11" in res.calibration["calibration_cache"]
+
+
+# -- int8 implicit / auto ------------------------------------------------------------------------------
+def test_int8_implicit_on_10_works_with_a_deprecation_note(env):
+    rec, res, out = env.build(V10, "int8", int8_route="implicit", calibration_source="tensorrt")
+    assert rec.network_flags == ["EXPLICIT_BATCH"]  # weakly typed
+    assert rec.flags_set == ["FP16", "INT8"] and rec.calibrator == "EntropyCalibrator2"
+    assert rec.calibration_profile == {"input": ([4, 3, 8, 8],) * 3} and rec.profiles == [PROFILE]
+    assert rec.calibration == {"cache_read": False, "batches_fed": 2}
+    assert res.calibration["route"] == "implicit" and res.calibration["cache_header"] == "TRT-10160-EntropyCalibration2"
+    assert (out / "calibration.cache").is_file()
+    (note,) = [n for n in res.details["notes"] if "deprecates implicit INT8" in n]
+    assert "\n" not in note and "int8_route: explicit" in note
+
+
+@pytest.mark.parametrize("version, route", [(V86, "implicit"), (V10, "implicit"), (V11, "explicit")])
+def test_int8_auto_takes_implicit_where_tensorrt_has_it(env, version, route):
+    rec, res, _ = env.build(version, "int8", int8_route="auto", calibration_source="tensorrt")
+    assert res.details["int8_route"] == route and res.details["int8_route_requested"] == "auto"
+    why = res.details["int8_route_why"]
+    if route == "implicit":
+        assert "IInt8EntropyCalibrator2" in why and rec.calibrator == "EntropyCalibrator2"
+        assert rec.parsed["path"] == str(env.onnx)
+    else:
+        assert "no implicit INT8" in why and rec.calibrator is None and rec.missing == []
+        assert rec.parsed["path"] == str(env.calib / "model.qdq.onnx") and rec.network_flags == ["STRONGLY_TYPED"]
+    assert res.calibration["route_why"] == why
+
+
+def test_int8_default_route_is_auto():
+    assert _config().build.int8_route == "auto"
+    assert _config(int8_route="implicit").build.int8_route == "implicit"  # old configs still load
+
+
+def test_int8_implicit_on_11_refused_in_one_line(env, tmp_path):
+    from pipeline.backends.trt_build import ImplicitInt8Unavailable
+    from pipeline.stages.build import _trt_int8_route
+
+    with pytest.raises(ImplicitInt8Unavailable) as e:
+        env.build(V11, "int8", int8_route="implicit")
+    msg = str(e.value)
+    assert isinstance(e.value, PipelineError) and "\n" not in msg
+    assert msg.startswith("build.int8_route: implicit needs BuilderFlag.INT8 and IInt8EntropyCalibrator2, which "
+                          "TensorRT 11.1.0 removed; set build.int8_route: explicit")
+    import sys
+
+    rec = sys.modules["tensorrt"]._rec
+    assert rec.calls == [] and rec.missing == []  # refused before anything was built
+    with pytest.raises(ImplicitInt8Unavailable):  # the build stage refuses before reading calibrate's outputs
+        _trt_int8_route("implicit")
+    assert _trt_int8_route("auto") == "explicit"  # so build@int8 with tune applies tune's Q/DQ ONNX on 11
+    install(env.monkeypatch, V10)
+    assert _trt_int8_route("auto") == "implicit"  # ... and tune's layer precisions on 10
+
+
+# -- layer precisions (tune's mixed precision on the implicit route) ---------------------------------------
+@pytest.mark.parametrize("version", [V86, V10])
+def test_layer_precisions_pin_layers_on_the_implicit_route(env, version):
+    rec, res, _ = env.build(version, "int8", int8_route="implicit", calibration_source="tensorrt",
+                            layer_precisions={"/conv/*": "fp32"})
+    assert rec.layer_precision == {"/conv/Conv": "FLOAT"} and rec.output_types == {"/conv/Conv": ["FLOAT"]}
+    assert rec.flags_set == ["FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"]
+    assert res.details["layer_precisions"]["pinned"] == {"/conv/Conv": "fp32"}
+
+
+@pytest.mark.parametrize("version", [V10, V11])
+def test_layer_precisions_on_a_strongly_typed_int8_build_refused_in_one_line(env, version):
+    with pytest.raises(ConfigError) as e:
+        env.build(version, "int8", int8_route="explicit", layer_precisions={"/conv/*": "fp32"})
+    assert "\n" not in str(e.value) and "build.int8_from_tune: true" in str(e.value)
+    import sys
+
+    assert sys.modules["tensorrt"]._rec.missing == []
+
+
+@pytest.mark.parametrize("version", [V10, V11])
+def test_layer_precisions_on_typed_fp16_become_casts(env, version):
+    import onnx
+
+    rec, res, out = env.build(version, "fp16", layer_precisions={"/conv/*": "fp32"})
+    assert rec.layer_precision == {} and rec.output_types == {} and rec.flags_set == [] and rec.missing == []
+    assert "/conv/Conv: build.layer_precisions: fp32" in res.kept_fp32
+    typed = onnx.load(str(out / "model.fp16.onnx"))
+    conv = next(n for n in typed.graph.node if n.name == "/conv/Conv")
+    w = {i.name: i.data_type for i in typed.graph.initializer}
+    assert w[conv.input[1]] == onnx.TensorProto.FLOAT  # the pinned Conv kept its FP32 weights
+    assert res.details["typed_onnx"]["kept_fp32_nodes"] == 2
+
+
+# -- preview features ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", [V86, V10, V11])
+def test_preview_features_only_where_the_enum_has_them(env, version):
+    rec, res, _ = env.build(version, "fp32", preview_features={"faster_dynamic_shapes_0805": False})
+    if version == V86:
+        assert rec.preview == {"FASTER_DYNAMIC_SHAPES_0805": False}
+        assert not any("preview" in n for n in res.details["notes"])
+    else:
+        (note,) = res.details["notes"]
+        assert rec.preview == {} and "dropped in TensorRT 10.0" in note and note.endswith("not set")
+    with pytest.raises(ConfigError, match="no preview feature 'fastr'"):  # a typo is still an error
+        env.build(version, "fp32", preview_features={"fastr": False})
+
+
+def test_inspector_json_of_each_shape():
+    from pipeline.backends.trt_build import layer_summary
+
+    old = {"Layers": [{"Name": "a", "Outputs": [{"Name": "t", "Format/Datatype": "Row major linear FP16 format"}]}]}
+    new = [{"Name": "a", "Outputs": [{"Name": "t", "Format": "Row major linear", "Datatype": "Int8"}]},
+           {"Name": "b", "Outputs": [{"Name": "u", "Format": "Row major linear", "Datatype": "Float"}]}]
+    assert layer_summary(old) == {"engine_layers": 1, "by_output_type": {"FP16": 1}}
+    assert layer_summary(new) == {"engine_layers": 2, "by_output_type": {"INT8": 1, "FP32": 1}}
+    assert layer_summary({"Layers": new}) == layer_summary(new)
+    assert json.loads(json.dumps(new))  # plain JSON data
