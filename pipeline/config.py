@@ -6,7 +6,7 @@ merged key by key over the same section of the config file, and every value para
 changes is printed as a note, so an override is never silent. A misspelt key, a wrong
 type or a non-finite number (`.inf`, `.nan`) is rejected with its dotted path.
 
-A model is described by its tensors (DESIGN.md section 7): `model.inputs`, a list of
+A model is described by its tensors (README, "Your own model"): `model.inputs`, a list of
 {name, shape, dtype} where `shape` is one sample's shape without the batch axis and a
 string entry names a dynamic axis (`[seq]`, `[3, height, width]`); `model.input` is the
 one-input shorthand. `model.outputs` names the outputs (and optionally their shapes);
@@ -16,7 +16,6 @@ one-input shorthand. `model.outputs` names the outputs (and optionally their sha
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import ConfigError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # the build variants (build@p, evaluate@p); layer pins: backends.trt_layers.LAYER_PRECISIONS
 Precision = Literal["fp32", "fp16", "int8"]
 DType = Literal["float32", "float16", "int64", "int32", "bool"]
 FLOAT_DTYPES = ("float32", "float16")
@@ -268,8 +267,16 @@ class ValidateConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    method: Literal["entropy", "minmax", "percentile"] = "entropy"
+    method: Literal["entropy", "minmax", "percentile", "mse"] = Field(
+        "entropy", description="entropy: TensorRT's EntropyCalibration2 (what its own calibrator's cache holds); "
+        "mse: per tensor the candidate (entropy, percentiles, max|x|, a grid) whose quantization MSE is smallest")
     percentile: float = Field(99.99, gt=0, le=100)
+    clip_aware: bool = Field(False, description="cap the range of a Clip/ReLU6 output (and of what passes it on "
+                             "unchanged, e.g. a zero Pad) at the Clip's bound")
+    bias_correction: bool = Field(False, description="subtract from each quantized Conv/Gemm/MatMul's bias in the "
+                                  "Q/DQ ONNX the mean error its weight quantization causes on the calibration "
+                                  "data (one more FP32 forward; measured: bench/results/ptq_methods_cpu.json). Off by "
+                                  "default: tune's candidates and implicit engines do not carry it yet")
     num_samples: int = Field(512, ge=1)
     batch_size: int = Field(32, ge=1)
     num_bins: int = Field(2048, ge=128)
@@ -328,7 +335,10 @@ class BuildConfig(_Strict):
         None, description="optimization profiles: [{batch: [1, 8, 32], seq: [16, 128, 256]}, ...] "
         "(axis -> [min, opt, max]) or {input: {min: [...], opt: [...], max: [...]}}")
     timing_cache: Optional[str] = Field("artifacts/timing.cache", min_length=1)
-    int8_route: Literal["implicit", "explicit"] = "implicit"
+    int8_route: Literal["auto", "implicit", "explicit"] = Field(
+        "auto", description="TensorRT INT8: 'implicit' (IInt8EntropyCalibrator2 or the calibrate stage's cache; "
+        "TensorRT < 11), 'explicit' (the calibrate stage's Q/DQ ONNX), 'auto' (implicit where TensorRT has it, "
+        "else explicit; build.json says which and why)")
     tf32: bool = Field(True, description="let FP32 layers use TF32 tensor cores (TensorRT's default; trtexec --noTF32)")
     int8_calibrator: Literal["entropy2", "minmax"] = "entropy2"
     int8_float_fallback: Literal["fp16", "fp32"] = Field(
@@ -518,6 +528,17 @@ class PublishConfig(_Strict):
     registry: str = Field("artifacts/registry", min_length=1)
     precisions: list[Precision] = list(PRECISIONS)
 
+    @field_validator("precisions")
+    @classmethod
+    def _some_and_once_each(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("is empty: publish would publish nothing; name the precisions to publish "
+                             f"(e.g. [{', '.join(PRECISIONS)}]) or do not run the publish stage")
+        twice = sorted({p for p in v if v.count(p) > 1})
+        if twice:
+            raise ValueError(f"names {', '.join(twice)} more than once; list each precision once")
+        return v
+
 
 class TuneBudget(_Strict):
     """The accuracy the tuned INT8 variant must keep, in the gate's terms: a task metric of
@@ -640,16 +661,11 @@ def _format_errors(source: str, exc: ValidationError) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
+    from .yamlio import load_yaml
 
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: config file not found; create it or point params.yaml 'config:' at an existing one")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read it ({e})") from None
+    data = load_yaml(path, "config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     return data
@@ -668,7 +684,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any], path: str = "", changed: 
     return out
 
 
-PARAMS_META_KEYS = {"config", "precisions"}
+PARAMS_META_KEYS = {"config", "precisions", "override"}
+
+
+def _conflicts(base: dict[str, Any], over: dict[str, Any], path: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, config value, params value) for each key both files set, to different values."""
+    out: list[tuple[str, Any, Any]] = []
+    for k, v in over.items():
+        if k not in base:
+            continue
+        if isinstance(v, dict) and isinstance(base[k], dict):
+            out += _conflicts(base[k], v, f"{path}{k}.")
+        elif base[k] != v:
+            out.append((f"{path}{k}", base[k], v))
+    return out
 
 
 def load_config(config_path: str | Path | None = None, params_path: str | Path = "params.yaml",
@@ -677,7 +706,7 @@ def load_config(config_path: str | Path | None = None, params_path: str | Path =
     merged over it. Every config value params.yaml changes is noted on stderr."""
     params: dict[str, Any] = {}
     params_path = Path(params_path)
-    if params_path.is_file():
+    if params_path.exists():  # a folder of that name is an error, not "no params file"
         params = _read_yaml(params_path)
     if config_path is None:
         config_path = params.get("config")
@@ -688,12 +717,27 @@ def load_config(config_path: str | Path | None = None, params_path: str | Path =
     config_path = Path(config_path)
     data = _read_yaml(config_path)
     overrides = {k: v for k, v in params.items() if k not in PARAMS_META_KEYS}
+    # One source of settings: a key params.yaml and the config both set, to different values, is
+    # an error unless params.yaml says `override: true` (its values win, each change noted).
+    if not isinstance(params.get("override", False), bool):
+        raise ConfigError(f"{params_path}: 'override' must be true or false, got {params.get('override')!r}")
+    conflicts = [] if params.get("override") else _conflicts(data, overrides)
+    if conflicts:
+        key, mine, theirs = conflicts[0]
+        more = f" ({len(conflicts) - 1} more key(s) differ)" if len(conflicts) > 1 else ""
+        raise ConfigError(
+            f"{params_path} sets {key} to {theirs!r} but {config_path} sets it to {mine!r}{more}: a setting lives in "
+            f"one file; remove it from one of them (sweep a config key with `dvc exp run -S {config_path}:{key}=...`), "
+            f"or add `override: true` to {params_path} to let its values win on purpose")
     source = f"{config_path}" + (f" (+ overrides from {params_path})" if overrides else "")
     changed: list[str] = []
     try:
         cfg = Config.model_validate(_merge(data, overrides, changed=changed))
     except ValidationError as e:
         raise ConfigError(_format_errors(source, e)) from None
+    from .log import get_logger
+
     if changed and not quiet:
-        print(f"trtpipe: note: {params_path} overrides {config_path}: " + "; ".join(changed), file=sys.stderr)
+        get_logger(__name__).info(f"{params_path} overrides {config_path}: " + "; ".join(changed))
+    get_logger(__name__).debug(f"config: {source}; model {cfg.model.name}, backend {cfg.build.backend}")
     return cfg

@@ -144,6 +144,9 @@ def load_checkpoint(model: Any, path: str | Path) -> Any:
     import torch
 
     path = Path(path)
+    from .fileio import not_a_folder
+
+    not_a_folder(path, "a checkpoint (model.checkpoint)", ModelError)
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found; set model.checkpoint to an existing .pt/.pth file")
     with open(path, "rb") as f:

@@ -12,6 +12,9 @@ def load_onnx(path: str | Path, check: bool = True) -> Any:
     import onnx
 
     path = Path(path)
+    from .fileio import not_a_folder
+
+    not_a_folder(path, "an ONNX model", ModelError)
     if not path.is_file():
         raise ModelError(f"{path}: ONNX file not found; run the export stage (dvc repro export) first")
     try:
@@ -26,25 +29,17 @@ def load_onnx(path: str | Path, check: bool = True) -> Any:
     return model
 
 
-def ort_session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None) -> Any:
-    """A CPU onnxruntime session; `optimized_path` saves the graph onnxruntime optimized."""
-    import onnxruntime as ort
+def ort_session(path: str | Path, threads: int | None = None, optimized_path: str | Path | None = None,
+                mode: str = "exact") -> Any:
+    """A CPU onnxruntime session (calibration.ort_session: one helper for every session).
+    `mode` "exact" (the default) runs a Q/DQ model with its own dequantize -> float op ->
+    quantize arithmetic on every CPU; "fused" uses onnxruntime's integer kernels.
+    `optimized_path` saves the graph onnxruntime optimized (extended level)."""
+    from calibration.ort_session import make_session
 
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: ONNX file not found")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    if optimized_path is not None:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(optimized_path)
-    try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0][:300]
-        raise ModelError(f"{path}: onnxruntime cannot load it ({msg})") from None
+    level = "extended" if optimized_path is not None else "all"
+    return make_session(path, mode=mode, threads=threads, level=level, optimized_path=optimized_path,
+                        error=ModelError)
 
 
 def run_batched(session: Any, x: Any, batch_size: int) -> dict[str, Any]:

@@ -29,6 +29,7 @@ def digits_config(tmp: Path, **sections: Any) -> Any:
 
     params = {
         "config": str(ROOT / "configs" / "digits.yaml"),
+        "override": True,  # these values win over configs/digits.yaml's, on purpose
         "build": {"backend": "onnxruntime"},
         "calibration": {"num_samples": 64},
         "evaluate": {"latency": {"warmup": 3, "iterations": 30, "batch_sizes": [1, 32]}},

@@ -15,6 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = {
     "config": "configs/digits.yaml",
+    "override": True,  # these values win over configs/digits.yaml's, on purpose
     "calibration": {"method": "entropy", "num_samples": 64, "batch_size": 32, "percentile": 99.99},
     "build": {"backend": "auto", "int8_route": "implicit", "calibration_source": "auto"},
     "evaluate": {"latency": {"warmup": 1, "iterations": 5, "batch_sizes": [1, 32]}},
@@ -69,6 +70,19 @@ def edit_yaml(path: str | Path, fn: Any) -> None:
     data = yaml.safe_load(path.read_text())
     fn(data)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def first_run(r: Path, sh: Any) -> None:
+    """git and dvc in `r`, dvc.yaml from its config, `dvc repro`, and the result committed;
+    `sh(cwd, *cmd)` runs a command (the caller's environment: which copy of the code runs)."""
+    import sys
+
+    sh(r, "git", "init", "-q")
+    sh(r, "dvc", "init", "-q")
+    sh(r, sys.executable, "-m", "pipeline", "dvc")
+    sh(r, "dvc", "repro", "-q")
+    sh(r, "git", "add", "-A")
+    sh(r, "git", "commit", "-qm", "run")
 
 
 def dvc_project(tmp_path: Path) -> Path:

@@ -1,4 +1,4 @@
-"""The data layer: sources, preprocessing, splits and batches (DESIGN.md section 7).
+"""The data layer: sources, preprocessing, splits and batches (README, "Your own model", Data).
 
 A sample is a dict of named arrays, one per model input; a batch is the same dict with
 the batch axis first. `load_splits` reads the configured source, preprocesses it and cuts

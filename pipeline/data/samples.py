@@ -34,14 +34,13 @@ class Samples:
 
 def save_samples(path: Path, samples: Samples, labels_key: str) -> Path:
     """Write `samples` as one `.npz` (atomically)."""
-    from ..fileio import atomic_path
+    from ..fileio import atomic_path, write_through
 
     arrays = dict(samples.x)
     if samples.y is not None:
         arrays[labels_key] = samples.y
     with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        write_through(tmp, lambda f: np.savez(f, **arrays))
     return Path(path)
 
 
@@ -50,6 +49,9 @@ def load_samples(path: Path, inputs: Sequence[TensorSpec], labels_key: str = "y"
     """Read a samples `.npz` and check it against the model's inputs: every input present,
     with its dtype kind, rank and fixed sizes, and as many samples as labels."""
     path = Path(path)
+    from ..fileio import not_a_folder
+
+    not_a_folder(path, f"{what} (an .npz)", DataError)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found; run the prepare stage first")
     try:

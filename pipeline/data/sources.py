@@ -68,6 +68,9 @@ def _arrays(data: DataConfig, location: Optional[str], key: str, inputs: Sequenc
     if not location:
         raise DataError(f"data.source is '{data.source}' but {key} is not set; point it at the array file")
     path = Path(location)
+    from ..fileio import not_a_folder
+
+    not_a_folder(path, f"the data file ({key})", DataError)
     if not path.is_file():
         raise DataError(f"{path}: data file not found ({key})")
     try:

@@ -13,8 +13,14 @@ samples (prepare's ``calib.npz``: one array per model input, already preprocesse
    (attention masks; ``calibration.sentinel_abs``) and tensors matching
    ``calibration.exclude`` get no range: they stay in higher precision, and
    calibrate.json says so tensor by tensor.
-3. amax per tensor by ``calibration.method`` (:mod:`calibration.algorithms`), under
-   ``calibration.rules`` (:mod:`calibration.rules`).
+3. amax per tensor by ``calibration.method`` (:mod:`calibration.algorithms`; ``mse``
+   searches entropy, percentile and max|x| candidates by the quantization MSE each causes),
+   under ``calibration.rules`` (:mod:`calibration.rules`); ``calibration.clip_aware`` caps
+   the range of Clip/ReLU6 outputs at the Clip's bound (:mod:`calibration.ptq`).
+4. ``calibration.bias_correction`` (default off): one more FP32 forward over the same
+   batches averages the input of every Conv/Gemm/MatMul; the Q/DQ ONNX's biases absorb the
+   mean error weight quantization causes (:mod:`calibration.ptq`). The cache is unchanged
+   by it (TensorRT quantizes the weights of an implicit engine itself).
 
 Outputs (``out_dir``, replaced atomically as a whole):
 
@@ -43,20 +49,21 @@ from typing import Any, Optional
 import numpy as np
 
 from calibration.algorithms import amax_to_scale
-from calibration.cache import cache_header, scale_to_hex, write_cache
+from calibration.cache import METHOD_ALGORITHM, cache_header, scale_to_hex, write_cache
 from calibration.collect import collect_histograms
 from calibration.errors import CalibrationError
-from calibration.qdq import quantize_qdq
+from calibration.ptq import clip_amax_bounds, input_means
+from calibration.qdq import bias_correction_inputs, quantize_qdq
 from calibration.rules import get_rules, ranges_under
 
 from ..config import Config
 from ..data import calibration_batches, calibration_indices, load_samples
-from ..fileio import sha256_file, staging_dir, write_json
+from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, QDQ_FILE, RANGES_FILE, claim_dir, sha256_file, sha256_model,
+                      staging_dir, write_json)
 from ..reports import CalibrateReport, write_report
 
 DEFAULT_TRT_VERSION = "8.6.0"
-CACHE_ALGORITHM = {"entropy": "EntropyCalibration2", "minmax": "MinMaxCalibration", "percentile": "EntropyCalibration2"}
-OUTPUTS = ("ranges.json", "calibration.cache", "model.qdq.onnx")
+OUTPUTS = (RANGES_FILE, CACHE_FILE, QDQ_FILE)
 CHECK_SAMPLES = 8  # Q/DQ vs FP32 sanity check on the first samples of the first batch
 
 
@@ -103,6 +110,7 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, valida
     """Calibrate ``onnx_path`` on ``calib_data``, after checking both are what validate and
     prepare made of them; write ranges, cache, Q/DQ model and calibrate.json into
     ``out_dir`` (replaced atomically)."""
+    claim_dir(out_dir, "calibrate", inputs=(onnx_path, calib_data, validation))  # only into an output it owns (fileio.claim_dir)
     from ..onnx_utils import load_onnx
     from ..provenance import prepared, validated
 
@@ -134,15 +142,23 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
                                    num_bins=c.num_bins, growth=rules.growth, threads=threads,
                                    source=str(calib_data), exclude=c.exclude, sentinel_abs=c.sentinel_abs)
     t_search = time.perf_counter()
+    bounds = _clip_bounds(onnx_path) if c.clip_aware else {}
     amax, range_from, search_ms = ranges_under(rules, collector.histograms, c.method, collector.node_ops,
-                                               c.percentile)
+                                               c.percentile, bounds=bounds)
     t_write = time.perf_counter()
+    means = None
+    if c.bias_correction:
+        from calibration.onnx_io import load_model
+
+        means = input_means(load_model(onnx_path), calibration_batches(samples.x, indices, c.batch_size, str(calib_data)),
+                            bias_correction_inputs(onnx_path), threads=threads)
+    t_means = time.perf_counter()
     excluded = dict(collector.excluded)
     if not collector.histograms:
         raise CalibrationError(f"{onnx_path}: every floating-point tensor was excluded from calibration "
                                f"({len(excluded)}: {', '.join(list(excluded)[:3])}...); check calibration.exclude")
 
-    algorithm = CACHE_ALGORITHM[c.method]
+    algorithm = METHOD_ALGORITHM[c.method]
     tensors: dict[str, dict[str, Any]] = {}
     scales: dict[str, np.float32] = {}
     for name, hist in collector.histograms.items():
@@ -153,20 +169,23 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
                          "bin_width": float(hist.bin_width), "values": int(hist.num_samples)}
         if name in range_from:
             tensors[name]["range_from"] = range_from[name]
+        if name in bounds:
+            tensors[name]["clip_bound"] = bounds[name]
     settings = {"method": c.method, **rules.describe(), "percentile": c.percentile if c.method == "percentile" else None,
                 "num_bins": c.num_bins, "batch_size": c.batch_size, "seed": c.seed, "exclude": list(c.exclude),
-                "sentinel_abs": c.sentinel_abs}
+                "sentinel_abs": c.sentinel_abs, "clip_aware": c.clip_aware, "bias_correction": c.bias_correction}
     n_check = min(CHECK_SAMPLES, c.batch_size)
     first = {k: np.ascontiguousarray(v[indices[:n_check]]) for k, v in samples.x.items()}
     reference = {n: v[:n_check] for n, v in collector.first_outputs.items()}
     shapes = {k: [c.batch_size, *v.shape[1:]] for k, v in samples.x.items()}
 
     with staging_dir(out_dir) as tmp:
-        write_json(tmp / "ranges.json", {"schema": 1, **settings, "tensors": tensors, "excluded": excluded})
-        write_cache(tmp / "calibration.cache", scales, trt_target, algorithm)
+        write_json(tmp / RANGES_FILE, {"schema": 1, **settings, "tensors": tensors, "excluded": excluded})
+        write_cache(tmp / CACHE_FILE, scales, trt_target, algorithm)
         t_qdq = time.perf_counter()
-        qdq = quantize_qdq(onnx_path, tmp / "model.qdq.onnx", amax, exclude_nodes=_consumers(onnx_path, excluded))
-        check = _qdq_check(tmp / "model.qdq.onnx", first, reference)
+        qdq = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=_consumers(onnx_path, excluded),
+                           bias_means=means)
+        check = _qdq_check(tmp / QDQ_FILE, first, reference)
         t_end = time.perf_counter()
         report = CalibrateReport(
             method=c.method, rules=c.rules, settings=settings,
@@ -174,12 +193,13 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
             samples_available=len(samples), samples_requested=c.num_samples,
             samples_dropped=int(len(indices) - collector.stats.samples),
             calibration_shapes=shapes, tensors=len(tensors), excluded=excluded,
-            cache={"file": "calibration.cache", "header": cache_header(trt_target, algorithm),
+            cache={"file": CACHE_FILE, "header": cache_header(trt_target, algorithm),
                    "tensorrt_version": trt_target, "tensorrt_version_from": trt_why,
-                   "note": None if c.method != "percentile" else
-                   "TensorRT has no percentile calibrator: percentile scales are written under "
+                   "note": None if c.method not in ("percentile", "mse") else
+                   f"TensorRT has no {c.method} calibrator: {c.method} scales are written under "
                    "EntropyCalibration2 so that IInt8EntropyCalibrator2 reads and uses them as they are"},
-            qdq={"file": "model.qdq.onnx", **{k: v for k, v in qdq.items() if k != "activations"},
+            qdq={"file": QDQ_FILE, **{k: v for k, v in qdq.items() if k not in ("activations", "bias_corrected")},
+                 "bias_corrected_nodes": None if means is None else len(qdq.get("bias_corrected", {})),
                  "activations": len(qdq["activations"]), "check_first_samples": check},
             collect={"pipelined": collector.stats.pipelined, "intra_op_threads": collector.stats.intra_op_threads,
                      "histogram_threads": collector.stats.histogram_threads, "kernel": collector.stats.kernel,
@@ -192,6 +212,7 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
                 "histogram": round(collector.stats.seconds_histogram, 3),
                 "collect": round(t_search - t_collect, 3),
                 "search": round(t_write - t_search, 3),
+                "bias_correction": round(t_means - t_write, 3),
                 "qdq": round(t_end - t_qdq, 3),
             },
             search_ms_per_tensor={"mean": round(float(np.mean(search_ms)), 3),
@@ -200,10 +221,17 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
             peak_rss_mb=_peak_rss_mb(),
             software=_versions(),
             sha256={"onnx": sha256_of(onnx_path), "calib_data": sha256_of(calib_data),
-                    **{name: sha256_file(tmp / name) for name in OUTPUTS}},
+                    **{name: sha256_model(tmp / name) for name in OUTPUTS}},
         )
-        write_report(tmp / "calibrate.json", report)
+        write_report(tmp / CALIBRATE_REPORT, report)
     return report
+
+
+def _clip_bounds(onnx_path: Path) -> dict[str, float]:
+    """The largest amax of each tensor a Clip bounds (calibration.clip_aware)."""
+    from calibration.onnx_io import load_model
+
+    return clip_amax_bounds(load_model(onnx_path))
 
 
 def _consumers(onnx_path: Path, tensors: Any) -> list[str]:

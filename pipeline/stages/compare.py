@@ -1,5 +1,6 @@
-"""compare: the variants side by side. compare.json (DVC metrics), compare.md (tables),
-tradeoff.png (accuracy against latency) and latency.json (DVC plot of percentiles).
+"""compare: the variants side by side. compare.json (the full table), metrics.json (DVC's
+metrics file: the few numbers per variant `dvc exp show` lists, see dvc_metrics), compare.md
+(tables), tradeoff.png (accuracy against latency) and latency.json (DVC plot of percentiles).
 
 compare.json is a CompareReport. `variants.<precision>` is one flat row of numbers, so
 that `dvc metrics show/diff` lists e.g. `variants.int8.top1_delta`:
@@ -27,7 +28,7 @@ from typing import Any, Optional
 
 from ..config import AGREEMENT_LOWER_BETTER, PRECISIONS, Config
 from ..errors import ReportError
-from ..fileio import staging_dir, write_json, write_text
+from ..fileio import claim_dir, not_a_folder, staging_dir, write_json, write_text
 from ..metrics import as_float
 from ..reports import (
     LATENCY_COLUMN,
@@ -252,10 +253,13 @@ def to_markdown(table: CompareReport, evals: dict[str, EvalReport]) -> str:
     head = ["variant"]
     for b in batches:
         head += [f"b{b} p50 ms", f"b{b} p99 ms", f"b{b} /s", f"b{b} speedup", f"b{b} mode"]
-    head += ["size KiB", f"size vs {ref}", "build s"]
-    out += ["", "## Latency, size, build time", "",
+    head += ["size KiB", f"size vs {ref}"]
+    # No build wall time here: it varies run to run, and this file is a cached output of the
+    # evaluations alone; build writes it to artifacts/timings/build-<precision>.json (uncached).
+    out += ["", "## Latency and size", "",
             "Per batch size the fastest latency mode, on the device clock where the backend has one "
-            "(mode and clock in the `mode` column); every mode below.", "",
+            "(mode and clock in the `mode` column); every mode below. Build wall times: "
+            "`artifacts/timings/build-<precision>.json`.", "",
             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p, r in rows.items():
         cells = [p]
@@ -265,8 +269,7 @@ def to_markdown(table: CompareReport, evals: dict[str, EvalReport]) -> str:
             cells += [_num(r.get(f"b{b}_p50_ms"), 3), _num(r.get(f"b{b}_p99_ms"), 3), _num(r.get(f"b{b}_throughput"), 0),
                       (_num(sp, 2) + "x") if sp is not None else "–", mode]
         eb = r.get("engine_bytes")
-        cells += [_num(eb / 1024 if eb else None, 1), _num(r.get("size_vs_fp32"), 2) + "x" if r.get("size_vs_fp32") else "–",
-                  _num(r.get("build_seconds"), 2)]
+        cells += [_num(eb / 1024 if eb else None, 1), _num(r.get("size_vs_fp32"), 2) + "x" if r.get("size_vs_fp32") else "–"]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "| variant | batch | mode | device p50 ms | device p99 ms | host p50 ms | host p99 ms | host /s |",
             "|---|---|---|---|---|---|---|---|"]
@@ -362,6 +365,7 @@ def load_evals(eval_dir: Path) -> dict[str, EvalReport]:
     evals = {}
     for p in PRECISIONS:
         f = Path(eval_dir) / f"{p}.json"
+        not_a_folder(f, f"the evaluation report of {p}", ReportError)  # never skip it silently
         if f.is_file():
             ev = read_report(f, EvalReport, "evaluation report", f"evaluate@{p}", ReportError)
             if ev.precision != p:
@@ -385,12 +389,40 @@ def _check_same_inputs(evals: dict[str, EvalReport], eval_dir: Path) -> None:
         raise ReportError(f"{eval_dir}: evaluations of different models ({', '.join(sorted(models))}); re-run evaluate")
 
 
+def dvc_metrics(table: CompareReport) -> dict[str, dict[str, float]]:
+    """metrics.json, what `dvc exp show` and `dvc metrics diff` list: per variant the primary
+    metric, the agreement with fp32 (`agree`: top-1 agreement where the model has it, else
+    `cos`: cosine) and p50 latency in ms at each batch size (`b32_ms`); finite numbers only,
+    under short names so that the table of `dvc exp show` stays narrow (the full table, with
+    its long names, is compare.json)."""
+    import math
+
+    out: dict[str, dict[str, float]] = {}
+    for variant, row in table.variants.items():
+        picked: dict[str, Any] = {}
+        if table.primary_metric:
+            picked[table.primary_metric] = row.get(table.primary_metric)
+        for stat, short in (("top1_agreement", "agree"), ("cosine", "cos")):
+            if isinstance(row.get(f"fp32_{stat}"), (int, float)) and not isinstance(row.get(f"fp32_{stat}"), bool):
+                picked[short] = row[f"fp32_{stat}"]
+                break
+        for key, value in row.items():
+            m = LATENCY_COLUMN.match(key)
+            if m and m.group(2) == "p50":
+                picked[f"b{m.group(1)}_ms"] = value
+        out[variant] = {k: float(v) for k, v in picked.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return out
+
+
 def run(cfg: Config, eval_dir: Path, out_dir: Path) -> CompareReport:
+    claim_dir(out_dir, "compare", inputs=(eval_dir,))  # only into an output it owns (fileio.claim_dir)
     evals = load_evals(eval_dir)
     _check_same_inputs(evals, Path(eval_dir))
     table = build_table(evals, cfg.model.name, cfg.evaluate.primary_metric)
     with staging_dir(out_dir) as tmp:
         write_report(tmp / "compare.json", table)
+        write_json(tmp / "metrics.json", dvc_metrics(table))
         write_text(tmp / "compare.md", to_markdown(table, evals))
         write_json(tmp / "latency.json", latency_points(evals))
         plot_tradeoff(table, tmp / "tradeoff.png")

@@ -23,8 +23,9 @@ from ..backends import get_backend
 from ..config import Config, split_agreement_key
 from ..data import load_samples
 from ..errors import ArtifactError, DataError
+from ..fileio import claim_file, json_report_of, not_a_folder
 from ..latency import summarize
-from ..metrics import agreement, compute_task_metrics, resolve_metrics
+from ..metrics import agreement, check_metric_specs, compute_task_metrics, metric_specs, resolve_metrics
 from ..profiles import fits, max_batch
 from ..reports import BuildReport, EvalReport, LatencyRow, LatencyStats, read_report, write_report
 from ..runtime.runner import Runner
@@ -37,6 +38,7 @@ def load_variant(build_dir: Path) -> tuple[Runner, BuildReport]:
     build_dir = Path(build_dir)
     info = read_report(build_dir / "build.json", BuildReport, "build report", "build")
     artifact = build_dir / info.artifact
+    not_a_folder(artifact, "the built artifact")
     if not artifact.is_file():
         raise ArtifactError(f"{artifact}: built artifact missing; re-run build@{info.precision}")
     require_hash(artifact, info.sha256, f"the {info.precision} artifact", build_dir / "build.json", f"build@{info.precision}")
@@ -114,11 +116,15 @@ def run(
     from ..provenance import ProvenanceError, prepared, require_hash, sha256_of
     from ..reports import ValidateReport
 
+    claim_file(out_path, "evaluate", inputs=(build_dir, fp32_dir, eval_data, reference),  # fileio.claim_file
+               recognise=json_report_of("evaluate", precision=precision), kind=f"evaluation report of {precision}")
+
     start = time.perf_counter()
     eval_data, reference = Path(eval_data), Path(reference)
     if (eval_data.parent / "prepare.json").is_file():
         prepared(eval_data, "eval.npz")
     samples = load_samples(eval_data, cfg.model.inputs, cfg.data.labels_key, "evaluation data")
+    not_a_folder(reference, "the PyTorch reference (reference.npz)")
     if not reference.is_file():
         raise ArtifactError(f"{reference}: PyTorch reference outputs not found; run the validate stage first")
     validation = reference.parent / "validate.json"
@@ -137,7 +143,9 @@ def run(
     if info.onnx_sha256 != vrep.sha256.get("onnx"):
         raise ProvenanceError(f"{build_dir}: built from another ONNX than validate checked ({validation}); re-run "
                               f"build@{precision} (dvc repro)")
-    metrics_fns = resolve_metrics(cfg.evaluate.metrics, runner.output_names)
+    specs, _ = metric_specs(cfg.evaluate, runner.output_names, samples.y is not None)  # prepare said what it chose
+    check_metric_specs(specs, runner.output_names, samples.y is not None, cfg.data.labels_key)
+    metrics_fns = resolve_metrics(specs, runner.output_names)
     bs = _batch_limit(info, cfg.evaluate.batch_size)
     skipped: list[dict[str, Any]] = []
     with runner:

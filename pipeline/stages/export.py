@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import BATCH_AXIS, Config
 from ..errors import ConfigError, ModelError
-from ..fileio import sha256_file, staging_dir
+from ..fileio import claim_dir, sha256_file, sha256_model, staging_dir
 from ..reports import ExportReport, TensorInfo, write_report
 
 TRACE_BATCH = 2
@@ -110,6 +110,7 @@ def _infer_shapes(proto: Any) -> Any:
 
 
 def run(cfg: Config, checkpoint: Path, out_dir: Path) -> ExportReport:
+    claim_dir(out_dir, "export", inputs=(checkpoint,))  # only into an output it owns (fileio.claim_dir)
     import onnx
     import torch
 
@@ -164,7 +165,7 @@ def run(cfg: Config, checkpoint: Path, out_dir: Path) -> ExportReport:
             torch_version=torch.__version__,
             onnx_version=onnx.__version__,
             seconds=round(time.perf_counter() - start, 3),
-            sha256={"checkpoint": sha256_file(checkpoint), "onnx": sha256_file(onnx_path)},
+            sha256={"checkpoint": sha256_file(checkpoint), "onnx": sha256_model(onnx_path)},
         )
         write_report(tmp / "export.json", report)
     return report

@@ -17,7 +17,7 @@ import numpy as np
 from ..config import Config
 from ..data import Splits, load_splits, save_samples
 from ..errors import ConfigError, DataError, ModelError
-from ..fileio import sha256_file, staging_dir
+from ..fileio import claim_dir, sha256_file, staging_dir, write_through
 from ..reports import PrepareData, PrepareReport, TensorInfo, write_report
 from .common import module_file, torch_inputs
 
@@ -97,6 +97,51 @@ def _eval_top1(model: Any, cfg: Config, splits: Splits) -> Optional[float]:
     return float(100.0 * (pred == ev.y).mean())
 
 
+def _output_names(model: Any, cfg: Config, splits: Splits) -> Optional[list[str]]:
+    """The names export will give the model's outputs (from a forward pass on two samples);
+    None where the model does not run on them (export says why, in its terms)."""
+    import torch
+
+    from ..models import describe_structure, flatten_outputs, output_names
+
+    part = splits.evaluation if len(splits.evaluation) else splits.calibration
+    if not len(part):
+        return None
+    training = model.training
+    model.eval()  # no batch-norm statistics or dropout draws: the weights and the seed's stream stay as they were
+    try:
+        with torch.no_grad():
+            out = model(*torch_inputs(cfg.model.inputs, {k: v[:2] for k, v in part.x.items()}))
+    except Exception:
+        return None
+    finally:
+        model.train(training)
+    return output_names(flatten_outputs(out), cfg.model.output_names, describe_structure(out))
+
+
+def check_against_model(cfg: Config, names: list[str], labelled: bool) -> Optional[str]:
+    """The checks of evaluate.metrics, evaluate.agreement_floor and tune.budget.metric that the
+    model's outputs and the labels settle, made before any work (one ConfigError); returns the
+    note on the metrics evaluate will compute where the config left them to a default."""
+    from ..config import split_agreement_key
+    from ..metrics import check_metric_specs, metric_specs
+
+    specs, note = metric_specs(cfg.evaluate, names, labelled)
+    check_metric_specs(specs, names, labelled, cfg.data.labels_key)
+    keys = [("evaluate.agreement_floor", k) for k in cfg.evaluate.agreement_floor]
+    for precision, t in cfg.gate.thresholds.items():
+        keys += [(f"gate.thresholds.{precision}.{field}", k) for field in ("min_agreement", "max_divergence")
+                 for k in getattr(t, field, {}) or {}]
+    if cfg.tune is not None:
+        keys.append(("tune.budget.metric", cfg.tune.budget.metric))
+    for where, key in keys:
+        output = split_agreement_key(key)[2]
+        if output is not None and output not in names:
+            raise ConfigError(f"{where} '{key}' reads output '{output}', which the model does not have "
+                              f"({', '.join(names)})")
+    return note
+
+
 def user_sources(cfg: Config) -> dict[str, Optional[str]]:
     """sha256 of every file of the user's the config names (checkpoint, data, factory modules)."""
     out: dict[str, Optional[str]] = {}
@@ -120,6 +165,8 @@ def user_sources(cfg: Config) -> dict[str, Optional[str]]:
 def run(cfg: Config, out_dir: Path) -> PrepareReport:
     import torch
 
+    claim_dir(out_dir, "prepare")  # only into an output it owns (fileio.claim_dir)
+
     from ..models import build_model, load_checkpoint
 
     start = time.perf_counter()
@@ -130,6 +177,13 @@ def run(cfg: Config, out_dir: Path) -> PrepareReport:
                 check_class_labels(part.y, cfg.model.num_classes, f"the {name} split ({cfg.data.source})")
     torch.manual_seed(cfg.model.train.seed)  # initial weights too: same config, same model.pt
     model = build_model(cfg.model)
+    names = _output_names(model, cfg, splits)
+    if names is not None:  # before training: a config that cannot evaluate fails now, not stages later
+        note = check_against_model(cfg, names, splits.evaluation.y is not None)
+        if note:
+            from ..log import get_logger
+
+            get_logger().info(note)
     if cfg.model.checkpoint:
         load_checkpoint(model, cfg.model.checkpoint)
         model.eval()
@@ -146,7 +200,7 @@ def run(cfg: Config, out_dir: Path) -> PrepareReport:
     sources = user_sources(cfg)
 
     with staging_dir(out_dir) as tmp:
-        torch.save(model.state_dict(), tmp / "model.pt")
+        write_through(tmp / "model.pt", lambda f: torch.save(model.state_dict(), f))
         save_samples(tmp / "calib.npz", splits.calibration, cfg.data.labels_key)
         save_samples(tmp / "eval.npz", splits.evaluation, cfg.data.labels_key)
         ev = splits.evaluation

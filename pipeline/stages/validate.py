@@ -19,7 +19,7 @@ import numpy as np
 from ..config import Config
 from ..data import Samples, load_samples
 from ..errors import ConfigError, DataError, ToleranceError
-from ..fileio import sha256_file, staging_dir
+from ..fileio import claim_dir, sha256_file, staging_dir
 from ..metrics import agreement
 from ..reports import OutputCheck, ValidateReport, write_report
 from .common import torch_inputs
@@ -66,6 +66,7 @@ def check_output(name: str, got: np.ndarray, ref: np.ndarray, atol: float, min_c
 
 
 def run(cfg: Config, checkpoint: Path, onnx_path: Path, eval_data: Path, out_dir: Path) -> ValidateReport:
+    claim_dir(out_dir, "validate", inputs=(checkpoint, onnx_path, eval_data))  # only into an output it owns (fileio.claim_dir)
     from ..onnx_utils import load_onnx, ort_session, run_batched
     from ..provenance import ProvenanceError, exported, prepared, sha256_of
 
