@@ -38,10 +38,42 @@ def _print(obj: Any, as_json: bool, summary: str) -> None:
         print(summary)
 
 
+def _timings(a: argparse.Namespace, report: Any) -> None:
+    """`--timings FILE`: the stage's wall times and other run-to-run noise, which its report leaves out."""
+    if getattr(a, "timings", None) is None:
+        return
+    from .fileio import write_json
+    from .reports import timings
+
+    write_json(_claim_timings(a), timings(report))
+
+
+def _is_timings(data: bytes) -> bool:
+    """What `--timings` writes: a JSON object whose keys are a stage name and its noise fields."""
+    import json
+
+    from .reports import NOISE
+
+    try:
+        d = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(d, dict) and "stage" in d and set(d) <= {"stage", *NOISE, "candidates", "search"}
+
+
+def _claim_timings(a: argparse.Namespace) -> Path:
+    """`--timings FILE` may replace only an earlier timings file (never a checkpoint, a report or a folder)."""
+    from .fileio import claim_file
+
+    return claim_file(_out(a.timings, "--timings"), f"trtpipe {a.command}", "--timings", recognise=_is_timings,
+                      kind="timings file")
+
+
 def cmd_prepare(a: argparse.Namespace) -> None:
     from .stages import prepare
 
     r = prepare.run(_cfg(a), _out(a.out))
+    _timings(a, r)
     d = r.data
     top1 = f"; PyTorch eval top-1 {r.pytorch_eval_top1:.2f}%" if r.pytorch_eval_top1 is not None else (
         "; no labels" if not d.labelled else "")
@@ -53,6 +85,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     from .stages import export
 
     r = export.run(_cfg(a), a.checkpoint, _out(a.out))
+    _timings(a, r)
     _print(r, a.json, f"export: opset {r.opset}, {r.nodes} nodes, inputs {[i.name for i in r.inputs]}, "
            f"outputs {[o.name for o in r.outputs]} -> {a.out}/model.onnx")
 
@@ -61,6 +94,7 @@ def cmd_validate(a: argparse.Namespace) -> None:
     from .stages import validate
 
     r = validate.run(_cfg(a), a.checkpoint, a.onnx, a.eval_data, _out(a.out))
+    _timings(a, r)
     worst = max(o.max_abs_diff for o in r.outputs.values())
     _print(r, a.json, f"validate: ONNX matches PyTorch on {r.samples} samples, {len(r.outputs)} output(s) "
            f"(max abs diff {worst:.2e}) -> {a.out}")
@@ -70,6 +104,7 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     from .stages import calibrate
 
     r = calibrate.run(_cfg(a), a.onnx, a.calib_data, _out(a.out), validation=a.validation)
+    _timings(a, r)
     skipped = f", {len(r.excluded)} left in higher precision" if r.excluded else ""
     _print(r, a.json, f"calibrate: {r.method} over {r.samples} samples, {r.tensors} tensors{skipped}; cache "
            f"{r.cache['header']} -> {a.out}")
@@ -80,6 +115,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
 
     r = tune.run(_cfg(a), a.onnx, a.calib_dir, a.eval_data, _out(a.out), validation=a.validation,
                  calib_data=a.calib_data)
+    _timings(a, r)
     kept = ", ".join(k["layer"] for k in r.kept[:6]) + (" ..." if len(r.kept) > 6 else "")
     ch = r.reference_points["chosen"]
     unit = "est. GMAC-fp16" if r.latency_kind == "estimate" else "ms"
@@ -97,6 +133,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     calib_dir = a.calib_dir if a.precision == "int8" else None
     r = build.run(_cfg(a), a.precision, a.onnx, out, calib_dir=calib_dir, calib_data=a.calib_data,
                   validation=a.validation, tune_dir=a.tune_dir if a.precision == "int8" else None)
+    _timings(a, r)
     _print(r, a.json, f"build@{a.precision}: {r.backend} {r.backend_version}, {r.engine_bytes} bytes in "
            f"{r.build_seconds} s -> {out}")
 
@@ -107,6 +144,7 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     build_dir = a.build_dir or Path(A, "build", a.precision)
     out = _out(a.out or Path(A, "eval", f"{a.precision}.json"))
     r = evaluate.run(_cfg(a), a.precision, build_dir, a.fp32_dir, a.eval_data, a.reference, out)
+    _timings(a, r)
     m = ", ".join(f"{k} {v:.4g}" for k, v in r.metrics.items())
     flags = f"; FLAGGED: {'; '.join(r.flags)}" if r.flags else ""
     _print(r, a.json, f"evaluate@{a.precision}: {r.backend}: {m or 'no task metrics'}{flags} -> {out}")
@@ -123,18 +161,30 @@ def cmd_compare(a: argparse.Namespace) -> None:
 
 
 def cmd_publish(a: argparse.Namespace) -> None:
+    from .fileio import claim_file
     from .stages import publish
 
+    claim_file(_out(a.out), "publish", inputs=(a.build_root, a.eval_dir, a.prepare_dir, a.calib_dir, a.onnx, a.registry),
+               recognise=_published_json, kind="published.json")
     r = publish.run(_cfg(a), a.build_root, a.eval_dir, a.registry, a.out, a.prepare_dir, a.calib_dir, a.onnx)
     _print(r, a.json, "\n".join(f"publish: {v['version']} ({v['status']})" for v in r["published"]))
 
 
+def _published_json(data: bytes) -> bool:
+    """published.json as publish writes it (claim_file's recogniser)."""
+    try:
+        d = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("published"), list) and "registry" in d and "pointers" in d
+
+
 def _config_path(a: argparse.Namespace) -> str:
-    import yaml
+    from .yamlio import load_yaml
 
     if a.config is not None:
         return str(a.config)
-    params = yaml.safe_load(Path(a.params).read_text()) if Path(a.params).is_file() else {}
+    params = load_yaml(a.params, "params file") if Path(a.params).exists() else {}
     return str((params or {}).get("config") or "")
 
 
@@ -154,8 +204,19 @@ def cmd_dvc(a: argparse.Namespace) -> None:
         return
     from .fileio import write_text
 
-    write_text("dvc.yaml", dvcgen.render(dvcgen.generate(cfg, config_path), config_path))
+    doc = dvcgen.generate(cfg, config_path)
+    if dvcgen.needs_version_file(doc):  # trtpipe installed outside the project: its code via its version
+        write_text(dvcgen.VERSION_FILE, dvcgen.installed_version())
+    write_text("dvc.yaml", dvcgen.render(doc, config_path))
     print(f"dvc.yaml written for {config_path}")
+
+
+def cmd_init(a: argparse.Namespace) -> None:
+    from .project_init import init
+
+    files = init(Path("."), a.name)
+    print("init: wrote " + ", ".join(str(f) for f in files) + "; edit the config for your model, run `trtpipe dvc`, "
+          "then `dvc repro` (needs `git init` and `dvc init` first)")
 
 
 def _check_dvc_sync(a: argparse.Namespace) -> None:
@@ -184,6 +245,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the stage's report as JSON")
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    """-v/-q on a parser and every subcommand under it. SUPPRESS as the default, so that a flag
+    given before the subcommand (`trtpipe -q build`) is not reset by the subcommand's default."""
+    if not any("--verbose" in a.option_strings for a in p._actions):
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug lines on stderr")
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="warnings and errors only on stderr; no progress bars")
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for child in a.choices.values():
+                _add_verbosity(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -194,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     def stage(name: str, fn: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         _add_common(p)
+        if name in STAGES:
+            p.add_argument("--timings", type=path_arg, default=None,
+                           help="write the stage's wall times here (kept out of its report, so that the report "
+                                "is the same on every run of the same inputs)")
         p.set_defaults(func=fn)
         return p
 
@@ -253,8 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=path_arg, default=Path(A, "publish", "published.json"))
     p = stage("dvc", cmd_dvc, "write dvc.yaml from the config: every file each stage reads is a dependency")
     p.add_argument("--check", action="store_true", help="only check that dvc.yaml lists every dependency (exit 1 if not)")
+    p = sub.add_parser("init", help="start a project of your own here: configs/<name>.yaml, params.yaml, dvc.yaml",
+                       description="write a config skeleton, params.yaml and dvc.yaml into this folder (never "
+                                   "overwrites a file)")
+    p.add_argument("--name", default=None, help="model name and configs/<name>.yaml (default: this folder's name)")
+    p.set_defaults(func=cmd_init)
     for extra in _extra_commands:
         extra(sub)
+    _add_verbosity(parser)
     return parser
 
 
@@ -267,7 +352,7 @@ def _load_extras() -> None:
 
     if _extra_commands:
         return
-    for mod in ("pipeline.gate_cli", "pipeline.artifacts_cli"):
+    for mod in ("pipeline.gate_cli", "pipeline.artifacts_cli", "pipeline.diagnose"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -281,15 +366,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _load_extras()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from . import __version__
+    from .log import configure, get_logger
+
+    configure(verbose=getattr(args, "verbose", False), quiet=getattr(args, "quiet", False))
+    get_logger().debug(f"trtpipe {__version__} (python {sys.version.split()[0]}) in {Path.cwd()}: "
+                       + " ".join(str(x) for x in (sys.argv[1:] if argv is None else argv)))
     try:
         _check_dvc_sync(args)
+        if getattr(args, "timings", None) is not None:
+            _claim_timings(args)  # refused before any work, not after it
         args.func(args)
     except PipelineError as e:
         return _fail(args.command, str(e), e.exit_code)
     except KeyboardInterrupt:
         print(f"trtpipe {args.command}: interrupted; outputs left as they were", file=sys.stderr)
         return 130
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # an OSError, or a library's exception wrapping one (torch: RuntimeError)
         why = _environment_error(e)
         if why is None:
             raise  # a bug: keep the traceback
@@ -304,18 +397,11 @@ def _fail(command: str, message: str, code: int) -> int:
 
 
 def _environment_error(e: BaseException) -> Optional[str]:
-    """A one-line message for what the machine did (disk full, no permission), else None."""
-    import errno
+    """A one-line message for what the machine did (disk full, no permission, name too long, file size
+    limit, a folder where a file should be ...), else None (a bug: keep the traceback)."""
+    from .fileio import environment_error
 
-    text = str(e)
-    where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
-    code = e.errno if isinstance(e, OSError) else None
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text:
-        return (f"disk full while writing{where or ' an output'}: free space and re-run; finished outputs stay as they "
-                "were and no half-written file is kept")
-    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"permission denied{where}: {e.strerror if isinstance(e, OSError) else text}; check the folder's permissions"
-    return None
+    return environment_error(e)
 
 
 if __name__ == "__main__":
