@@ -178,7 +178,7 @@ def run_measured(args: list[str], log: Path) -> dict[str, Any]:
 
 # -- evaluation (child process) ---------------------------------------------------------------------
 def evaluate(case_dir: Path) -> dict[str, Any]:
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
     from calibration.qdq import quantize_qdq, read_qdq_scales
 
@@ -196,7 +196,7 @@ def evaluate(case_dir: Path) -> dict[str, Any]:
     x, y = ev["x"], ev["y"] if "y" in ev.files else None
 
     def run(path: Path) -> np.ndarray:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = make_session(path)  # exact Q/DQ semantics
         return np.concatenate([sess.run(None, {"input": x[i:i + 64]})[0] for i in range(0, len(x), 64)])
 
     ref = run(case_dir / "model.onnx")

@@ -245,10 +245,10 @@ def write_variants(onnx_path: Path, out: Path, stem: str, amax: dict[str, float]
 
 
 def ort_check(fp32: Path, qdq: Path, x: np.ndarray, ref: Optional[np.ndarray] = None) -> dict[str, Any]:
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
     def run(path: Path) -> np.ndarray:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = make_session(path)  # exact Q/DQ semantics
         name = sess.get_inputs()[0].name
         return np.concatenate([sess.run(None, {name: x[k:k + 16]})[0] for k in range(0, len(x), 16)])
 
@@ -379,9 +379,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_json(out / "prepare.json", report)
 
     log("onnxruntime: FP32 against each Q/DQ model on the held-out crops")
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
-    sess = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    sess = make_session(fp32)  # exact Q/DQ semantics
     eval16 = held_out.astype(np.float16)  # what the GPU script feeds (as float32)
     x = eval16.astype(np.float32)
     ref = np.concatenate([sess.run(None, {"input": x[k:k + 16]})[0] for k in range(0, len(x), 16)])

