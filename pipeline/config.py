@@ -361,6 +361,11 @@ class BuildConfig(_Strict):
         default_factory=dict, description="TensorRT preview features turned on/off by name, e.g. "
         "{faster_dynamic_shapes_0805: false} (trtexec --preview=-fasterDynamicShapes0805)"
     )
+    hardware_compatibility: Literal["none", "ampere_plus"] = Field(
+        "none", description="TensorRT engines: 'none' runs on the building GPU's compute capability only; "
+        "'ampere_plus' (TensorRT >= 8.6, trtexec --hardwareCompatibilityLevel=ampere+) on every GPU of compute "
+        "capability 8.0 and later, with the same TensorRT"
+    )
 
     @model_validator(mode="after")
     def _one_profile_form(self) -> "BuildConfig":

@@ -134,11 +134,40 @@ RETIRED_PREVIEW_FEATURES = {
 }
 
 
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus")  # build.hardware_compatibility
+
+
+def apply_hardware_compatibility(trt: Any, config: Any, level: Optional[str]) -> dict[str, Any]:
+    """``build.hardware_compatibility``: ampere_plus sets ``HardwareCompatibilityLevel.AMPERE_PLUS``
+    (an engine that runs on every GPU of compute capability 8.0 and later, with the same TensorRT);
+    none (or None) leaves TensorRT's default, an engine for the building GPU's compute capability.
+    Returns {"hardware_compatibility": the level the config holds afterwards, lower case} where this
+    TensorRT has the setting (8.6 and later), else {}; ampere_plus asked of a TensorRT without it is a
+    ConfigError naming the version."""
+    if level is not None and level not in HARDWARE_COMPATIBILITY:
+        raise ConfigError(f"build.hardware_compatibility: {level!r} is not one of {', '.join(HARDWARE_COMPATIBILITY)}")
+    enum = getattr(trt, "HardwareCompatibilityLevel", None)
+    members = dict(getattr(enum, "__members__", {})) if enum is not None else {}
+    has = "AMPERE_PLUS" in members and hasattr(config, "hardware_compatibility_level")
+    if level == "ampere_plus":
+        if not has:
+            raise ConfigError(f"build.hardware_compatibility: ampere_plus needs trt.HardwareCompatibilityLevel "
+                              f"(TensorRT >= 8.6), which TensorRT {trt.__version__} does not have; set it to none "
+                              "(an engine for this GPU only) or build with TensorRT >= 8.6")
+        config.hardware_compatibility_level = members["AMPERE_PLUS"]
+    if not has:
+        return {}
+    held = config.hardware_compatibility_level
+    return {"hardware_compatibility": str(getattr(held, "name", held)).lower()}
+
+
 def apply_builder_options(trt: Any, config: Any, optimization_level: Optional[int],
-                          preview_features: dict[str, bool]) -> dict[str, Any]:
-    """Set ``builder_optimization_level`` and preview features on ``config``; returns what
-    the config holds afterwards (every preview feature this TensorRT knows, on or off)."""
-    out: dict[str, Any] = {}
+                          preview_features: dict[str, bool],
+                          hardware_compatibility: Optional[str] = None) -> dict[str, Any]:
+    """Set ``builder_optimization_level``, preview features and the hardware compatibility level
+    (`apply_hardware_compatibility`) on ``config``; returns what the config holds afterwards
+    (every preview feature this TensorRT knows, on or off; the hardware compatibility level)."""
+    out: dict[str, Any] = apply_hardware_compatibility(trt, config, hardware_compatibility)
     if optimization_level is not None:
         if not hasattr(config, "builder_optimization_level"):
             raise ConfigError(f"build.builder_optimization_level needs TensorRT >= 8.6 (this is {trt.__version__}); "

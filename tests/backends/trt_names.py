@@ -56,6 +56,8 @@ NAMES = {
         'IInt8MinMaxCalibrator': ['get_batch_size', 'get_algorithm', 'get_batch', 'read_calibration_cache', 'write_calibration_cache'],
         # python/src/infer/pyInt8.cpp
         'IInt8Calibrator': ['get_batch_size', 'get_algorithm', 'get_batch', 'read_calibration_cache', 'write_calibration_cache'],
+        # python/src/infer/pyCore.cpp
+        'HardwareCompatibilityLevel': ['NONE', 'AMPERE_PLUS'],
     },
     # ref v10.16 (commit 52399f555c2f80cb690a4a558b604e1a5f227e7c)
     '10.16': {
@@ -112,6 +114,8 @@ NAMES = {
         'IInt8MinMaxCalibrator': ['get_batch_size', 'get_algorithm', 'get_batch', 'read_calibration_cache', 'write_calibration_cache'],
         # python/src/infer/pyInt8.cpp
         'IInt8Calibrator': ['get_batch_size', 'get_algorithm', 'get_batch', 'read_calibration_cache', 'write_calibration_cache'],
+        # python/src/infer/pyCore.cpp
+        'HardwareCompatibilityLevel': ['NONE', 'AMPERE_PLUS', 'SAME_COMPUTE_CAPABILITY'],
     },
     # ref v11.1 (commit 82d1dca801c8318a5605399d5240780d0679e4e1)
     '11.1': {
@@ -162,5 +166,7 @@ NAMES = {
         'IProgressMonitor': ['phase_start', 'step_complete', 'phase_finish'],
         # python/src/infer/pyCore.cpp
         'ILogger': [],
+        # python/src/infer/pyCore.cpp
+        'HardwareCompatibilityLevel': ['NONE', 'AMPERE_PLUS', 'SAME_COMPUTE_CAPABILITY'],
     },
 }

@@ -22,7 +22,7 @@ KEEP = ["BuilderFlag", "NetworkDefinitionCreationFlag", "PreviewFeature", "Memor
         "LayerInformationFormat", "DataType", "LayerType", "Builder", "IBuilderConfig", "INetworkDefinition", "ILayer",
         "ITensor", "OnnxParser", "ParserError", "IOptimizationProfile", "Runtime", "ICudaEngine", "EngineInspector",
         "IExecutionContext", "ITimingCache", "IProgressMonitor", "ILogger", "IInt8EntropyCalibrator2",
-        "IInt8MinMaxCalibrator", "IInt8Calibrator"]
+        "IInt8MinMaxCalibrator", "IInt8Calibrator", "HardwareCompatibilityLevel"]
 DECL = re.compile(r'py::(class_|enum_)<([^;{]*?)>\s*(?:\w+\s*)?[({]\s*(\w+)\s*,\s*"(\w+)"')
 MEMBER = re.compile(r'\.(def|def_property|def_property_readonly|def_readwrite|def_readonly|def_static|value)\s*\(\s*"(\w+)"')
 MODULE = re.compile(r'\bm\.(def|attr)\s*\(\s*"(\w+)"')

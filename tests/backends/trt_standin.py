@@ -10,9 +10,9 @@ sees it even where the code catches the error.
 
 Builder, BuilderConfig, Network, OnnxParser and the optimization profiles record what the
 code asked for (`trt._rec`: network creation flags, builder flags set/cleared, profiles,
-calibration profile and calibrator, layer precisions and output types, preview features,
-the parsed ONNX's Cast / Q/DQ nodes and FP16 initializers). `build_serialized_network`
-enforces the rules TensorRT documents for strongly typed networks (no precision flags, no
+calibration profile and calibrator, layer precisions and output types, preview features, the
+hardware compatibility level, the parsed ONNX's Cast / Q/DQ nodes and FP16 initializers).
+`build_serialized_network` enforces the rules TensorRT documents for strongly typed networks (no precision flags, no
 layer precisions or output types, no calibrator: an error and None, as TensorRT does),
 runs an attached INT8 calibrator the way TensorRT does (read_calibration_cache, else
 get_batch until None, then write_calibration_cache), and returns bytes the stand-in
@@ -59,6 +59,7 @@ class Recorder:
         self.parsed: dict[str, Any] = {}
         self.build_errors: list[str] = []
         self.calibration: dict[str, Any] = {}
+        self.hardware_compatibility: Optional[str] = None  # the level set on the builder config, if any
 
 
 def _bound(cls_name: str, names: list[str], rec: Recorder) -> type:
@@ -102,6 +103,8 @@ def make_trt(version: str) -> types.ModuleType:
     for e in ("BuilderFlag", "NetworkDefinitionCreationFlag", "PreviewFeature", "MemoryPoolType", "ProfilingVerbosity",
               "LayerInformationFormat", "DataType", "LayerType"):
         setattr(trt, e, enum_of(e))
+    if "HardwareCompatibilityLevel" in exported:  # 8.6 and later (NONE, AMPERE_PLUS; SAME_COMPUTE_CAPABILITY from 10)
+        trt.HardwareCompatibilityLevel = enum_of("HardwareCompatibilityLevel")
     DT = trt.DataType
     for alias, member in (("float32", "FLOAT"), ("float16", "HALF"), ("int8", "INT8"), ("int32", "INT32"),
                           ("int64", "INT64"), ("bool", "BOOL"), ("uint8", "UINT8"), ("bfloat16", "BF16")):
@@ -290,6 +293,7 @@ def make_trt(version: str) -> types.ModuleType:
             object.__setattr__(self, "_calibrator", None)
             object.__setattr__(self, "_cache", None)
             object.__setattr__(self, "_opt_level", 3)
+            object.__setattr__(self, "_hw_level", getattr(trt, "HardwareCompatibilityLevel", {"NONE": None})["NONE"])
 
         def set_memory_pool_limit(self, pool: Any, size: int) -> None:
             rec.memory_pools[pool.name] = int(size)
@@ -348,6 +352,17 @@ def make_trt(version: str) -> types.ModuleType:
         @builder_optimization_level.setter
         def builder_optimization_level(self, level: int) -> None:
             object.__setattr__(self, "_opt_level", int(level))
+
+        @property
+        def hardware_compatibility_level(self) -> Any:
+            return self._hw_level
+
+        @hardware_compatibility_level.setter
+        def hardware_compatibility_level(self, level: Any) -> None:
+            if not isinstance(level, trt.HardwareCompatibilityLevel):
+                raise TypeError(f"hardware_compatibility_level takes a tensorrt.HardwareCompatibilityLevel, not {level!r}")
+            object.__setattr__(self, "_hw_level", level)
+            rec.hardware_compatibility = level.name
 
     class Builder(_bound("Builder", names["Builder"], rec)):
         def __init__(self, logger: Any) -> None:
