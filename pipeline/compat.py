@@ -21,8 +21,39 @@ from typing import Any, Mapping, Optional, Union
 from calibration.cache import trt_version_parts
 
 from .errors import ArtifactError
-from .manifest import normalize_cc
+from .manifest import HARDWARE_COMPATIBILITY_NONE, hardware_compatibility, normalize_cc
 from .runtime.cuda_device import probe_gpu
+
+AMPERE_PLUS_MIN_CC = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS: "Ampere and newer GPUs"
+
+
+def _cc_tuple(cc: Optional[str]) -> Optional[tuple[int, int]]:
+    try:
+        major, minor = str(cc).split(".")
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
+def cc_fits(built_cc: Optional[str], here_cc: Optional[str], level: str = HARDWARE_COMPATIBILITY_NONE) -> bool:
+    """Whether an engine built on compute capability `built_cc` with hardware compatibility `level`
+    runs on a GPU of compute capability `here_cc`: none needs the same compute capability,
+    ampere_plus any of 8.0 and later. Unknown on either side is not a mismatch."""
+    built_cc, here_cc = normalize_cc(built_cc), normalize_cc(here_cc)
+    if not built_cc or not here_cc:
+        return True
+    if level == "ampere_plus":
+        here_t = _cc_tuple(here_cc)
+        return here_t is not None and here_t >= AMPERE_PLUS_MIN_CC
+    return built_cc == here_cc
+
+
+def engine_needs(built_cc: Optional[str], level: str = HARDWARE_COMPATIBILITY_NONE) -> str:
+    """'compute capability 9.0', or 'compute capability 8.0 or later (ampere_plus, built on 9.0)'."""
+    if level == "ampere_plus":
+        major, minor = AMPERE_PLUS_MIN_CC
+        return f"compute capability {major}.{minor} or later (ampere_plus, built on {normalize_cc(built_cc)})"
+    return f"compute capability {normalize_cc(built_cc)}"
 
 
 def compat_findings(manifest: Mapping[str, Any], here: Mapping[str, Any]) -> list[str]:
@@ -34,11 +65,15 @@ def compat_findings(manifest: Mapping[str, Any], here: Mapping[str, Any]) -> lis
         built_trt = sw.get("tensorrt") or manifest.get("backend_version")
         built_cc = normalize_cc(hw.get("compute_capability"))
         built_gpu = hw.get("gpu", "unknown GPU")
+        level = hardware_compatibility(manifest)
+        if level not in (HARDWARE_COMPATIBILITY_NONE, "ampere_plus"):
+            out.append(f"engine has hardware compatibility {level!r}, which this trtpipe does not know (it knows none "
+                       "and ampere_plus); use the trtpipe that published it")
         if "tensorrt" in here and not here.get("tensorrt"):
             why = f" ({here['tensorrt_error']})" if here.get("tensorrt_error") else ""
             out.append(
-                f"cannot run here: no TensorRT{why}; this engine needs TensorRT {built_trt} on a GPU of compute capability "
-                f"{built_cc} ({built_gpu}): install trtpipe[tensorrt] on such a machine"
+                f"cannot run here: no TensorRT{why}; this engine needs TensorRT {built_trt} on a GPU of "
+                f"{engine_needs(built_cc, level)} ({built_gpu}): install trtpipe[tensorrt] on such a machine"
             )
         # TensorRT engines are only guaranteed to deserialize with the exact version that built them.
         elif built_trt and here.get("tensorrt") and trt_version_parts(built_trt) != trt_version_parts(here["tensorrt"]):
@@ -48,10 +83,17 @@ def compat_findings(manifest: Mapping[str, Any], here: Mapping[str, Any]) -> lis
             )
         if "compute_capability" in here and not here.get("compute_capability"):
             why = f" ({here['gpu_error']})" if here.get("gpu_error") else ""
-            out.append(f"cannot run here: no CUDA GPU visible{why}; this engine needs compute capability {built_cc} ({built_gpu})")
+            out.append(f"cannot run here: no CUDA GPU visible{why}; this engine needs {engine_needs(built_cc, level)} "
+                       f"({built_gpu})")
         else:
             here_cc = normalize_cc(here.get("compute_capability"))
-            if built_cc and here_cc and built_cc != here_cc:
+            if level == "ampere_plus" and not cc_fits(built_cc, here_cc, level):
+                out.append(
+                    f"engine was built hardware-compatible (ampere_plus) on compute capability {built_cc} ({built_gpu}) "
+                    f"and runs on compute capability 8.0 and later; this GPU is compute capability {here_cc} "
+                    f"({here.get('gpu') or 'unknown GPU'}): rebuild it on this GPU"
+                )
+            elif level != "ampere_plus" and not cc_fits(built_cc, here_cc):
                 out.append(
                     f"engine was built for compute capability {built_cc} ({built_gpu}), "
                     f"this GPU is compute capability {here_cc} ({here.get('gpu') or 'unknown GPU'}); "
@@ -107,7 +149,7 @@ ManifestArg = Union[None, str, Path, Mapping[str, Any]]
 
 def manifest_from_build_info(build_info: Mapping[str, Any]) -> Optional[dict[str, Any]]:
     """The parts of a build.json (or a manifest) that `check_runs_here` reads, in manifest form."""
-    from .manifest import build_environment
+    from .manifest import build_environment, build_hardware_compatibility
 
     if not build_info:
         return None
@@ -115,13 +157,18 @@ def manifest_from_build_info(build_info: Mapping[str, Any]) -> Optional[dict[str
         build_info = build_info["manifest"]
     if "software" in build_info and "hardware" in build_info:
         return {"backend": build_info.get("backend", "tensorrt"), "software": build_info["software"],
-                "hardware": build_info["hardware"]}
+                "hardware": build_info["hardware"], "settings": _level_setting(hardware_compatibility(build_info))}
     env = build_environment(build_info)
     return {
         "backend": build_info.get("backend", "tensorrt"),
         "software": {"tensorrt": env.get("tensorrt")},
         "hardware": {"compute_capability": env.get("compute_capability"), "gpu": env.get("gpu")},
+        "settings": _level_setting(build_hardware_compatibility({"backend": "tensorrt", **build_info})),
     }
+
+
+def _level_setting(level: str) -> dict[str, Any]:
+    return {} if level == HARDWARE_COMPATIBILITY_NONE else {"hardware_compatibility": level}
 
 
 def _load_manifest(manifest: ManifestArg, engine_path: Path) -> tuple[Optional[Mapping[str, Any]], str]:

@@ -4,7 +4,9 @@ Version string: `<model>-<precision>-<backend><version>-<device>-<hash8>`, where
 the start of `inputs_digest`, a sha256 over the variant's identity: model, precision,
 backend and its version, device (sm<cc> or cpu), the hashes of every input (checkpoint,
 ONNX, calibration data and cache, the config sections that shape the variant) and the
-build settings. The same inputs always give the same version; the version can be
+build settings (among them `settings.hardware_compatibility: ampere_plus` for a TensorRT engine
+built to run on every GPU of compute capability 8.0 and later; absent: the building GPU's
+compute capability only). The same inputs always give the same version; the version can be
 recomputed from the manifest alone, so an edited manifest is caught by `verify`.
 
 What is *not* in the digest is descriptive: timings, metrics, dates, file hashes of the
@@ -90,6 +92,25 @@ def device_tag(backend: str, environment: Mapping[str, Any]) -> str:
         cc = normalize_cc(environment.get("compute_capability"))
         return f"sm{cc.replace('.', '')}" if cc else "gpu"
     return str(environment.get("device") or "cpu")
+
+
+HARDWARE_COMPATIBILITY_NONE = "none"
+
+
+def hardware_compatibility(m: Mapping[str, Any]) -> str:
+    """The hardware compatibility of a manifest's engine: 'ampere_plus' (runs on compute capability
+    8.0 and later) or 'none' (the building GPU's compute capability only). Recorded in `settings`, so
+    the version and every digest cover it; absent means none (manifests from before the field, and
+    every engine built without it, which keeps those versions' identity unchanged)."""
+    return str((m.get("settings") or {}).get("hardware_compatibility") or HARDWARE_COMPATIBILITY_NONE)
+
+
+def build_hardware_compatibility(build: Mapping[str, Any]) -> str:
+    """What a build.json says its TensorRT builder config held (details.hardware_compatibility);
+    'none' where it says nothing (onnxruntime, or a TensorRT without the setting)."""
+    if build.get("backend") != "tensorrt":
+        return HARDWARE_COMPATIBILITY_NONE
+    return str((build.get("details") or {}).get("hardware_compatibility") or HARDWARE_COMPATIBILITY_NONE)
 
 
 def identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,6 +239,8 @@ def make_manifest(
         "inputs": dict(inputs),
         "settings": dict(settings),
     }
+    if build_hardware_compatibility(build) != HARDWARE_COMPATIBILITY_NONE:  # part of the version (see hardware_compatibility)
+        m["settings"]["hardware_compatibility"] = build_hardware_compatibility(build)
     m["inputs_digest"] = digest_of(identity(m))
     m["version"] = version_string(model, precision, backend, m["backend_version"], m["device"], m["inputs_digest"])
     hardware = {k: env.get(k) for k in ("gpu", "compute_capability", "driver", "cuda_runtime", "device", "cpu") if env.get(k) is not None}

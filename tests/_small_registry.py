@@ -5,7 +5,10 @@ ONNX model (one Mul node, so onnxruntime loads and runs it), build.json and eval
 written as BuildReport / EvalReport by pipeline.reports.write_report, and the manifest made
 by pipeline.manifest.make_manifest from those reports with the publish stage's own
 helpers (settings, metrics, software). Only training and measuring are skipped: the
-numbers in the reports are given, not measured."""
+numbers in the reports are given, not measured. `published_engine` does the same for a
+TensorRT engine of a given compute capability and TensorRT version (the engine bytes stand
+in: no GPU here; the builder options in build.json come from trt_build.apply_builder_options
+run on the stand-in TensorRT of tests/backends)."""
 
 from __future__ import annotations
 
@@ -107,6 +110,58 @@ def published(work: Path, reg: Path, precision: str = "fp32", **kw: Any) -> Simp
     v.status, v.path = registry.publish(reg, v.manifest, v.sources)
     v.version = v.manifest["version"]
     return v
+
+
+ENGINE_PROFILE = [{"input": {"min": [1, 4], "opt": [8, 4], "max": [32, 4]}}]
+
+
+def builder_details(trt_version: str, hardware_compatibility: Optional[str] = None) -> dict[str, Any]:
+    """What trt_build.apply_builder_options records in build.json's details for a builder config of
+    the stand-in TensorRT `trt_version` (tests/backends/trt_standin.py)."""
+    from pipeline.backends.trt_build import apply_builder_options
+    from tests.backends.trt_standin import make_trt
+
+    trt = make_trt(trt_version)
+    config = trt.Builder(None).create_builder_config()
+    return apply_builder_options(trt, config, None, {}, hardware_compatibility)
+
+
+def published_engine(work: Path, reg: Path, cc: str, *, scale: float = 2.0, published_at: str = PUBLISHED_AT,
+                     plan: bytes = b"", profiles: Any = ENGINE_PROFILE, workspace_mb: int = 1024, trt: str = "10.3.0",
+                     precision: str = "fp16", hardware_compatibility: Optional[str] = None,
+                     model: str = "tiny") -> tuple[str, Path, dict]:
+    """A TensorRT version built for compute capability `cc` with TensorRT `trt`, through
+    registry.publish with the publish stage's helpers; returns (version, folder, manifest)."""
+    from pipeline.stages.publish import _settings, _software
+
+    level = hardware_compatibility or "none"
+    bdir = Path(work) / "trt" / model / precision / f"{cc}-{trt}-{level}" / str(scale)
+    exported = tiny_onnx(Path(work) / "export" / model / f"{scale}.onnx", scale)
+    bdir.mkdir(parents=True, exist_ok=True)
+    engine = bdir / "model.plan"
+    engine.write_bytes(plan or f"engine for sm{cc} TensorRT {trt} {level} from {scale}".encode())
+    env = {"backend": "tensorrt", "tensorrt": trt, "gpu": f"GPU sm{cc}", "compute_capability": cc,
+           "driver": "550.54", "cuda_runtime": "12.4"}
+    build = BuildReport(model=model, precision=precision, backend="tensorrt", backend_version=trt,
+                        backend_requested="tensorrt", artifact="model.plan", onnx_sha256=sha256_file(exported),
+                        sha256=sha256_file(engine), engine_bytes=engine.stat().st_size,
+                        built_at="2026-12-01T09:00:00+00:00", environment=env, flags=[precision],
+                        profiles=profiles, workspace_mb=workspace_mb,
+                        details=builder_details(trt, hardware_compatibility))
+    write_report(bdir / "build.json", build)
+    sources = {"model.plan": engine, "build.json": bdir / "build.json"}
+    roles = {"model.plan": ROLE_ARTIFACT, "build.json": ROLE_BUILD}
+    files = {n: {"sha256": sha256_file(p), "bytes": p.stat().st_size, "role": roles[n]} for n, p in sources.items()}
+    config = {"model": {"name": model}}
+    inputs = {"checkpoint": sha256_bytes(f"{model} checkpoint".encode()), "onnx": build.onnx_sha256,
+              "config": sha256_bytes(json.dumps(config, sort_keys=True).encode())}
+    m = make_manifest(model, precision, build.model_dump(), inputs=inputs, settings=_settings(precision, build),
+                      metrics={}, files=files, software=_software(build, None), config=config,
+                      io={"inputs": [{"name": "input", "dtype": "float32", "shape": ["N", 4]}],
+                          "outputs": [{"name": "logits", "dtype": "float32", "shape": ["N", 4]}], "opset": 17},
+                      published_at=published_at, notes=[])
+    _, path = registry.publish(reg, m, sources)
+    return m["version"], path, m
 
 
 def tree(path: Path) -> dict[str, tuple[str, int]]:

@@ -3,7 +3,6 @@ versions (tests/_small_registry.py), its config.pbtxt checked field by field."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -12,48 +11,12 @@ from typing import Any
 
 import pytest
 
-from pipeline import registry, triton
+from pipeline import triton
 from pipeline.errors import ArtifactError
-from pipeline.fileio import sha256_bytes, sha256_file
-from pipeline.manifest import ROLE_ARTIFACT, ROLE_BUILD, make_manifest
-from pipeline.reports import BuildReport, write_report
 
 from tests import _small_registry as small
 
-PROFILE = [{"input": {"min": [1, 4], "opt": [8, 4], "max": [32, 4]}}]
-
-
-def publish_trt(work: Path, reg: Path, cc: str, *, scale: float = 2.0, published_at: str = small.PUBLISHED_AT,
-                plan: bytes = b"", profiles: Any = PROFILE, workspace_mb: int = 1024, trt: str = "10.3.0") -> tuple[str, Path, dict]:
-    """A TensorRT version built for compute capability `cc`, through registry.publish with the
-    publish stage's helpers (the engine bytes stand in: no GPU here)."""
-    from pipeline.stages.publish import _settings, _software
-
-    bdir = work / "trt" / cc / str(scale)
-    exported = small.tiny_onnx(work / "export" / "tiny" / f"{scale}.onnx", scale)
-    bdir.mkdir(parents=True, exist_ok=True)
-    engine = bdir / "model.plan"
-    engine.write_bytes(plan or f"engine for sm{cc} from {scale}".encode())
-    env = {"backend": "tensorrt", "tensorrt": trt, "gpu": f"GPU sm{cc}", "compute_capability": cc,
-           "driver": "550.54", "cuda_runtime": "12.4"}
-    build = BuildReport(model="tiny", precision="fp16", backend="tensorrt", backend_version=trt,
-                        backend_requested="tensorrt", artifact="model.plan", onnx_sha256=sha256_file(exported),
-                        sha256=sha256_file(engine), engine_bytes=engine.stat().st_size, built_at="2026-12-01T09:00:00+00:00",
-                        environment=env, flags=["fp16"], profiles=profiles, workspace_mb=workspace_mb)
-    write_report(bdir / "build.json", build)
-    sources = {"model.plan": engine, "build.json": bdir / "build.json"}
-    roles = {"model.plan": ROLE_ARTIFACT, "build.json": ROLE_BUILD}
-    files = {n: {"sha256": sha256_file(p), "bytes": p.stat().st_size, "role": roles[n]} for n, p in sources.items()}
-    config = {"model": {"name": "tiny"}}
-    inputs = {"checkpoint": sha256_bytes(b"tiny checkpoint"), "onnx": build.onnx_sha256,
-              "config": sha256_bytes(json.dumps(config, sort_keys=True).encode())}
-    m = make_manifest("tiny", "fp16", build.model_dump(), inputs=inputs, settings=_settings("fp16", build), metrics={},
-                      files=files, software=_software(build, None), config=config,
-                      io={"inputs": [{"name": "input", "dtype": "float32", "shape": ["N", 4]}],
-                          "outputs": [{"name": "logits", "dtype": "float32", "shape": ["N", 4]}], "opset": 17},
-                      published_at=published_at, notes=[])
-    _, path = registry.publish(reg, m, sources)
-    return m["version"], path, m
+publish_trt = small.published_engine  # a TensorRT version for one compute capability, by the real publish path
 
 
 def parse_pbtxt(text: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from ..manifest import (
     ROLE_LAYERS,
     ROLE_METRICS,
     build_environment,
+    build_hardware_compatibility,
     make_manifest,
     read_manifest,
 )
@@ -136,6 +137,17 @@ def _check_consistent(precision: str, build_dir: Path, build: BuildReport, eval_
     return artifact
 
 
+def _check_hardware_compatibility(cfg: Config, precision: str, build_dir: Path, build: BuildReport) -> None:
+    """A TensorRT engine must have been built with the build.hardware_compatibility the config asks for:
+    the manifest says where the engine runs from what build.json records, never from the config."""
+    if build.backend != "tensorrt":
+        return
+    asked, built = cfg.build.hardware_compatibility, build_hardware_compatibility(build.model_dump())
+    if asked != built:
+        raise ArtifactError(f"{build_dir}/build.json: the engine was built with hardware compatibility {built}, but "
+                            f"build.hardware_compatibility is {asked}; re-run build@{precision}")
+
+
 def _check_cache(path: Path, build: BuildReport, calib: Optional[CalibrateReport], network: Any = None) -> str:
     """Read the cache that would ship and check its header: the TensorRT the engine was built
     with (TensorRT builds), or the header the calibrate stage recorded; and its values: every
@@ -186,6 +198,7 @@ def prepare_variant(cfg: Config, precision: str, build_dir: Path, eval_path: Pat
     evaluation = read_report(eval_path, EvalReport, "evaluation report", f"evaluate@{precision}")
     onnx_sha = sha256_model(onnx_path)  # with its external data, as provenance hashes it
     artifact = _check_consistent(precision, build_dir, build, eval_path, evaluation, onnx_sha)
+    _check_hardware_compatibility(cfg, precision, build_dir, build)
     notes: list[str] = []
     sources: dict[str, tuple[Path, str]] = {
         build.artifact: (artifact, ROLE_ARTIFACT),
