@@ -1,4 +1,5 @@
-"""`trtpipe artifacts list | show VERSION | verify [VERSION]`: the published versions.
+"""`trtpipe artifacts list | show VERSION | verify [VERSION] | export --triton DIR | pull [MODEL] --to DIR`:
+the published versions.
 
 Registered into the main CLI by pipeline.cli._load_extras through `register(subparsers)`."""
 
@@ -213,9 +214,18 @@ def cmd_export(a: argparse.Namespace) -> None:
         print(f"{a.triton}/{name}: {', '.join(f'{arch} {f}' for arch, f in w['files'].items())} from {', '.join(w['versions'])}")
 
 
+def cmd_pull(a: argparse.Namespace) -> None:
+    from .pull import machine_here, machine_named, pull, text
+
+    named = a.for_cc is not None or a.for_tensorrt is not None
+    machine = machine_named(a.for_cc, a.for_tensorrt) if named else machine_here()
+    report = pull(a.registry, a.to, machine, a.model, a.precision)
+    print(report.model_dump_json(indent=2) if a.json else text(report))
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "artifacts", help="list, show and verify published versions",
+        "artifacts", help="list, show, verify, export and pull published versions",
         description="The published versions in the registry: list them, show one's manifest, verify hashes and whether it can run here.",
     )
     sub = p.add_subparsers(dest="artifacts_command", metavar="<command>", required=True)
@@ -253,3 +263,21 @@ def register(subparsers: Any) -> None:
     q.add_argument("--version", action="append", default=None, help="a version to export (repeatable; default: latest per architecture)")
     common(q)
     q.set_defaults(func=cmd_export)
+    q = sub.add_parser(
+        "pull", help="copy the published version that runs on this machine (or --for-cc/--for-tensorrt) to --to",
+        description="Pick, per precision, the published version of MODEL that runs on this machine (its compute "
+        "capability and TensorRT) or on the machine --for-cc/--for-tensorrt name: an engine for that GPU first, then a "
+        "hardware-compatible (ampere_plus) engine, then an onnxruntime (CPU) model; the newest publish within a rule. "
+        "Verify it and copy its files and manifest to DIR/<precision>/ (DIR new or empty; never overwritten).")
+    q.add_argument("model", nargs="?", help="the model (default: the only one in the registry)")
+    q.add_argument("--to", type=path_arg, required=True, metavar="DIR",
+                   help="folder to copy into (must not exist, or be empty)")
+    q.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="one precision (default: every published precision)")
+    q.add_argument("--for-cc", default=None, metavar="CC",
+                   help="pull for a machine with this compute capability (e.g. 9.0; none: no GPU) instead of this one; "
+                   "needs --for-tensorrt")
+    q.add_argument("--for-tensorrt", default=None, metavar="VERSION",
+                   help="that machine's TensorRT version (e.g. 10.16; none: no TensorRT)")
+    common(q)
+    q.set_defaults(func=cmd_pull)

@@ -1,6 +1,7 @@
 """Can an engine run here? A TensorRT engine is tied to the TensorRT version and the GPU
-architecture (compute capability) it was built for; loading checks both first and
-refuses a mismatch with a message naming both sides.
+architecture (compute capability) it was built for, or, built with hardware compatibility
+ampere_plus (manifest settings.hardware_compatibility), to any compute capability 8.0 and later;
+loading checks both first and refuses a mismatch with a message naming both sides.
 
 `here` is a mapping measured on this machine (`probe_here()`), or given by a caller or a
 test to simulate another machine:

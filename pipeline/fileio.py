@@ -241,6 +241,39 @@ def staging_dir(dst: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def new_dir(dst: str | Path, owner: str, key: str = "--to") -> Iterator[Path]:
+    """A temporary folder beside `dst` that becomes `dst` if the block succeeds, where `dst` does not
+    exist or is an empty folder: never over anything (refused before the block in one line; a folder
+    filled while the block ran makes the rename fail, and nothing is written). Unlike `staging_dir`,
+    which replaces its own earlier output."""
+    dst = Path(dst)
+    fix = f"give {key} a new or empty folder, or remove that one yourself"
+    _outside_checks(dst, key, owner, (), fix)
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise _refuse(key, dst, "is a file (or a link), not a folder", fix)
+    held = sorted(e.name for e in dst.iterdir()) if dst.is_dir() else []
+    if held:
+        raise _refuse(key, dst, f"exists and is not empty (it holds {', '.join(held[:4])}"
+                      f"{' ...' if len(held) > 4 else ''}); {owner} never overwrites", fix)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sweep_staging(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    try:
+        with _named_as(tmp, dst):
+            yield tmp
+        try:
+            os.rename(tmp, dst)  # onto a missing or empty folder only: POSIX refuses a non-empty one
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise _refuse(key, dst, f"something was written there while {owner} ran; nothing of {owner}'s "
+                          "was written", fix) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def _named_as(tmp: Path, dst: Path) -> Iterator[None]:
     """Errors raised while writing into the hidden working copy `tmp` name `dst` instead,
     the output the user knows."""

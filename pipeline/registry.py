@@ -312,6 +312,12 @@ def _resolve(version_or_path: str | Path, registry: str | Path) -> Path:
     raise ArtifactError(f"'{version_or_path}' matches {len(partial)} versions ({', '.join(d.name for d in partial)}); give more of it")
 
 
+def publish_order(registry: str | Path, m: Mapping[str, Any]) -> tuple[str, int]:
+    """A sort key on which later is newer: published_at, then the position in the model's ledger."""
+    entries = list(read_ledger(registry, str(m.get("model"))).entries)
+    return (str(m.get("published_at") or ""), entries.index(m["version"]) if m.get("version") in entries else -1)
+
+
 def summary(vdir: Path, m: Mapping[str, Any]) -> dict[str, Any]:
     """One row of `trtpipe artifacts list`."""
     metrics = m.get("metrics") or {}

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .errors import ArtifactError
 from .fileio import sha256_file, staging_dir, write_json
 from .manifest import read_manifest
-from .registry import integrity_findings, read_ledger, resolve, version_dirs
+from .registry import integrity_findings, publish_order, resolve, version_dirs
 
 MARKER = ".trtpipe-triton.json"
 MARKER_KIND = "trtpipe.triton_export"
@@ -44,13 +44,6 @@ def _arch(m: Mapping[str, Any]) -> str:
     return str(m.get("device") or "cpu")
 
 
-def _order(registry: Path, m: Mapping[str, Any]) -> tuple[str, int]:
-    """Later is newer: published_at, then the position in the model's ledger."""
-    entries = list(read_ledger(registry, str(m.get("model"))).entries)
-    pos = entries.index(m["version"]) if m["version"] in entries else -1
-    return (str(m.get("published_at") or ""), pos)
-
-
 def select(registry: str | Path, versions: Optional[Sequence[str]] = None) -> dict[tuple[str, str], list[tuple[Path, dict]]]:
     """(model, precision) -> [(version folder, manifest)], one per architecture.
     Default: the latest published version per architecture; TensorRT versions when a
@@ -71,7 +64,7 @@ def select(registry: str | Path, versions: Optional[Sequence[str]] = None) -> di
         if not versions and any(m["backend"] == "tensorrt" for _, m in items):
             items = [(d, m) for d, m in items if m["backend"] == "tensorrt"]
         per_arch: dict[str, tuple[Path, dict]] = {}
-        for d, m in sorted(items, key=lambda dm: _order(registry, dm[1])):
+        for d, m in sorted(items, key=lambda dm: publish_order(registry, dm[1])):
             arch = _arch(m)
             if versions and arch in per_arch:
                 raise ArtifactError(f"--version {per_arch[arch][1]['version']} and {m['version']} are both for {arch} "
