@@ -306,10 +306,14 @@ class ActivationCollector:
         self.excluded: dict[str, str] = {}
         #: max|x| of the tensors excluded for carrying sentinels (Inf for +-Inf).
         self.excluded_max_abs: dict[str, float] = {}
+        self._order = list(names)  # graph order, the excluded ones included (maxima())
         exclude = [exclude] if isinstance(exclude, str) else list(exclude)
         for name, glob in match_excludes(names, exclude, str(self.onnx_path)).items():
             self.excluded[name] = f"excluded by calibration.exclude {glob!r}"
         names = [n for n in names if n not in self.excluded]
+        #: Excluded by a glob: fetched for their max|x| only (:meth:`maxima`), never binned.
+        self._max_only = [n for n in self.excluded]
+        self._max_only_set = set(self._max_only)
         if not names:
             raise CalibrationError(f"{self.onnx_path}: calibration.exclude {exclude} leaves no tensor to "
                                    "calibrate; exclude fewer tensors")
@@ -321,7 +325,7 @@ class ActivationCollector:
         #: tensor -> (the tensor whose values it is binned from, whether through Relu).
         self.derived = derivable_tensors(model, names + list(self.excluded), self.output_names) if derive else {}
         self.derived = {n: d for n, d in self.derived.items() if n in names}
-        sources = [n for n in list(dict.fromkeys(names + [r for r, _ in self.derived.values()]))
+        sources = [n for n in list(dict.fromkeys(names + [r for r, _ in self.derived.values()] + self._max_only))
                    if n not in self.derived]
         self._fed = [n for n in sources if n in graph_inputs]  # histogrammed from the feeds directly
         exposed = [n for n in sources if n not in graph_inputs]
@@ -404,8 +408,12 @@ class ActivationCollector:
                 arrays[name] = self._flat(name, values[i], where)
             values[i] = None
         ranges = dict(zip(arrays, binner.ranges(list(arrays.values()))))
+        for name in self._max_only:  # a NaN there is not calibration's concern: inf (not finite) in maxima()
+            lo, hi = ranges[name]
+            m = float(max(hi, -lo)) if not (np.isnan(lo) or np.isnan(hi)) else float("inf")
+            self.excluded_max_abs[name] = max(self.excluded_max_abs.get(name, 0.0), m)
         for name, (lo, hi) in ranges.items():
-            if np.isnan(lo) or np.isnan(hi):
+            if (np.isnan(lo) or np.isnan(hi)) and name not in self._max_only_set:
                 flat = arrays[name]
                 n_nan, n_inf = int(np.count_nonzero(np.isnan(flat))), int(np.count_nonzero(np.isinf(flat)))
                 raise CalibrationError(
@@ -438,6 +446,14 @@ class ActivationCollector:
         self.stats.batches += 1
         self.stats.samples += size
         self.stats.batch_sizes.append(size)
+
+    def maxima(self) -> dict[str, float]:
+        """max|x| over every batch so far of every collected floating tensor (graph inputs and
+        activations, the excluded ones included; inf where a value was not finite), in graph
+        order: what an FP16 build needs to know which tensors leave FP16's range."""
+        seen = {n: h.max_abs for n, h in self.histograms.items()}
+        seen.update(self.excluded_max_abs)
+        return {n: float(seen[n]) for n in self._order if n in seen}
 
     @staticmethod
     def _flat(name: str, value: Any, where: str) -> np.ndarray:

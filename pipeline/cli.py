@@ -130,7 +130,7 @@ def cmd_build(a: argparse.Namespace) -> None:
     from .stages import build
 
     out = _out(a.out or Path(A, "build", a.precision))
-    calib_dir = a.calib_dir if a.precision == "int8" else None
+    calib_dir = a.calib_dir if a.precision in ("int8", "fp16") else None  # fp16: calibrate's maxima.json
     r = build.run(_cfg(a), a.precision, a.onnx, out, calib_dir=calib_dir, calib_data=a.calib_data,
                   validation=a.validation, tune_dir=a.tune_dir if a.precision == "int8" else None)
     _timings(a, r)

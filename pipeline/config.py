@@ -323,8 +323,13 @@ class FP16Config(_Strict):
         default_factory=lambda: ["Softmax", "LayerNormalization", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf"],
         description="op types kept in fp32 in fp16 variants (reductions that overflow in fp16)")
     keep_fp32_nodes: list[str] = Field(default_factory=list, description="node-name globs kept in fp32")
-    range_check: bool = Field(True, description="run the FP32 model on calibration samples and keep in fp32 every "
-                              "node whose activations leave fp16's range")
+    range_check: bool = Field(True, description="keep in fp32 every node whose activations leave fp16's range on the "
+                              "calibration samples (the max|x| the calibrate stage measured: maxima.json)")
+    source: Literal["auto", "typed_onnx", "flag"] = Field(
+        "auto", description="TensorRT fp16 from 'typed_onnx' (FP16 initializers and Casts, the kept nodes in FP32; "
+        "built strongly typed on TensorRT >= 10, with the FP16 flag and FP32 pins on 8.6) or from the 'flag' "
+        "(BuilderFlag.FP16 on the FP32 ONNX; TensorRT < 11); 'auto': typed_onnx where builds are strongly typed "
+        "(>= 10), the flag on 8.6")
 
 
 class BuildConfig(_Strict):

@@ -339,7 +339,7 @@ def generate(cfg: Config, config_path: str, params_path: Path = Path("params.yam
     extra_params["int8"] = [k for k in int8["params.yaml"] if k not in base["params.yaml"]]
     extra_cfg = {p: [] for p in PRECISIONS}
     extra_cfg["int8"] = [k for k in int8.get(config_path, []) if k not in base.get(config_path, [])]
-    extra_deps = {"fp32": [], "fp16": [f"{P}/calib.npz"],
+    extra_deps = {"fp32": [], "fp16": [f"{A}/calibrate/maxima.json"] if cfg.build.fp16.range_check else [],
                   "int8": [f"{P}/calib.npz", f"{A}/calibrate"] + (tune_outs if from_tune else [])}
     dslots, nd = _slots(extra_deps, f"{A}/validate/validate.json")
     pslots, npar = _slots(extra_params, "config")

@@ -402,6 +402,7 @@ CALIBRATE_REPORT = STAGE_REPORTS["calibrate"]
 RANGES_FILE = "ranges.json"
 CACHE_FILE = "calibration.cache"
 QDQ_FILE = "model.qdq.onnx"
+MAXIMA_FILE = "maxima.json"  # max|x| of every float tensor on the calibration samples (FP16 range check)
 REGISTRY_LOCK = ".trtpipe.lock"  # in every registry's root (pipeline.registry)
 PROJECT_MARKERS = ("dvc.yaml", "params.yaml", ".git", ".dvc", "pyproject.toml")
 _NOT_OURS = (".gitignore",)

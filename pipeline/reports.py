@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ArtifactError, PipelineError
 
@@ -110,6 +110,27 @@ class ValidateReport(Report):
 
 
 # -- calibrate -----------------------------------------------------------------------------------
+class TensorMaxima(Report):
+    """maxima.json: max|x| of every floating tensor of the FP32 ONNX (graph inputs and
+    activations, those left out of INT8 included) over the calibration samples; None where a
+    value was not finite. Written by calibrate, read by build@fp16 (which nodes stay in FP32):
+    it depends only on the ONNX and the samples, so a calibration.method edit leaves it as it is."""
+
+    stage: Literal["calibrate"] = "calibrate"
+    what: str = "max |x| over the calibration samples; null: a value was +-Inf or NaN"
+    onnx_sha256: str
+    samples: int
+    tensors: dict[str, Optional[float]]
+
+    @field_validator("tensors")
+    @classmethod
+    def _magnitudes(cls, v: dict[str, Optional[float]]) -> dict[str, Optional[float]]:
+        bad = [f"{k}: {x}" for k, x in v.items() if x is not None and not (x >= 0 and x < float("inf"))]
+        if bad:
+            raise ValueError(f"max|x| must be a finite number >= 0 or null, got {', '.join(bad[:3])}")
+        return v
+
+
 class CalibrateReport(Report):
     stage: Literal["calibrate"] = "calibrate"
     method: str

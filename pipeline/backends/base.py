@@ -23,7 +23,8 @@ class BuildRequest:
     out_dir: Path  # staging folder: write the artifact (and side files) here
     config: Config
     calib_dir: Optional[Path] = None  # calibrate's outputs: ranges.json, calibration.cache, model.qdq.onnx
-    calib_data: Optional[Path] = None  # prepared calibration samples (calib.npz): TensorRT's calibrator, fp16 range check
+    calib_data: Optional[Path] = None  # prepared calibration samples (calib.npz): TensorRT's calibrator
+    fp16: Optional[Any] = None  # trt_typed.Fp16Plan: the fp16 variant as the build stage planned it (None: plan here)
 
 
 @dataclass
@@ -48,6 +49,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def load(self, artifact: Path, build_info: dict[str, Any]) -> Runner: ...
+
+    def fp16_route(self, cfg: Config) -> tuple[str, str]:
+        """("typed" | "flag", why): whether fp16 builds the typed FP16 ONNX (trt_typed.plan_fp16)."""
+        return "typed", f"{self.name} runs the typed FP16 ONNX"
 
     def environment(self) -> dict[str, Any]:
         """Software and hardware this backend runs on (goes into build.json and manifests)."""

@@ -8,7 +8,9 @@ FP32:
 * every node whose op type is in `build.fp16.keep_fp32_ops` (reductions by default);
 * every node whose name matches a glob of `build.fp16.keep_fp32_nodes`;
 * with `build.fp16.range_check` (default), every node that produces or consumes a float
-  tensor whose values leave FP16's range when the FP32 model runs on calibration samples.
+  tensor whose values leave FP16's range when the FP32 model runs on the calibration
+  samples: the max|x| the calibrate stage measured for every tensor (maxima.json), so
+  the build measures nothing again.
 
 Each kept node comes with its reason, which build.json records."""
 
@@ -28,32 +30,18 @@ RANGE_CHECK_SAMPLES = 64
 
 
 def tensor_maxima(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """max |x| of every float tensor the graph computes (inf where a value is not finite)."""
-    from calibration.collect import augment, calibration_tensors
-    from calibration.onnx_io import load_model
-    from calibration.ort_session import make_session
+    """max |x| of every float tensor the graph computes on `batches` (inf where a value is not
+    finite), by the calibrate stage's own collector: for a build called without that stage's
+    maxima.json (the library API; the build stage always has it)."""
+    from calibration.collect import collect_histograms
 
-    model = load_model(onnx_path)
-    names = calibration_tensors(model, "all")
-    graph_inputs = {i.name for i in model.graph.input}
-    exposed = [n for n in names if n not in graph_inputs]
-    session = make_session(augment(model, exposed), level="disable", what=f"{onnx_path} (every tensor exposed)")
-    maxima: dict[str, float] = {}
-    for batch in batches:
-        values = session.run(exposed, dict(batch))
-        for name, v in zip(exposed, values):
-            v = np.asarray(v)
-            if v.dtype.kind != "f" or not v.size:
-                continue
-            with np.errstate(invalid="ignore"):
-                m = float(np.max(np.abs(v))) if np.isfinite(v).all() else float("inf")
-            maxima[name] = max(maxima.get(name, 0.0), m)
-    return maxima
+    return collect_histograms(onnx_path, batches, progress=False).maxima()
 
 
-def keep_fp32_nodes(onnx_path: Path, cfg: FP16Config,
-                    batches: Optional[Iterable[Mapping[str, np.ndarray]]] = None) -> dict[str, str]:
-    """node name -> why it stays in FP32 (see the module docstring)."""
+def keep_fp32_nodes(onnx_path: Path, cfg: FP16Config, maxima: Optional[Mapping[str, Optional[float]]] = None,
+                    where: str = "the calibration samples") -> dict[str, str]:
+    """node name -> why it stays in FP32 (see the module docstring). `maxima`: max|x| per
+    tensor on `where` (None: a value was not finite); no range check without it."""
     from calibration.onnx_io import load_model
 
     model = load_model(onnx_path)
@@ -71,15 +59,15 @@ def keep_fp32_nodes(onnx_path: Path, cfg: FP16Config,
                               f"(e.g. {examples}); node names are the ONNX node names")
         for h in hits:
             keep.setdefault(h, f"matches build.fp16.keep_fp32_nodes '{pattern}'")
-    if cfg.range_check and batches is not None:
-        maxima = tensor_maxima(onnx_path, batches)
-        over = {t: m for t, m in maxima.items() if not m <= FP16_MAX}
+    if cfg.range_check and maxima is not None:
+        over = {t: m for t, m in maxima.items() if m is None or not m <= FP16_MAX}
         for n in nodes:
             for t in list(n.output) + list(n.input):
                 if t in over:
                     side = "produces" if t in n.output else "consumes"
-                    keep.setdefault(n.name, f"{side} '{t}' with |x| up to {over[t]:.3g}, beyond fp16's {FP16_MAX:g} "
-                                            "on calibration data")
+                    size = "values that are not finite" if over[t] is None or not np.isfinite(over[t]) \
+                        else f"|x| up to {over[t]:.3g}"
+                    keep.setdefault(n.name, f"{side} '{t}' with {size}, beyond fp16's {FP16_MAX:g} on {where}")
                     break
     return keep
 

@@ -86,24 +86,22 @@ def _save_optimized(onnx_path: Path, out: Path) -> None:
 
 
 def _fp16(req: BuildRequest, out: Path) -> BuildResult:
-    from ..data import load_samples
-    from .fp16 import describe, keep_fp32_nodes, range_check_batches
-    from .trt_typed import write_fp16_onnx
+    import os
 
-    cfg = req.config
-    batches = None
-    if cfg.build.fp16.range_check:
-        if req.calib_data is None:
-            raise BackendError("build.fp16.range_check needs the calibration samples (--calib-data); pass them or set "
-                               "build.fp16.range_check: false")
-        samples = load_samples(req.calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
-        batches = range_check_batches(samples.x)
-    keep = keep_fp32_nodes(req.onnx_path, cfg.build.fp16, batches)
-    info = write_fp16_onnx(req.onnx_path, keep, out)  # the same typed FP16 ONNX a strongly typed TensorRT builds
+    from .fp16 import describe
+    from .trt_typed import plan_fp16
+
+    plan = req.fp16 or plan_fp16(req.onnx_path, req.config, req.out_dir, ("typed", "onnxruntime runs the typed FP16 ONNX"),
+                                 req.calib_dir, req.calib_data)
+    if plan.route != "typed" or plan.onnx is None:
+        raise BackendError(f"onnxruntime builds fp16 from the typed FP16 ONNX only (the plan says {plan.route!r})")
+    os.replace(plan.onnx, out)  # the same typed FP16 ONNX a TensorRT build is given: the artifact itself
+    info = {**(plan.typed_onnx or {}), "file": ARTIFACT}
     return BuildResult(ARTIFACT, flags=["float16 weights and activations (onnxruntime.transformers.float16)", "float32 I/O"],
-                       kept_fp32=describe(keep),
-                       details={"weights_clamped_to_fp16_range": info["weights_clamped_to_fp16_range"],
-                                "examples": info["examples"]})
+                       kept_fp32=describe(plan.keep),
+                       details={"typed_onnx": info, "fp16": {**plan.describe(), "typed_onnx": info},
+                                "weights_clamped_to_fp16_range": info.get("weights_clamped_to_fp16_range", 0),
+                                "examples": info.get("examples", [])})
 
 
 class OnnxRuntimeBackend(Backend):

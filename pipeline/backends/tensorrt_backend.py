@@ -64,11 +64,12 @@ from .trt_build import (
     layer_summary,
     network_flags,
     parse_onnx,
+    resolve_fp16_route,
     resolve_int8_route,
     trt_api,
 )
-from .trt_layers import apply_layer_precisions, match_layer_precisions
-from .trt_typed import FP16_ONNX, write_fp16_onnx
+from .trt_layers import apply_layer_precisions
+from .trt_typed import FP16_ONNX, Fp16Plan, plan_fp16
 
 ENGINE_FILE = "model.engine"
 LAYERS_FILE = "layers.json"
@@ -112,6 +113,10 @@ class TensorRTBackend(Backend):
 
         return trt_runner(artifact, manifest=manifest_from_build_info(build_info), memory=self.memory)
 
+    def fp16_route(self, cfg: Any) -> tuple[str, str]:
+        """("typed" | "flag", why) of an fp16 build on this TensorRT (build.fp16.source)."""
+        return resolve_fp16_route(trt_api(require_tensorrt()), cfg.build.fp16.source)
+
     # -- build ---------------------------------------------------------------------------------
     def build(self, req: BuildRequest) -> BuildResult:
         trt = require_tensorrt()
@@ -127,28 +132,37 @@ class TensorRTBackend(Backend):
             notes.append(f"TensorRT {trt.__version__} deprecates implicit INT8 (since 10.1) and TensorRT 11 removed it; "
                          "build.int8_route: explicit is the route that keeps working on TensorRT 11")
             _log(notes[-1])
-        # Strongly typed: every typed ONNX on TensorRT >= 10; implicit INT8 (10 only) stays weakly typed.
-        strongly_typed = api.typed_builds and not (int8 and not explicit)
-        onnx_path = self._onnx_for(req, explicit)
-        profiles = config_profiles(onnx_inputs(onnx_path), cfg, onnx_path)  # cheap checks before the GPU
-        keep = self._fp16_keep(req) if req.precision == "fp16" else {}
-        typed_pins = self._typed_layer_precisions(api, req, keep) if strongly_typed and cfg.layer_precisions else None
         out_dir = Path(req.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        typed_onnx = None
-        if strongly_typed and req.precision == "fp16":
-            typed_onnx = write_fp16_onnx(onnx_path, keep, out_dir / FP16_ONNX)
-            onnx_path = out_dir / FP16_ONNX
-            notes.append(f"fp16: the typed FP16 ONNX ({FP16_ONNX}: FP16 initializers, {len(keep)} node(s) kept in FP32 "
-                         f"with Casts) built strongly typed: TensorRT {trt.__version__} takes precision from the ONNX")
+        fp16: Optional[Fp16Plan] = None
+        if req.precision == "fp16":  # the build stage plans it (req.fp16); the library API gets the same plan here
+            fp16 = req.fp16 or plan_fp16(req.onnx_path, req.config, out_dir, resolve_fp16_route(api, cfg.fp16.source),
+                                         req.calib_dir, req.calib_data)
+        # Strongly typed: every typed ONNX on TensorRT >= 10; implicit INT8 and the FP16 flag (10 only) stay weakly typed.
+        strongly_typed = api.typed_builds and not (int8 and not explicit) and not (fp16 and fp16.route == "flag")
+        onnx_path = fp16.onnx if fp16 and fp16.route == "typed" else self._onnx_for(req, explicit)
+        profiles = config_profiles(onnx_inputs(onnx_path), cfg, onnx_path)  # cheap checks before the GPU
+        keep = dict(fp16.keep) if fp16 else {}
+        typed_pins = self._typed_layer_precisions(api, req, fp16) if strongly_typed and cfg.layer_precisions else None
+        typed_onnx = fp16.typed_onnx if fp16 else None
+        if fp16 is not None:
+            notes.append(f"fp16: {fp16.why}")
+            if fp16.route == "typed":
+                how = (f"built strongly typed: TensorRT {trt.__version__} takes precision from the ONNX" if strongly_typed
+                       else f"built with the FP16 flag, its {len(keep)} FP32 node(s) pinned to FP32 (TensorRT "
+                            f"{trt.__version__} has no strongly typed networks)")
+                notes.append(f"fp16: the typed FP16 ONNX ({FP16_ONNX}: FP16 initializers, {len(keep)} node(s) kept in "
+                             f"FP32 with Casts) {how}")
         dev = device_info(0)
         t_start = time.monotonic()
 
         builder = trt.Builder(get_logger())
         network, parser, net_flag_names = self._network(trt, builder, onnx_path, strongly_typed)
         config, flags_set = self._config(trt, api, builder, req, strongly_typed)
-        pins, kept = self._precisions(trt, api, network, config, req, strongly_typed, keep, typed_pins)
-        options = apply_builder_options(trt, config, cfg.builder_optimization_level, cfg.preview_features)
+        pins, kept = self._precisions(trt, api, network, config, req, strongly_typed, keep, typed_pins,
+                                      skip=fp16.added_casts if fp16 else ())
+        options = apply_builder_options(trt, config, cfg.builder_optimization_level, cfg.preview_features,
+                                        cfg.hardware_compatibility)
         notes += options.pop("notes", [])
 
         self._add_profiles(builder, config, profiles)
@@ -185,6 +199,7 @@ class TensorRTBackend(Backend):
                 "network_flags": net_flag_names,
                 "precision_flags_set": flags_set,
                 "typed_onnx": typed_onnx,
+                "fp16": fp16.describe() if fp16 else None,
                 "tensorrt_api": api.describe(),
                 "notes": notes,
                 **options,
@@ -245,13 +260,15 @@ class TensorRTBackend(Backend):
         return config, flags_set
 
     def _precisions(self, trt: Any, api: TrtApi, network: Any, config: Any, req: BuildRequest, strongly_typed: bool,
-                    keep: dict[str, str], typed_pins: Optional[dict[str, Any]]) -> tuple[Optional[dict], dict[str, str]]:
+                    keep: dict[str, str], typed_pins: Optional[dict[str, Any]],
+                    skip: Any = ()) -> tuple[Optional[dict], dict[str, str]]:
         """(layer pins, nodes kept in FP32): a typed build has them in its ONNX already; a weakly typed one pins
-        build.layer_precisions and the FP16 keep-list on the network's layers."""
+        build.layer_precisions and the FP16 keep-list on the network's layers (never the Casts of a typed FP16
+        ONNX, `skip`: their output types are the types the ONNX asks for)."""
         if strongly_typed:
             return typed_pins, dict(keep)
         pins = self._pin_layers(trt, network, config, req.config.build.layer_precisions, req.precision)
-        kept = self._pin_fp32(trt, api, network, config, keep) if keep else {}
+        kept = self._pin_fp32(trt, api, network, config, keep, frozenset(skip)) if keep else {}
         return pins, kept
 
     @staticmethod
@@ -315,45 +332,21 @@ class TensorRTBackend(Backend):
         return path
 
     @staticmethod
-    def _fp16_keep(req: BuildRequest) -> dict[str, str]:
-        from ..data import load_samples
-        from .fp16 import keep_fp32_nodes, range_check_batches
-
-        cfg = req.config
-        batches = None
-        if cfg.build.fp16.range_check and req.calib_data is not None:
-            samples = load_samples(req.calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
-            batches = range_check_batches(samples.x)
-        return keep_fp32_nodes(req.onnx_path, cfg.build.fp16, batches)
-
-    @staticmethod
-    def _typed_layer_precisions(api: TrtApi, req: BuildRequest, keep: dict[str, str]) -> dict[str, Any]:
-        """build.layer_precisions on a strongly typed build: on fp16, its fp32 pins join `keep`
-        (the FP16 ONNX leaves them in FP32 with Casts around them); anything else is refused."""
-        from ..onnx_utils import load_onnx
-
-        patterns = req.config.build.layer_precisions
-        if req.precision != "fp16":
-            raise ConfigError(
-                f"build.layer_precisions cannot pin layers of a strongly typed TensorRT {api.version} {req.precision} "
-                "build: the types come from the ONNX; for int8 use tune's result (build.int8_from_tune: true, Q/DQ "
-                "removed on the kept layers) or calibration.exclude, for fp32 remove it (pin fp32 nodes in the fp16 "
-                "variant)")
-        nodes = [n.name for n in load_onnx(req.onnx_path).graph.node]
-        assign, matched = match_layer_precisions(nodes, patterns)
-        clash = [n for n, p in assign.items() if p == "fp16" and n in keep]
-        if clash:
-            raise ConfigError(f"build.layer_precisions pins {clash[0]!r} to fp16, but the fp16 variant keeps it in FP32 "
-                              f"({keep[clash[0]]}); remove that pin")
-        for n, p in assign.items():
-            if p == "fp32":
-                keep.setdefault(n, "build.layer_precisions: fp32")
-        return {"matched": matched, "pinned": assign, "skipped": [],
-                "applied_as": "typed ONNX: fp32 pins kept in FP32 with Casts; fp16 pins are FP16 in the FP16 ONNX"}
+    def _typed_layer_precisions(api: TrtApi, req: BuildRequest, fp16: Optional[Fp16Plan]) -> Optional[dict[str, Any]]:
+        """build.layer_precisions on a strongly typed build: on fp16, the FP32 Casts the fp16 plan wrote
+        (trt_typed.typed_layer_pins); on any other precision a one-line refusal naming what to use."""
+        if fp16 is not None:
+            return fp16.pins
+        raise ConfigError(
+            f"build.layer_precisions cannot pin layers of a strongly typed TensorRT {api.version} {req.precision} "
+            "build: the types come from the ONNX; for int8 use tune's result (build.int8_from_tune: true, Q/DQ "
+            "removed on the kept layers) or calibration.exclude, for fp32 remove it (pin fp32 nodes in the fp16 "
+            "variant)")
 
     @staticmethod
-    def _pin_fp32(trt: Any, api: TrtApi, network: Any, config: Any, keep: dict[str, str]) -> dict[str, str]:
-        """Pin the layers named after `keep`'s ONNX nodes to FP32; returns those pinned."""
+    def _pin_fp32(trt: Any, api: TrtApi, network: Any, config: Any, keep: dict[str, str],
+                  skip: frozenset[str] = frozenset()) -> dict[str, str]:
+        """Pin the layers named after `keep`'s ONNX nodes to FP32 (not the layers in `skip`); returns those pinned."""
         if not api.precision_constraints:
             _log(f"TensorRT {trt.__version__} has no layer precision constraints: {len(keep)} node(s) that overflow "
                  "in fp16 cannot be pinned to fp32; use the explicit route with Cast nodes")
@@ -362,6 +355,8 @@ class TensorRTBackend(Backend):
         pinned = {}
         for i in range(network.num_layers):
             layer = network.get_layer(i)
+            if layer.name in skip:
+                continue
             node = next((n for n in keep if layer.name == n or fnmatch.fnmatchcase(layer.name, f"{n}_*")), None)
             if node is None:
                 continue

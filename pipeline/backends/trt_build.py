@@ -100,6 +100,30 @@ def resolve_int8_route(api: TrtApi, requested: str) -> tuple[str, str]:
                         "building the calibrate stage's Q/DQ ONNX strongly typed")
 
 
+FP16_SOURCES = ("auto", "typed_onnx", "flag")
+
+
+def resolve_fp16_route(api: TrtApi, source: str) -> tuple[str, str]:
+    """("typed" | "flag", why) for `build.fp16.source`. typed: the FP16 ONNX (FP16 initializers,
+    Casts around the nodes kept in FP32), built strongly typed on >= 10 and with the FP16 flag
+    and FP32 pins on 8.6; flag: BuilderFlag.FP16 on the FP32 ONNX (gone in 11); auto: typed
+    where builds are strongly typed, the flag on 8.6."""
+    if source not in FP16_SOURCES:
+        raise ConfigError(f"build.fp16.source: {source!r} is not one of {', '.join(FP16_SOURCES)}")
+    if source == "flag":
+        if not api.precision_flags:
+            raise ConfigError(f"build.fp16.source: flag needs BuilderFlag.FP16, which TensorRT {api.version} removed "
+                              "(strongly typed only); set build.fp16.source: typed_onnx (or auto)")
+        return "flag", ("build.fp16.source: flag (BuilderFlag.FP16 on the FP32 ONNX" +
+                        ("; deprecated since TensorRT 10, removed in 11)" if api.major >= 10 else ")"))
+    if source == "typed_onnx":
+        return "typed", "build.fp16.source: typed_onnx"
+    if api.typed_builds:
+        return "typed", (f"build.fp16.source: auto: TensorRT {api.version} builds the typed FP16 ONNX strongly typed")
+    return "flag", (f"build.fp16.source: auto: TensorRT {api.version} has no strongly typed networks: BuilderFlag.FP16 "
+                    "on the FP32 ONNX (build.fp16.source: typed_onnx builds the FP16 ONNX with the flag and FP32 pins)")
+
+
 # -- network ------------------------------------------------------------------------------
 def network_flags(trt: Any, strongly_typed: bool = False) -> tuple[int, list[str]]:
     """EXPLICIT_BATCH only where the enum still has it (required on 8.x, ignored on 10,

@@ -1,5 +1,7 @@
 """Typed ONNX for strongly typed TensorRT builds (TensorRT >= 10): the types come from the
-graph, not from builder flags.
+graph, not from builder flags. `plan_fp16` is the one place an fp16 variant is decided: which
+nodes stay in FP32 and why (from the calibrate stage's max|x| of every tensor), and, on the
+typed route, the FP16 ONNX every backend then builds as it is given.
 
 FP16: FP16 initializers and activations with FP32 I/O, written by onnxruntime's copy of
 onnxconverter-common's float16 converter (`convert_float_to_float16`, `keep_io_types=True`,
@@ -11,14 +13,70 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from ..errors import ModelError
-from ..fileio import sha256_file
+from ..errors import BackendError, ConfigError, ModelError
+from ..fileio import MAXIMA_FILE, sha256_file
 
 FP16_ONNX = "model.fp16.onnx"
 CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types, default op block list)"
+
+
+def collapse_round_trips(model: Any) -> int:
+    """Remove FP32 -> FP16 -> FP32 Cast pairs (in place); returns how many reads were rewired.
+
+    The float16 converter puts every kept node in FP32 between Casts, but two kept nodes in a
+    row still pass their tensor through FP16 (Cast to FP16 after the first, Cast to FP32
+    before the second): a tensor kept because it leaves FP16's range becomes inf there. Each
+    Cast-to-FP32 that reads a Cast-to-FP16 of an FP32 tensor reads that FP32 tensor instead
+    (an Identity where its output is a graph output); a Cast-to-FP16 no one reads any more goes."""
+    import onnx
+
+    graph = model.graph
+    to = {n.name: next((a.i for a in n.attribute if a.name == "to"), None) for n in graph.node if n.op_type == "Cast"}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}
+    rewired = 0
+    alias: dict[str, str] = {}
+    for n in graph.node:
+        if n.op_type != "Cast" or to.get(n.name) != onnx.TensorProto.FLOAT:
+            continue
+        x = producer.get(n.input[0])
+        if x is None or x.op_type != "Cast" or to.get(x.name) != onnx.TensorProto.FLOAT16:
+            continue
+        src = producer.get(x.input[0])  # a kept node's FP32 output, or an FP32 graph input
+        if (src is None and x.input[0] not in inputs) or (src is not None and src.op_type == "Cast"):
+            continue
+        if n.output[0] in outputs:
+            n.op_type = "Identity"
+            del n.attribute[:]
+            n.input[0] = x.input[0]
+        else:
+            alias[n.output[0]] = x.input[0]
+        rewired += 1
+    if alias:
+        for n in graph.node:
+            for i, name in enumerate(n.input):
+                if name in alias:
+                    n.input[i] = alias[name]
+        keep = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in alias)]
+        del graph.node[:]
+        graph.node.extend(keep)
+    read = {i for n in graph.node for i in n.input} | outputs
+    dead = [n for n in graph.node if n.op_type == "Cast" and to.get(n.name) == onnx.TensorProto.FLOAT16
+            and n.output[0] not in read]
+    if dead:
+        gone = {n.output[0] for n in dead}
+        keep = [n for n in graph.node if n not in dead]
+        del graph.node[:]
+        graph.node.extend(keep)
+        vi = [v for v in graph.value_info if v.name not in gone and v.name not in alias]
+        del graph.value_info[:]
+        graph.value_info.extend(vi)
+    return rewired
 
 
 def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path) -> dict[str, Any]:
@@ -32,6 +90,7 @@ def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path) -> dict
     from .fp16 import fold_identities
 
     model = fold_identities(load_onnx(onnx_path))
+    before = {n.name for n in model.graph.node}
     try:
         with warnings.catch_warnings(record=True) as caught:  # weights beyond fp16's range, clamped
             warnings.simplefilter("always")
@@ -40,6 +99,7 @@ def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path) -> dict
     except Exception as e:
         raise ModelError(f"{onnx_path}: the float16 converter cannot convert the model "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    round_trips = collapse_round_trips(half)
     onnx.save(half, str(out))
     to = Counter(a.i for n in half.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
     clamped = [str(w.message) for w in caught if "truncated" in str(w.message)]
@@ -51,6 +111,102 @@ def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path) -> dict
         "casts_to_fp16": to.get(onnx.TensorProto.FLOAT16, 0),
         "casts_to_fp32": to.get(onnx.TensorProto.FLOAT, 0),
         "fp16_initializers": sum(1 for i in half.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16),
+        "fp32_fp16_fp32_round_trips_removed": round_trips,
         "weights_clamped_to_fp16_range": len(clamped),
         "examples": clamped[:3],
+        "added_casts": [n.name for n in half.graph.node if n.op_type == "Cast" and n.name not in before],
     }
+
+
+FP16_ROUTES = ("typed", "flag")
+
+
+@dataclass(frozen=True)
+class Fp16Plan:
+    """An fp16 variant as the build stage decided it, handed to the backend in the BuildRequest."""
+
+    route: str  # "typed": build `onnx` (the FP16 ONNX); "flag": the FP32 ONNX with BuilderFlag.FP16 (TensorRT < 11)
+    why: str
+    keep: dict[str, str]  # ONNX node -> why it stays in FP32
+    maxima_from: str  # where the range check's max|x| came from
+    onnx: Optional[Path] = None  # the typed FP16 ONNX (route "typed")
+    typed_onnx: Optional[dict[str, Any]] = None  # write_fp16_onnx's record of it
+    pins: Optional[dict[str, Any]] = field(default=None)  # build.layer_precisions applied as FP32 Casts (route "typed")
+    added_casts: tuple[str, ...] = ()  # the Cast nodes the converter added (never pinned on 8.6)
+
+    def describe(self) -> dict[str, Any]:
+        return {"route": self.route, "why": self.why, "maxima_from": self.maxima_from, "kept_fp32_nodes": len(self.keep),
+                "typed_onnx": self.typed_onnx}
+
+
+def read_maxima(calib_dir: Path, onnx_path: Path) -> tuple[dict[str, Optional[float]], str]:
+    """(max|x| per tensor, where from) of the calibrate stage's maxima.json in `calib_dir`,
+    refused when it was measured on another ONNX."""
+    from ..provenance import ProvenanceError, sha256_of
+    from ..reports import TensorMaxima, read_report
+
+    path = Path(calib_dir) / MAXIMA_FILE
+    rep = read_report(path, TensorMaxima, "tensor maxima (max|x| per tensor)", "calibrate", ProvenanceError)
+    if rep.onnx_sha256 != sha256_of(onnx_path):
+        raise ProvenanceError(f"{path}: measured on another ONNX than {onnx_path}; re-run calibrate (dvc repro calibrate)")
+    return dict(rep.tensors), f"the calibrate stage's {MAXIMA_FILE} ({rep.samples} calibration samples)"
+
+
+def _maxima(onnx_path: Path, cfg: Any, calib_dir: Optional[Path],
+            calib_data: Optional[Path]) -> tuple[Optional[dict[str, Optional[float]]], str]:
+    if not cfg.build.fp16.range_check:
+        return None, "not checked (build.fp16.range_check: false)"
+    if calib_dir is not None and ((Path(calib_dir) / MAXIMA_FILE).is_file() or calib_data is None):
+        return read_maxima(Path(calib_dir), onnx_path)  # not there: "run the calibrate stage first"
+    if calib_data is not None:  # the library API without a calibrate stage: measure here, once
+        from ..data import load_samples
+        from .fp16 import RANGE_CHECK_SAMPLES, range_check_batches, tensor_maxima
+
+        samples = load_samples(calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
+        return (tensor_maxima(onnx_path, range_check_batches(samples.x)),
+                f"measured in the build on the first {RANGE_CHECK_SAMPLES} samples of {Path(calib_data).name} "
+                f"(no {MAXIMA_FILE} from the calibrate stage given)")
+    raise BackendError(f"build.fp16.range_check reads the max|x| the calibrate stage measured ({MAXIMA_FILE}): pass "
+                       "--calib-dir (run `trtpipe calibrate` first), or set build.fp16.range_check: false")
+
+
+def typed_layer_pins(onnx_path: Path, patterns: Mapping[str, str], keep: dict[str, str]) -> dict[str, Any]:
+    """build.layer_precisions on the typed route: the fp32 pins join `keep` (FP32 with Casts
+    around them in the FP16 ONNX); fp16 pins are FP16 already. A pin to fp16 of a node the
+    variant keeps in FP32 is refused."""
+    from ..onnx_utils import load_onnx
+    from .trt_layers import match_layer_precisions
+
+    nodes = [n.name for n in load_onnx(onnx_path).graph.node]
+    assign, matched = match_layer_precisions(nodes, patterns)
+    clash = [n for n, p in assign.items() if p == "fp16" and n in keep]
+    if clash:
+        raise ConfigError(f"build.layer_precisions pins {clash[0]!r} to fp16, but the fp16 variant keeps it in FP32 "
+                          f"({keep[clash[0]]}); remove that pin")
+    for n, p in assign.items():
+        if p == "fp32":
+            keep.setdefault(n, "build.layer_precisions: fp32")
+    return {"matched": matched, "pinned": assign, "skipped": [],
+            "applied_as": "typed ONNX: fp32 pins kept in FP32 with Casts; fp16 pins are FP16 in the FP16 ONNX"}
+
+
+def plan_fp16(onnx_path: Path, cfg: Any, out_dir: Path, route: tuple[str, str], calib_dir: Optional[Path] = None,
+              calib_data: Optional[Path] = None) -> Fp16Plan:
+    """The fp16 variant of `onnx_path` for `route` = (typed | flag, why): the nodes kept in
+    FP32 (build.fp16's ops and globs, and what leaves FP16's range by the calibrate stage's
+    maxima.json in `calib_dir`), and on the typed route the FP16 ONNX written into `out_dir`."""
+    from .fp16 import keep_fp32_nodes
+
+    kind, why = route
+    if kind not in FP16_ROUTES:
+        raise BackendError(f"fp16 route {kind!r} is not one of {', '.join(FP16_ROUTES)}")
+    maxima, maxima_from = _maxima(Path(onnx_path), cfg, calib_dir, calib_data)
+    keep = keep_fp32_nodes(Path(onnx_path), cfg.build.fp16, maxima, where=maxima_from)
+    if kind == "flag":
+        return Fp16Plan(kind, why, keep, maxima_from)
+    pins = typed_layer_pins(Path(onnx_path), cfg.build.layer_precisions, keep) if cfg.build.layer_precisions else None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) / FP16_ONNX
+    info = write_fp16_onnx(Path(onnx_path), keep, out)
+    casts = tuple(info.pop("added_casts"))
+    return Fp16Plan(kind, why, keep, maxima_from, onnx=out, typed_onnx=info, pins=pins, added_casts=casts)

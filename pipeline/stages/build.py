@@ -5,6 +5,9 @@ outputs made from that same ONNX and unchanged since; the calibration samples mu
 prepare's. Output folder (replaced atomically): the artifact and build.json (a
 BuildReport: backend + version, flags, optimization profiles, workspace, build seconds,
 bytes, sha256, how int8 ranges came to be, the nodes an fp16 variant keeps in fp32).
+fp16 is planned here once (backends.trt_typed.plan_fp16): the nodes kept in FP32 from the
+calibrate stage's max|x| of every tensor (maxima.json), and the typed FP16 ONNX
+(model.fp16.onnx, its sha256 in build.json) that the backend builds as it is given.
 With `build.int8_from_tune`, int8 keeps the layers `trtpipe tune` chose (--tune-dir;
 pipeline/stages/build_tune.py) and build.json's `tune` says so."""
 
@@ -62,6 +65,12 @@ def run(
             raise UsageError("build --precision int8 needs --calib-dir (the calibrate stage's folder)")
         route = "onnxruntime" if backend.name == "onnxruntime" else _trt_int8_route(cfg.build.int8_route)
         calibrated(calib_dir, onnx_sha, INT8_FILES[route])
+    if precision == "fp16" and cfg.build.fp16.range_check:  # which nodes stay in FP32: calibrate's max|x| per tensor
+        if calib_dir is None:
+            raise UsageError("build --precision fp16 reads the max|x| the calibrate stage measured (build.fp16.range_check):"
+                             " pass --calib-dir (the calibrate stage's folder), or set build.fp16.range_check: false")
+        # maxima.json is checked where it is read (trt_typed.read_maxima: made from this ONNX); calibrate.json is
+        # not read, so an edit of calibration.method (which leaves maxima.json as it is) rebuilds no fp16 variant
     applied = None
     if precision == "int8" and cfg.build.int8_from_tune:
         from .build_tune import apply_tune
@@ -72,8 +81,13 @@ def run(
         prepared(calib_data, "calib.npz")
     start = time.perf_counter()
     with staging_dir(out_dir) as tmp:
+        fp16 = None
+        if precision == "fp16":  # planned here, once: the backend builds the typed FP16 ONNX it is given
+            from ..backends.trt_typed import plan_fp16
+
+            fp16 = plan_fp16(onnx_path, cfg, tmp, backend.fp16_route(cfg), calib_dir=Path(calib_dir) if calib_dir else None)
         req = BuildRequest(precision, onnx_path, tmp, cfg, calib_dir=Path(calib_dir) if calib_dir else None,
-                           calib_data=Path(calib_data) if calib_data else None)
+                           calib_data=Path(calib_data) if calib_data else None, fp16=fp16)
         result = backend.build(req)
         artifact = tmp / result.artifact
         report = BuildReport(

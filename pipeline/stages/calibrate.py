@@ -58,12 +58,12 @@ from calibration.rules import get_rules, ranges_under
 
 from ..config import Config
 from ..data import calibration_batches, calibration_indices, load_samples
-from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, QDQ_FILE, RANGES_FILE, claim_dir, sha256_file, sha256_model,
+from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, MAXIMA_FILE, QDQ_FILE, RANGES_FILE, claim_dir, sha256_file, sha256_model,
                       staging_dir, write_json)
-from ..reports import CalibrateReport, write_report
+from ..reports import CalibrateReport, TensorMaxima, write_report
 
 DEFAULT_TRT_VERSION = "8.6.0"
-OUTPUTS = (RANGES_FILE, CACHE_FILE, QDQ_FILE)
+OUTPUTS = (RANGES_FILE, CACHE_FILE, QDQ_FILE, MAXIMA_FILE)
 CHECK_SAMPLES = 8  # Q/DQ vs FP32 sanity check on the first samples of the first batch
 
 
@@ -182,6 +182,9 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
     with staging_dir(out_dir) as tmp:
         write_json(tmp / RANGES_FILE, {"schema": 1, **settings, "tensors": tensors, "excluded": excluded})
         write_cache(tmp / CACHE_FILE, scales, trt_target, algorithm)
+        maxima = {n: (m if np.isfinite(m) else None) for n, m in collector.maxima().items()}
+        write_report(tmp / MAXIMA_FILE, TensorMaxima(onnx_sha256=sha256_of(onnx_path), samples=collector.stats.samples,
+                                                     tensors=maxima))
         t_qdq = time.perf_counter()
         qdq = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=_consumers(onnx_path, excluded),
                            bias_means=means)

@@ -149,6 +149,33 @@ def test_fp16_on_86_keeps_the_flag_and_the_constraints(env):
     assert res.details["strongly_typed"] is False and res.details["typed_onnx"] is None
 
 
+def test_fp16_typed_onnx_on_86_builds_it_with_the_flag_and_pins_the_kept_nodes_not_the_casts(env):
+    import onnx
+
+    rec, res, out = env.build(V86, "fp16", fp16={"source": "typed_onnx"})
+    typed = out / "model.fp16.onnx"
+    assert rec.parsed["path"] == str(typed) and rec.network_flags == ["EXPLICIT_BATCH"]
+    assert rec.flags_set == ["FP16", "OBEY_PRECISION_CONSTRAINTS"]
+    casts = {n.name for n in onnx.load(str(typed)).graph.node if n.op_type == "Cast"}
+    assert casts and not casts & set(rec.layer_precision)  # the Casts keep the types the ONNX gives them
+    assert rec.layer_precision == {"/pool/ReduceMean": "FLOAT"}
+    assert res.details["strongly_typed"] is False and res.details["fp16"]["route"] == "typed"
+    assert any("FP16 flag" in n for n in res.details["notes"])
+
+
+def test_fp16_flag_on_10_is_weakly_typed_and_refused_on_11(env):
+    rec, res, _ = env.build(V10, "fp16", fp16={"source": "flag"})
+    assert rec.parsed["path"] == str(env.onnx) and "STRONGLY_TYPED" not in rec.network_flags
+    assert rec.flags_set == ["FP16", "OBEY_PRECISION_CONSTRAINTS"] and res.details["fp16"]["route"] == "flag"
+    assert "deprecated since TensorRT 10" in res.details["fp16"]["why"]
+    with pytest.raises(ConfigError) as e:
+        env.build(V11, "fp16", fp16={"source": "flag"})
+    assert "\n" not in str(e.value) and "removed" in str(e.value) and "typed_onnx" in str(e.value)
+    import sys
+
+    assert sys.modules["tensorrt"]._rec.missing == []
+
+
 # -- int8 explicit ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", [V86, V10, V11])
 def test_int8_explicit_builds_the_qdq_onnx(env, version):
@@ -330,8 +357,6 @@ def test_build_json_records_the_hardware_compatibility(env, version):
     assert res.details["hardware_compatibility"] == "none" and rec.hardware_compatibility is None
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/backends/tensorrt_backend.py does not pass cfg.hardware_compatibility "
-                   "to apply_builder_options yet (one argument at its call); the publish stage refuses such a build")
 def test_build_with_ampere_plus_reaches_the_builder(env):
     rec, res, _ = env.build(V10, "fp32", hardware_compatibility="ampere_plus")
     assert rec.hardware_compatibility == "AMPERE_PLUS" and res.details["hardware_compatibility"] == "ampere_plus"

@@ -128,7 +128,10 @@ def test_user_exclude_globs(tmp_path):
                             "scores": "excluded by calibration.exclude 'scores'"}
     assert not set(col.excluded) & set(col.histograms)
     assert "masked_scores" in col.histograms  # globs are fnmatch over whole names
-    assert "mask_bias" not in col._outputs  # not even fetched from onnxruntime
+    # fetched for max|x| only (the FP16 range check reads it from maxima.json), never binned
+    maxima = col.maxima()
+    assert maxima["mask_bias"] == maxima["mask_bias_3d"] == 1e4 and maxima["mask_f"] == 1.0
+    assert set(maxima) == set(col.histograms) | set(col.excluded)
     one = collect_histograms(path, _batches(2), progress=False, exclude="mask_f")  # one glob as a string
     assert one.excluded == {"mask_f": "excluded by calibration.exclude 'mask_f'"}
 

@@ -50,8 +50,8 @@ def _sha(path: Path) -> str:
 def test_entropy_outputs_agree_bit_for_bit(digits, tmp_path: Path):
     out = tmp_path / "calibrate"
     report = run(digits, out)
-    assert sorted(p.name for p in out.iterdir()) == ["calibrate.json", "calibration.cache", "model.qdq.onnx",
-                                                     "ranges.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["calibrate.json", "calibration.cache", "maxima.json",
+                                                     "model.qdq.onnx", "ranges.json"]
     on_disk = json.loads((out / "calibrate.json").read_text())
     noise = {"seconds", "peak_rss_mb", "search_ms_per_tensor"}  # run-to-run noise: never in the report on disk
     assert not noise & set(on_disk)
