@@ -17,7 +17,7 @@ PARAMS = {
     "config": "configs/digits.yaml",
     "override": True,  # these values win over configs/digits.yaml's, on purpose
     "calibration": {"method": "entropy", "num_samples": 64, "batch_size": 32, "percentile": 99.99},
-    "build": {"backend": "auto", "int8_route": "implicit", "calibration_source": "auto"},
+    "build": {"backend": "auto", "int8_route": "auto", "calibration_source": "auto"},
     "evaluate": {"latency": {"warmup": 1, "iterations": 5, "batch_sizes": [1, 32]}},
 }
 
