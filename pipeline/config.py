@@ -234,6 +234,9 @@ class DataConfig(_Strict):
         default_factory=dict, description="dynamic axis name -> length every sample is padded (or cut) to; "
         "default: the longest sample")
     pad_value: dict[str, float] = Field(default_factory=dict, description="input name -> padding value (default 0)")
+    stream: Union[bool, Literal["auto"]] = Field(
+        "auto", description="image folders: keep a split as an index of its files, decoded batch by batch while the "
+        "model runs (true), decode it into memory (false), or stream the splits larger than 512 MiB as float32 (auto)")
 
     @field_validator("pad_to")
     @classmethod

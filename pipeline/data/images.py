@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -88,10 +88,30 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     return left, top, left + size, top + size
 
 
-def decode_image(path: Path, channels: int, p: PreprocessConfig) -> np.ndarray:
-    """One image file -> float32 HWC array after channel handling, resize and centre crop."""
+def decode_sample(source: Any, path: Any, spec: TensorSpec, p: PreprocessConfig) -> np.ndarray:
+    """One image (a path, or a file object read from `path`) -> the model's sample: decoded,
+    resized and centre-cropped, channel order, normalization and layout applied."""
+    from .preprocess import normalize
+
+    channels, height, width = image_geometry(spec, p, f"input '{spec.name}'")
+    img = decode_image(source, channels, p, name=path)
+    if img.shape[:2] != (height, width):
+        raise DataError(
+            f"{path}: image is {img.shape[1]}x{img.shape[0]} after preprocessing (resize={p.resize}, "
+            f"center_crop={p.center_crop}), the model's input '{spec.name}' expects {width}x{height}; "
+            "set data.preprocess.resize/center_crop or fix the input's shape")
+    if p.channel_order == "bgr":
+        img = img[:, :, ::-1]
+    img = normalize(img, p, -1)
+    return (img.transpose(2, 0, 1) if p.layout == "nchw" else img).astype(spec.dtype, copy=False)
+
+
+def decode_image(path: Any, channels: int, p: PreprocessConfig, name: Any = None) -> np.ndarray:
+    """One image file (or file object; `name` then says which file) -> float32 HWC array after
+    channel handling, resize and centre crop."""
     from PIL import Image
 
+    path_for_errors = path if name is None else name
     try:
         with Image.open(path) as im:
             im.load()
@@ -108,20 +128,20 @@ def decode_image(path: Path, channels: int, p: PreprocessConfig) -> np.ndarray:
             if native == 1 and channels == 3:
                 img = img.convert("RGB")  # grayscale replicated into R, G, B
             elif native != channels:
-                raise DataError(f"{path}: image has {native} channel(s) (mode {im.mode}), the model input expects "
+                raise DataError(f"{path_for_errors}: image has {native} channel(s) (mode {im.mode}), the model input expects "
                                 f"{channels}; convert the images or fix the input's shape in the config")
             if p.resize:
                 img = img.resize(resized_size(img.width, img.height, p.resize), Image.BILINEAR)
             if p.center_crop:
                 if p.center_crop > min(img.width, img.height):
-                    raise DataError(f"{path}: image is {img.width}x{img.height} (after resize={p.resize}), smaller "
+                    raise DataError(f"{path_for_errors}: image is {img.width}x{img.height} (after resize={p.resize}), smaller "
                                     f"than data.preprocess.center_crop={p.center_crop}; set resize >= center_crop")
                 img = img.crop(crop_box(img.width, img.height, p.center_crop))
             arr = np.asarray(img, dtype=np.float32)
     except DataError:
         raise
     except Exception as e:  # PIL.UnidentifiedImageError, truncated files, ...
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {str(e)[:200]})") from None
+        raise DataError(f"{path_for_errors}: cannot decode image ({type(e).__name__}: {str(e)[:200]})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -28,15 +28,29 @@ class Samples:
         return int(next(iter(self.x.values())).shape[0]) if self.x else 0
 
     def take(self, idx: np.ndarray) -> "Samples":
-        return Samples({k: v[idx] for k, v in self.x.items()}, None if self.y is None else self.y[idx],
+        """The samples at `idx` (a streamed input stays streamed)."""
+        return Samples({k: v.subset(idx) if hasattr(v, "subset") else v[idx] for k, v in self.x.items()},
+                       None if self.y is None else self.y[idx],
                        None if self.ids is None else [self.ids[i] for i in idx], self.classes)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether an input is decoded batch by batch (pipeline.data.stream) rather than held."""
+        return any(hasattr(v, "subset") for v in self.x.values())
 
 
 def save_samples(path: Path, samples: Samples, labels_key: str) -> Path:
     """Write `samples` as one `.npz` (atomically)."""
     from ..fileio import atomic_path, write_through
 
-    arrays = dict(samples.x)
+    from .stream import stream_arrays
+
+    arrays: dict[str, np.ndarray] = {}
+    for name, v in samples.x.items():
+        if hasattr(v, "subset"):  # streamed: the index of its files, not the pixels
+            arrays.update(stream_arrays(v))
+        else:
+            arrays[name] = v
     if samples.y is not None:
         arrays[labels_key] = samples.y
     with atomic_path(path, suffix=".npz") as tmp:
@@ -64,6 +78,16 @@ def load_samples(path: Path, inputs: Sequence[TensorSpec], labels_key: str = "y"
     except Exception as e:  # BadZipFile, truncated members, pickled objects
         raise DataError(f"{path}: {what} cannot be read ({type(e).__name__}: {str(e)[:160]}); the file is damaged: "
                         "re-run prepare") from None
+    from .stream import INDEX_KEY, stream_from_npz
+
+    if INDEX_KEY in arrays:  # a streamed image split: its one input decodes batch by batch
+        if len(inputs) != 1:
+            raise DataError(f"{path}: {what} streams images for one input, the model has {len(inputs)}; re-run prepare")
+        stream = stream_from_npz(arrays.pop(INDEX_KEY), f"{path}", inputs[0])
+        y = arrays.get(labels_key)
+        if y is not None and (y.ndim == 0 or y.shape[0] != len(stream)):
+            raise DataError(f"{path}: {y.shape[0] if y.ndim else 0} labels for {len(stream)} samples; re-run prepare")
+        return Samples({inputs[0].name: stream}, y, ids=list(stream.files))
     missing = [s.name for s in inputs if s.name not in arrays]
     if missing:
         raise DataError(f"{path}: {what} has no array for input(s) {missing} (it holds {sorted(arrays)}); "

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from ..config import DataConfig, TensorSpec
 from ..errors import DataError
-from .images import ImageFiles, decode_image, image_geometry
-from .preprocess import normalize, to_input
+from .images import ImageFiles, decode_sample, image_geometry
+from .preprocess import to_input
 from .samples import Samples
 from .sources import Raw, load_source
 
@@ -30,27 +30,30 @@ class Splits:
     evaluation: Samples
 
 
-def _load_images(files: ImageFiles, idx: np.ndarray, data: DataConfig, spec: TensorSpec) -> Samples:
-    """Decode and preprocess the images at ``idx`` into one preallocated array."""
+def _load_images(files: ImageFiles, idx: np.ndarray, data: DataConfig, spec: TensorSpec,
+                 stream_ok: bool = True) -> Samples:
+    """The images at ``idx``: streamed (an index of the files, decoded batch by batch;
+    pipeline.data.stream) when data.stream says so, else decoded into one preallocated array."""
+    from .stream import ImageStream, hash_files, should_stream
+
     p = data.preprocess
     what = f"data.source=image_folder ({files.root})"
-    channels, height, width = image_geometry(spec, p, what)
-    shape = (len(idx), channels, height, width) if p.layout == "nchw" else (len(idx), height, width, channels)
-    x = np.empty(shape, dtype=spec.dtype)
-    for k, i in enumerate(idx):
-        path = files.files[i]
-        img = decode_image(path, channels, p)
-        if img.shape[:2] != (height, width):
-            raise DataError(
-                f"{path}: image is {img.shape[1]}x{img.shape[0]} after preprocessing (resize={p.resize}, "
-                f"center_crop={p.center_crop}), the model's input '{spec.name}' expects {width}x{height}; "
-                "set data.preprocess.resize/center_crop or fix the input's shape")
-        if p.channel_order == "bgr":
-            img = img[:, :, ::-1]
-        img = normalize(img, p, -1)
-        x[k] = img.transpose(2, 0, 1) if p.layout == "nchw" else img
+    image_geometry(spec, p, what)
     y = None if files.y is None else files.y[idx]
-    return Samples({spec.name: x}, y, ids=[str(files.files[i]) for i in idx], classes=files.classes)
+    ids = [str(files.files[i]) for i in idx]
+    if stream_ok and len(idx) and should_stream(data.stream, len(idx), spec):
+        stream = ImageStream(ids, hash_files(ids), spec, p)
+        stream[0]  # the first image decodes now: a wrong geometry or channel count fails here, not stages later
+        return Samples({spec.name: stream}, y, ids=ids, classes=files.classes)
+    x = np.empty((len(idx), *_sample_shape(spec, p)), dtype=spec.dtype)
+    for k, i in enumerate(idx):
+        x[k] = decode_sample(files.files[i], files.files[i], spec, p)
+    return Samples({spec.name: x}, y, ids=ids, classes=files.classes)
+
+
+def _sample_shape(spec: TensorSpec, p: Any) -> tuple[int, int, int]:
+    c, h, w = image_geometry(spec, p, "an image split")
+    return (c, h, w) if p.layout == "nchw" else (h, w, c)
 
 
 def check_samples(samples: Samples, inputs: Sequence[TensorSpec], what: str) -> None:
@@ -74,14 +77,16 @@ def check_samples(samples: Samples, inputs: Sequence[TensorSpec], what: str) -> 
                 raise DataError(f"{what}: {where} (input '{spec.name}') contains NaN or Inf after preprocessing")
 
 
-def _materialize(raw: Raw, idx: np.ndarray, data: DataConfig, inputs: Sequence[TensorSpec], what: str) -> Samples:
-    """Preprocessed samples ``idx`` of a source, checked against the model's inputs."""
+def _materialize(raw: Raw, idx: np.ndarray, data: DataConfig, inputs: Sequence[TensorSpec], what: str,
+                 stream_ok: bool = True) -> Samples:
+    """Preprocessed samples ``idx`` of a source, checked against the model's inputs (an
+    image split may stream, except the train split, which training holds anyway)."""
     if isinstance(raw, ImageFiles):
-        out = _load_images(raw, idx, data, inputs[0])
+        out = _load_images(raw, idx, data, inputs[0], stream_ok)
     else:
         part = raw.take(idx)
         out = Samples({s.name: to_input(part.x[s.name], s, data, what) for s in inputs}, part.y, part.ids)
-    if len(idx):
+    if len(idx) and not any(hasattr(v, "subset") for v in out.x.values()):  # a stream checks each image it decodes
         check_samples(out, inputs, what)
     return out
 
@@ -127,7 +132,7 @@ def load_splits(data: DataConfig, inputs: Union[TensorSpec, Sequence[TensorSpec]
                             f"split.evaluation={s.evaluation})")
         cal_order = np.random.default_rng(data.seed).permutation(len(cal_raw))
         cal_what = f"data.source={data.source} ({data.calibration_path})"
-        return Splits(train=_materialize(raw, order[:n_train], data, inputs, what),
+        return Splits(train=_materialize(raw, order[:n_train], data, inputs, what, stream_ok=False),
                       calibration=_materialize(cal_raw, cal_order, data, inputs, cal_what),
                       evaluation=_materialize(raw, order[n_train:], data, inputs, what))
     n_train = int(round(n * s.train))
@@ -139,6 +144,6 @@ def load_splits(data: DataConfig, inputs: Union[TensorSpec, Sequence[TensorSpec]
                         "data.calibration_path")
     idx_train, idx_cal = order[:n_train], order[n_train : n_train + n_cal]
     idx_eval = order[n_train + n_cal : n_train + n_cal + n_eval]
-    return Splits(train=_materialize(raw, idx_train, data, inputs, what),
+    return Splits(train=_materialize(raw, idx_train, data, inputs, what, stream_ok=False),
                   calibration=_materialize(raw, idx_cal, data, inputs, what),
                   evaluation=_materialize(raw, idx_eval, data, inputs, what))
