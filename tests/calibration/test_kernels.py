@@ -191,3 +191,24 @@ def test_batch_binner_splits_without_changing_counts(threads, monkeypatch):
     for a, p, c, cp in zip(arrays, plans, counts, positive):
         np.testing.assert_array_equal(c, _reference_counts(a, p.width, p.num_bins))
         np.testing.assert_array_equal(cp, _reference_counts(np.maximum(a, 0), p.width, p.num_bins))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_native_kernel_on_unaligned_views_and_odd_lengths(offset, native_kernel):
+    """The compiled loops are vectorized (both |x| and the Relu part max(x, 0)): views that
+    start off the vector alignment and lengths around the vector and block sizes give the
+    numpy kernel's counts, with -0.0, zeros and negatives in them."""
+    rng = np.random.default_rng(offset)
+    data = rng.normal(0, 1, 3 * 2048 + 64).astype(np.float32)
+    data[::7] = 0.0
+    data[::11] = -0.0
+    data[::13] = -np.abs(data[::13])
+    top = float(np.abs(data).max())
+    for n in (0, 1, 7, 15, 16, 17, 63, 2047, 2048, 2049, 3 * 2048 + 5):
+        values = data[offset:offset + n]
+        for num_bins in (2048, 301):
+            width = top / num_bins
+            for positive in (False, True):
+                np.testing.assert_array_equal(native_kernel.bin_f32(values, width, num_bins, positive),
+                                              bin_counts_numpy(values, width, num_bins, positive=positive),
+                                              err_msg=f"n={n} bins={num_bins} positive={positive}")
