@@ -221,14 +221,21 @@ def replace_dir(src: Path, dst: Path, attempts: int = 20) -> None:
     raise ArtifactError(f"{dst}: could not move the new folder into place; another process keeps writing it")
 
 
+def _new_staging(dst: Path) -> Path:
+    """An empty staging folder beside `dst` (earlier ones left by a killed run swept first), with the
+    permissions a folder made here would have (mkdtemp makes 0700)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    sweep_staging(dst)
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), dir=dst.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def staging_dir(dst: str | Path) -> Iterator[Path]:
     """A temporary folder beside `dst` that replaces `dst` only if the block succeeds."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    sweep_staging(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    tmp = _new_staging(dst)
     try:
         with _named_as(tmp, dst):
             yield tmp
@@ -255,10 +262,7 @@ def new_dir(dst: str | Path, owner: str, key: str = "--to") -> Iterator[Path]:
     if held:
         raise _refuse(key, dst, f"exists and is not empty (it holds {', '.join(held[:4])}"
                       f"{' ...' if len(held) > 4 else ''}); {owner} never overwrites", fix)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    sweep_staging(dst)
-    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), dir=dst.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    tmp = _new_staging(dst)
     try:
         with _named_as(tmp, dst):
             yield tmp

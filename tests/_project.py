@@ -72,6 +72,29 @@ def edit_yaml(path: str | Path, fn: Any) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def tool_env(pythonpath: Any = None) -> dict[str, str]:
+    """The environment tests run git, dvc and trtpipe in: this venv's tools first, a fixed git
+    identity, no DVC analytics, and `pythonpath` (which copy of trtpipe runs) when given."""
+    import os
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "DVC_NO_ANALYTICS": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return env
+
+
+def run_tool(cwd: Path, *cmd: str, pythonpath: Any = None, timeout: int = 900) -> str:
+    """`cmd` in `cwd` (tool_env); its stdout and stderr, asserting it exited 0."""
+    import subprocess
+
+    res = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env=tool_env(pythonpath), timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout + res.stderr
+
+
 def first_run(r: Path, sh: Any) -> None:
     """git and dvc in `r`, dvc.yaml from its config, `dvc repro`, and the result committed;
     `sh(cwd, *cmd)` runs a command (the caller's environment: which copy of the code runs)."""

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline import dvcgen
-from tests._project import dvc_project, first_run
+from tests._project import dvc_project, first_run, run_tool
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,12 +113,7 @@ def test_a_stage_run_by_dvc_refuses_a_dvc_yaml_that_misses_an_input(template: Pa
 
 # -- dvc itself ---------------------------------------------------------------------------------------
 def _sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout + res.stderr
+    return run_tool(cwd, *cmd, pythonpath=ROOT)
 
 
 USER_MODEL = '''

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,6 +20,7 @@ from pipeline import cli
 from pipeline.config import GateConfig
 from pipeline.gate import evaluate_gate
 from pipeline.stages import compare
+from tests._project import run_tool
 from tests.stages.test_compare import report as eval_report
 from tests.stages.test_compare import reports as synthetic_evals
 
@@ -277,12 +276,7 @@ def test_bad_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[str], monke
 
 
 def _sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "DVC_NO_ANALYTICS": "1"}
-    res = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0, f"{' '.join(cmd)}:\n{res.stdout}\n{res.stderr}"
-    return res.stdout
+    return run_tool(cwd, *cmd, timeout=300)
 
 
 @pytest.fixture

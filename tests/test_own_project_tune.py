@@ -8,28 +8,20 @@ publishes the tuned int8 under a version of its own: exit 0, two versions in the
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests._project import run_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env(site: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(site)}
-
-
 def _sh(cwd: Path, site: Path, *cmd: str) -> str:
-    res = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env=_env(site), timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout + res.stderr
+    return run_tool(cwd, *cmd, pythonpath=site)
 
 
 def _edit(path: Path, fn) -> None:  # type: ignore[no-untyped-def]

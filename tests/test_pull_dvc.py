@@ -6,8 +6,6 @@ every precision, whose copied model gives the original's outputs bit for bit."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,22 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
-from tests._project import dvc_project, first_run
+from tests._project import dvc_project, first_run, run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _env(r: Path) -> dict[str, str]:
-    # PYTHONPATH: the project's own copy of the code runs (the clone's in the clone)
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(r)}
-
-
 def _sh(cwd: Path, *cmd: str) -> str:
-    res = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, env=_env(cwd), timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout + res.stderr
+    return run_tool(cwd, *cmd, pythonpath=cwd)  # the project's own copy of the code runs (the clone's in the clone)
 
 
 @pytest.mark.slow

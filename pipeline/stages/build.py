@@ -21,7 +21,7 @@ from typing import Optional
 from ..backends import BuildRequest, get_backend
 from ..config import PRECISIONS, Config
 from ..errors import UsageError
-from ..fileio import CACHE_FILE, QDQ_FILE, claim_dir, sha256_file, sha256_model, staging_dir
+from ..fileio import CACHE_FILE, QDQ_FILE, claim_dir, sha256_model, staging_dir
 from ..reports import BuildReport, write_report
 
 # The calibrate outputs each route reads.

@@ -58,7 +58,7 @@ from calibration.rules import get_rules, ranges_under
 
 from ..config import Config
 from ..data import calibration_batches, calibration_indices, load_samples
-from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, MAXIMA_FILE, QDQ_FILE, RANGES_FILE, claim_dir, sha256_file, sha256_model,
+from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, MAXIMA_FILE, QDQ_FILE, RANGES_FILE, claim_dir, sha256_model,
                       staging_dir, write_json)
 from ..reports import CalibrateReport, TensorMaxima, write_report
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import ConfigError, PipelineError
-from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, QDQ_FILE, RANGES_FILE, claim_dir, sha256_file, sha256_model,
+from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, QDQ_FILE, RANGES_FILE, claim_dir, sha256_model,
                       staging_dir, write_json)
 from ..reports import LayerSensitivity, TuneCandidate, TuneLayer, TuneReport, write_report
 
