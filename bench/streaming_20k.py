@@ -90,10 +90,10 @@ def project(root: Path, images: Path, weights: Path, stream: Any, calibration_sh
         "data": {"source": "image_folder", "path": str(images), "stream": stream, "seed": 0,
                  "split": {"train": 0.0, "calibration": calibration_share, "evaluation": 1.0 - calibration_share},
                  "preprocess": {"scale": 1 / 255, "mean": MEAN, "std": STD}},
-        "validate": {"num_samples": 256, "atol": 1.0e-3, "min_cosine": 0.9999},
+        "validate": {"num_samples": 256, "atol": 1.0e-3, "min_cosine": 0.9999, "batch_size": 32},
         "calibration": {"method": "entropy", "num_samples": 512, "batch_size": 32},
         "build": {"backend": "onnxruntime", "profile": {"min_batch": 1, "opt_batch": 32, "max_batch": 128}},
-        "evaluate": {"batch_size": 128, "metrics": ["top1"],
+        "evaluate": {"batch_size": 32, "metrics": ["top1"],
                      "latency": {"warmup": 2, "iterations": 10, "batch_sizes": [1, 32]}},
         "publish": {"precisions": ["fp32", "fp16", "int8"]},
     }
@@ -182,7 +182,7 @@ def main() -> int:
     root = project(args.work / "full", args.work / "images", weights, "auto", 512 / args.images)
     full = repro(root)
     eval_files = json.loads(bytes(np.load(root / "artifacts" / "prepare" / "eval.npz")["__stream__"]).decode())["files"]
-    loop = plain_loop(eval_files, root / "artifacts" / "export" / "model.onnx", 128)
+    loop = plain_loop(eval_files, root / "artifacts" / "export" / "model.onnx", 32)
     ev_secs = full["seconds"].get("evaluate-fp32")
     n_eval = full["splits"]["evaluation"]
     result["full"] = {k: v for k, v in full.items() if k != "compare"} | {"numbers": numbers(full["compare"])}

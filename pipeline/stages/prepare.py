@@ -22,6 +22,7 @@ from ..reports import PrepareData, PrepareReport, TensorInfo, write_report
 from .common import module_file, torch_inputs
 
 OUTPUTS = ("model.pt", "calib.npz", "eval.npz")
+TOP1_BATCH = 32  # PyTorch's top-1 on the evaluation split, batch by batch: memory bounded by the batch, not the split
 
 
 def check_class_labels(y: Optional[np.ndarray], num_classes: int, where: str) -> None:
@@ -87,9 +88,10 @@ def _eval_top1(model: Any, cfg: Config, splits: Splits) -> Optional[float]:
     if ev.y is None or ev.y.ndim != 1 or ev.y.dtype.kind not in "iu":
         return None
     logits = []
+    bs = TOP1_BATCH
     with torch.no_grad():
-        for i in range(0, len(ev), 256):
-            outs = run_flat(model, torch_inputs(cfg.model.inputs, {k: v[i:i + 256] for k, v in ev.x.items()}))
+        for i in range(0, len(ev), bs):
+            outs = run_flat(model, torch_inputs(cfg.model.inputs, {k: v[i:i + bs] for k, v in ev.x.items()}))
             if len(outs) != 1 or outs[0].ndim != 2:
                 return None
             logits.append(outs[0].float().numpy())
