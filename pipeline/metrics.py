@@ -16,39 +16,61 @@ from .errors import ConfigError, DataError, PipelineError
 from .plugins import load_callable
 
 
+AGREEMENT_ROWS = 2048  # samples per chunk: the float64 temporaries stay a few MB whatever the number of samples
+
+
 def agreement(candidate: np.ndarray, reference: np.ndarray, name: str = "output") -> dict[str, Any]:
     """How closely `candidate` follows `reference` (same shape; row = sample). A NaN or Inf
     in the candidate is counted (`nonfinite`) and makes the statistics NaN, so it can
-    never pass a threshold."""
+    never pass a threshold. Accumulated over chunks of AGREEMENT_ROWS samples (per-sample
+    cosines kept, energies and absolute differences summed), so memory does not grow with
+    the evaluation set beyond one float per sample."""
     if np.shape(candidate) != np.shape(reference):
         raise DataError(f"output '{name}' has shape {list(np.shape(candidate))}, the reference has "
                         f"{list(np.shape(reference))}; they must match to be compared")
-    a = np.asarray(candidate).astype(np.float64).reshape(len(candidate), -1)
-    b = np.asarray(reference).astype(np.float64).reshape(len(reference), -1)
-    nonfinite = int(a.size - np.count_nonzero(np.isfinite(a)))
+    n = len(candidate)
+    cos = np.empty(n, dtype=np.float64)
+    nonfinite, ref_energy, err_energy, abs_sum, abs_max, same_top1, size, width = 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0
     with np.errstate(all="ignore"):
-        diff = a - b
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        denom = np.maximum(na * nb, np.finfo(np.float64).tiny)
-        both_zero = (na == 0) & (nb == 0)
-        cos = np.where(both_zero, 1.0, (a * b).sum(axis=1) / denom)
-        ref_energy = float((b**2).sum())
-        err_energy = float((diff**2).sum())
+        for lo in range(0, n, AGREEMENT_ROWS):
+            a = np.asarray(candidate[lo:lo + AGREEMENT_ROWS]).astype(np.float64).reshape(-1, _row_size(candidate))
+            b = np.asarray(reference[lo:lo + AGREEMENT_ROWS]).astype(np.float64).reshape(-1, _row_size(reference))
+            width = a.shape[1]
+            nonfinite += int(a.size - np.count_nonzero(np.isfinite(a)))
+            diff = a - b
+            na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+            denom = np.maximum(na * nb, np.finfo(np.float64).tiny)
+            both_zero = (na == 0) & (nb == 0)
+            cos[lo:lo + len(a)] = np.where(both_zero, 1.0, (a * b).sum(axis=1) / denom)
+            ref_energy += float((b**2).sum())
+            err_energy += float((diff**2).sum())
+            if diff.size:
+                ad = np.abs(diff)
+                abs_sum += float(ad.sum())
+                abs_max = max(abs_max, float(ad.max()))
+                size += diff.size
+            if width > 1:
+                same_top1 += int((a.argmax(1) == b.argmax(1)).sum())
         out: dict[str, Any] = {
             "cosine": float(cos.mean()),
             "cosine_min": float(cos.min()),
-            "max_abs_diff": float(np.abs(diff).max()) if diff.size else 0.0,
-            "mean_abs_diff": float(np.abs(diff).mean()) if diff.size else 0.0,
+            "max_abs_diff": abs_max if size else 0.0,
+            "mean_abs_diff": abs_sum / size if size else 0.0,
             "rel_l2": float(np.sqrt(err_energy / ref_energy)) if ref_energy > 0 else (0.0 if err_energy == 0 else float("inf")),
             "snr_db": float(10 * np.log10(ref_energy / err_energy)) if err_energy > 0 else float("inf"),
         }
         if nonfinite:
             out.update({k: float("nan") for k in ("cosine", "cosine_min", "max_abs_diff", "mean_abs_diff", "rel_l2",
                                                    "snr_db")})
-        if a.shape[1] > 1:
-            out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean()) if not nonfinite else float("nan")
+        if width > 1:
+            out["top1_agreement"] = same_top1 / n if not nonfinite else float("nan")
     out["nonfinite"] = nonfinite
     return out
+
+
+def _row_size(x: Any) -> int:
+    shape = np.shape(x)
+    return int(np.prod(shape[1:])) if len(shape) > 1 else 1
 
 
 def topk(logits: np.ndarray, labels: Optional[np.ndarray], ks: tuple[int, ...] = (1, 5),
@@ -67,12 +89,13 @@ def topk(logits: np.ndarray, labels: Optional[np.ndarray], ks: tuple[int, ...] =
         raise DataError(f"top-k on output '{output}': label {bad} is outside 0..{scores.shape[1] - 1} (the output has "
                         f"{scores.shape[1]} classes); fix the labels or name the right output")
     nonfinite = not np.isfinite(scores).all()
-    order = np.argsort(-scores, axis=1)
-    out = {}
-    for k in ks:
-        if k <= order.shape[1]:
-            out[f"top{k}"] = float("nan") if nonfinite else float(100.0 * (order[:, :k] == labels[:, None]).any(axis=1).mean())
-    return out
+    hits = {k: 0 for k in ks if k <= scores.shape[1]}
+    for lo in range(0, len(scores), AGREEMENT_ROWS):  # chunks: the sort's temporaries stay small
+        order = np.argsort(-scores[lo:lo + AGREEMENT_ROWS], axis=1)
+        for k in hits:
+            hits[k] += int((order[:, :k] == labels[lo:lo + AGREEMENT_ROWS, None]).any(axis=1).sum())
+    n = len(scores)
+    return {f"top{k}": float("nan") if nonfinite else float(100.0 * (h / n if n else float("nan"))) for k, h in hits.items()}
 
 
 # --- pluggable task metrics -------------------------------------------------------------

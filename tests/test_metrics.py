@@ -45,6 +45,28 @@ def test_agreement_known_perturbation() -> None:
     assert agreement(flipped, ref)["top1_agreement"] == pytest.approx(0.75, abs=0.01)
 
 
+def test_agreement_in_chunks_is_the_whole_array_statistic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 7 rows (sizes that do not divide 100) give what numpy says of the whole
+    arrays at once, computed here independently; a NaN in any chunk still makes it NaN."""
+    from pipeline import metrics
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(100, 4, 3)).astype(np.float32)
+    cand = (ref + rng.normal(scale=0.2, size=ref.shape)).astype(np.float32)
+    monkeypatch.setattr(metrics, "AGREEMENT_ROWS", 7)
+    r = agreement(cand, ref)
+    a, b = cand.reshape(100, -1).astype(np.float64), ref.reshape(100, -1).astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    d = a - b
+    assert r["cosine"] == pytest.approx(cos.mean(), rel=1e-12) and r["cosine_min"] == pytest.approx(cos.min(), rel=1e-12)
+    assert r["max_abs_diff"] == np.abs(d).max() and r["mean_abs_diff"] == pytest.approx(np.abs(d).mean(), rel=1e-12)
+    assert r["snr_db"] == pytest.approx(10 * np.log10((b**2).sum() / (d**2).sum()), rel=1e-12)
+    assert r["top1_agreement"] == (a.argmax(1) == b.argmax(1)).mean()
+    cand[93, 1, 2] = np.nan
+    bad = agreement(cand, ref)
+    assert bad["nonfinite"] == 1 and math.isnan(bad["cosine"]) and math.isnan(bad["top1_agreement"])
+
+
 def test_topk_in_percent() -> None:
     logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5], [0.5, 0.3, 0.2]])
     labels = np.array([1, 1, 0, 2])
