@@ -182,7 +182,7 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
             from ..tuning.trt_candidates import TrtCandidates
 
             runner = TrtCandidates(cfg, onnx_path, calib_dir, layers, t.keep_precision, calib_data, always, progress,
-                                   alternatives)
+                                   alternatives, amax=amax)
         sqnr_output = budget.output
         tuner = Tuner(layers, budget, runner, sets, t.max_candidates, t.max_seconds, sqnr_output, progress,
                       set(alternatives), t.objective)

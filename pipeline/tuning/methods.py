@@ -50,6 +50,19 @@ def tuned_amax(base: Mapping[str, float], alternatives: Mapping[str, Mapping[str
     return amax
 
 
+def write_candidate_qdq(onnx_path: Path, path: Path, amax: Mapping[str, float],
+                        alternatives: Mapping[str, Mapping[str, float]], kept: Iterable[str],
+                        always_float: Iterable[str] = (), minmax: Iterable[str] = ()) -> dict[str, Any]:
+    """A candidate's Q/DQ ONNX at `path`: the calibrate stage's ranges (the inputs of the
+    `minmax` layers at max|x|), the kept and always-float layers left float; returns
+    quantize_qdq's placement summary. The model every route of a candidate runs: onnxruntime's
+    simulation, and TensorRT's explicit (typed) build."""
+    from calibration.qdq import quantize_qdq
+
+    return quantize_qdq(Path(onnx_path), Path(path), tuned_amax(amax, alternatives, minmax),
+                        exclude_nodes=sorted(set(kept) | set(always_float)))
+
+
 def overrides(base: Mapping[str, float], alternatives: Mapping[str, Mapping[str, float]],
               minmax_layers: Iterable[str]) -> dict[str, dict[str, float]]:
     """tensor -> {calibrated amax, tuned amax} for every tensor the tuned methods change."""

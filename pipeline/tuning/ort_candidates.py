@@ -45,12 +45,9 @@ class OrtCandidates:
     def write_qdq(self, kept: Iterable[str], path: Path, minmax: Iterable[str] = ()) -> dict[str, Any]:
         """The Q/DQ ONNX of this candidate at `path` (the inputs of the `minmax` layers at
         max|x|); returns quantize_qdq's placement summary."""
-        from calibration.qdq import quantize_qdq
+        from .methods import write_candidate_qdq
 
-        from .methods import tuned_amax
-
-        amax = tuned_amax(self.amax, self.alternatives, minmax)
-        return quantize_qdq(self.onnx_path, path, amax, exclude_nodes=sorted(set(kept) | set(self.always_float)))
+        return write_candidate_qdq(self.onnx_path, path, self.amax, self.alternatives, kept, self.always_float, minmax)
 
     def _session_for(self, kept: frozenset[str], minmax: frozenset[str]) -> Any:
         from ..onnx_utils import ort_session

@@ -1,7 +1,10 @@
 """A candidate measured on a GPU: a TensorRT engine per candidate, its outputs and its latency.
 
-Each candidate is an implicit INT8 build through the project's TensorRTBackend, exactly as
-build@int8 would make it: INT8 with the calibrate stage's ranges (`calibration_source:
+Each candidate is built through the project's TensorRTBackend on the INT8 route build@int8
+takes on this TensorRT (`build.int8_route`, `auto` by default). Explicit (TensorRT 11, or
+asked for): the candidate's Q/DQ ONNX (`methods.write_candidate_qdq`: the kept layers left
+float, the same model onnxruntime simulates), built strongly typed. Implicit (8.6, 10),
+exactly as build@int8 would make it: INT8 with the calibrate stage's ranges (`calibration_source:
 cache`, its cache completed for the tensors TensorRT's parser adds; `auto` when the cache
 was written for another TensorRT), the kept layers pinned to `tune.keep_precision` by
 `build.layer_precisions` (every node of each layer group, :mod:`.layers`), the user's own
@@ -43,7 +46,8 @@ class TrtCandidates:
 
     def __init__(self, cfg: Config, onnx_path: Path, calib_dir: Path, layers: list[Layer], keep_precision: str,
                  calib_data: Optional[Path] = None, always_float: Iterable[str] = (), progress: bool = True,
-                 alternatives: Optional[Mapping[str, Mapping[str, float]]] = None) -> None:
+                 alternatives: Optional[Mapping[str, Mapping[str, float]]] = None,
+                 amax: Optional[Mapping[str, float]] = None) -> None:
         self.cfg = cfg
         self.onnx_path = Path(onnx_path)
         self.calib_dir = Path(calib_dir)
@@ -53,6 +57,8 @@ class TrtCandidates:
         self.always_float = sorted(set(always_float))
         self.progress = progress
         self.alternatives = dict(alternatives or {})  # layer -> {input tensor: max|x|} (pipeline.tuning.methods)
+        self.amax = dict(amax or {})  # the calibrate stage's ranges: the explicit route's candidate Q/DQ models
+        self._route: Optional[tuple[str, str]] = None
         lat = cfg.evaluate.latency
         self.batch_sizes, self.warmup, self.iterations = list(lat.batch_sizes), lat.warmup, lat.iterations
         self._tmp = tempfile.TemporaryDirectory(prefix="trtpipe-tune-trt-")
@@ -62,8 +68,40 @@ class TrtCandidates:
         self.builds: list[dict[str, Any]] = []
 
     # -- one engine per candidate ----------------------------------------------------------------
+    def route(self) -> tuple[str, str]:
+        """("implicit" | "explicit", why): build@int8's route on this TensorRT (build.int8_route)."""
+        if self._route is None:
+            from ..backends.trt_build import resolve_int8_route, trt_api
+            from ..runtime.trt_common import require_tensorrt
+
+            self._route = resolve_int8_route(trt_api(require_tensorrt()), self.cfg.build.int8_route)
+        return self._route
+
+    def request_for(self, kept: frozenset[str], minmax: frozenset[str], out: Path) -> Any:
+        """The BuildRequest of this candidate's engine, into `out`, on build@int8's route."""
+        from ..backends.base import BuildRequest
+
+        if self.route()[0] == "explicit":
+            if not self.amax:
+                from ..errors import BackendError
+
+                raise BackendError("tune on the explicit INT8 route needs the calibrate stage's ranges (amax) to write "
+                                   "each candidate's Q/DQ ONNX")
+            from ..fileio import QDQ_FILE
+            from .methods import write_candidate_qdq
+
+            d = Path(self._tmp.name) / "candidate-qdq"
+            d.mkdir(exist_ok=True)
+            write_candidate_qdq(self.onnx_path, d / QDQ_FILE, self.amax, self.alternatives, kept, self.always_float,
+                                minmax)
+            build = self.cfg.build.model_copy(update={"int8_route": "explicit"})
+            return BuildRequest("int8", self.onnx_path, out, self.cfg.model_copy(update={"build": build}), calib_dir=d,
+                                calib_data=self.calib_data)
+        return BuildRequest("int8", self.onnx_path, out, self.config_for(kept), calib_dir=self._calib_dir_for(minmax),
+                            calib_data=self.calib_data)
+
     def config_for(self, kept: Iterable[str]) -> Config:
-        """The config build@int8 would use for this candidate (implicit route, kept layers pinned)."""
+        """The config build@int8 would use for this candidate on the implicit route (kept layers pinned)."""
         names = sorted(set(kept) | set(self.always_float), key=lambda n: self.layers[n].index)
         pins = dict(self.cfg.build.layer_precisions)
         for pat, prec in layer_precisions([self.layers[n] for n in names], self.keep_precision).items():
@@ -84,7 +122,6 @@ class TrtCandidates:
         return d
 
     def _runner_for(self, kept: frozenset[str], minmax: frozenset[str] = frozenset()) -> Any:
-        from ..backends.base import BuildRequest
         from ..backends.tensorrt_backend import TensorRTBackend
         from ..runtime.trt_runner import TrtRunner
 
@@ -95,12 +132,11 @@ class TrtCandidates:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         backend = TensorRTBackend(progress=self.progress)
-        req = BuildRequest("int8", self.onnx_path, out, self.config_for(kept), calib_dir=self._calib_dir_for(minmax),
-                           calib_data=self.calib_data)
-        result = backend.build(req)
+        result = backend.build(self.request_for(kept, minmax, out))
         details = result.details or {}
         tc = details.get("timing_cache") if isinstance(details.get("timing_cache"), dict) else {}
-        self.builds.append({"kept": sorted(kept), "minmax": sorted(minmax), "builder_seconds": details.get("builder_seconds"),
+        self.builds.append({"kept": sorted(kept), "minmax": sorted(minmax), "route": self.route()[0],
+                            "builder_seconds": details.get("builder_seconds"),
                             "timing_cache_warm": tc.get("warm"), "timing_cache_keys_after": tc.get("keys_after"),
                             "pinned": len(((details.get("layer_precisions") or {}).get("pinned") or {}))})
         self._runner = TrtRunner(out / result.artifact)

@@ -360,3 +360,41 @@ def test_build_json_records_the_hardware_compatibility(env, version):
 def test_build_with_ampere_plus_reaches_the_builder(env):
     rec, res, _ = env.build(V10, "fp32", hardware_compatibility="ampere_plus")
     assert rec.hardware_compatibility == "AMPERE_PLUS" and res.details["hardware_compatibility"] == "ampere_plus"
+
+
+# -- tune's engine candidates ---------------------------------------------------------------------
+@pytest.mark.parametrize("version", [V86, V11])
+def test_tune_candidates_take_build_int8s_route(env, version):
+    """On 11 (no implicit INT8) a candidate is its own Q/DQ ONNX with the kept Conv left float,
+    built strongly typed; on 8.6 it is the implicit build with the kept Conv pinned."""
+    import onnx
+
+    from pipeline.backends.tensorrt_backend import TensorRTBackend
+    from pipeline.tuning.layers import Layer
+    from pipeline.tuning.trt_candidates import TrtCandidates
+
+    trt = install(env.monkeypatch, version)
+    from calibration.cache import write_cache
+
+    write_cache(env.calib / "calibration.cache", {"input": np.float32(0.05), "c": np.float32(0.1), "r": np.float32(0.1)},
+                version, "EntropyCalibration2")
+    conv = Layer(name="/conv/Conv", op_type="Conv", index=0, nodes=("/conv/Conv", "/relu/Relu"), macs=96)
+    cands = TrtCandidates(_config(), env.onnx, env.calib, [conv], "fp16", progress=False,
+                          amax={"input": 4.0, "c": 3.0, "r": 3.0})
+    try:
+        out = Path(cands._tmp.name) / "out"
+        for kept, q in ((frozenset(), 1), (frozenset({"/conv/Conv"}), 0)):
+            req = cands.request_for(kept, frozenset(), out)
+            if version == V11:
+                assert req.config.build.int8_route == "explicit"
+                model = onnx.load(str(req.calib_dir / "model.qdq.onnx"))
+                assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node if "input" in n.input) == q
+                res = TensorRTBackend(progress=False).build(req)
+                assert res.details["int8_route"] == "explicit" and res.details["strongly_typed"] is True
+                assert trt._rec.calibrator is None and trt._rec.missing == []
+            else:
+                assert cands.route()[0] == "implicit" and req.config.build.int8_route == "implicit"
+                pins = req.config.build.layer_precisions
+                assert ("/conv/Conv" in pins) == bool(kept) and ("/relu/Relu" in pins) == bool(kept)
+    finally:
+        cands.close()
