@@ -116,12 +116,16 @@ def _export(model: Any, sample: np.ndarray, path: Path) -> None:
 
 # -- the two measured workers ----------------------------------------------------------------------
 def worker_ours(case_dir: Path, out: Path) -> dict[str, Any]:
-    from pipeline.config import CalibrationConfig, load_config
+    from pipeline.config import CalibrationConfig, TensorSpec, load_config
     from pipeline.stages import calibrate
 
     meta = json.loads((case_dir / "meta.json").read_text())
     cfg = load_config(ROOT / "configs" / "digits.yaml", params_path=ROOT / "no-params.yaml")
-    model = cfg.model.model_copy(update={"input": cfg.model.input.model_copy(update={"shape": meta["input_shape"]})})
+    # ``model.input`` is a property over the ``inputs`` field: updating it changed nothing, so the
+    # resnet18 case ran the stage with the digits input shape [1, 8, 8] and load_samples refused
+    # its [3, 224, 224] samples. The field itself gets the case's input.
+    spec = TensorSpec(name="input", shape=list(meta["input_shape"]), dtype="float32")
+    model = cfg.model.model_copy(update={"inputs": [spec]})
     cfg = cfg.model_copy(update={"model": model, "calibration": CalibrationConfig(
         method="entropy", num_samples=meta["calibration"], batch_size=BATCH, num_bins=2048, seed=0)})
     samples = case_dir / "calib.npz"  # the stage reads prepare's format: one array per input
