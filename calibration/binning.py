@@ -1,7 +1,8 @@
 """Bin one batch of many tensors on a pool of threads, in two passes over memory.
 
 1. :meth:`BatchBinner.ranges`: ``(min, max)`` of every tensor, each tensor cut into
-   pieces that run in parallel (numpy's reductions release the GIL).
+   pieces that run in parallel (the kernel's ``range`` where it has one: one compiled pass
+   over float32; else numpy's reductions; both release the GIL).
 2. The caller turns each range into a :class:`calibration.histogram.BinPlan` (or skips
    the tensor), with the whole batch's ranges known: a NaN anywhere stops the batch
    before any histogram changes.
@@ -87,7 +88,7 @@ class BatchBinner:
                 calls.append((flat[a:b],))
                 owner.append(k)
         parts: list[list[tuple[float, float]]] = [[] for _ in arrays]
-        for k, r in zip(owner, self._map(abs_range, calls)):
+        for k, r in zip(owner, self._map(getattr(self.kernel, "range", abs_range), calls)):
             parts[k].append(r)
         return [_combine_ranges(p) for p in parts]
 

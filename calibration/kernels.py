@@ -142,6 +142,13 @@ class CpuKernel:
                                        "use kernel='numpy' or 'auto', or install a C compiler (cc/gcc)")
         self.name = "native" if self._native is not None else "numpy"
 
+    def range(self, flat: np.ndarray) -> tuple[float, float]:
+        """``(min, max)`` of a 1-D array like :func:`abs_range` (NaN when it holds a NaN): in one
+        compiled pass for contiguous float32, else numpy's two."""
+        if self._native is not None and flat.dtype == np.float32 and flat.flags.c_contiguous:
+            return self._native.range_f32(flat)
+        return abs_range(flat)
+
     def counts(self, flat: np.ndarray, width: float, num_bins: int, positive: bool = False) -> np.ndarray:
         """Counts of ``|x|`` (or of ``max(x, 0)`` when ``positive``) under the plan."""
         if (self._native is not None and flat.dtype == np.float32 and flat.flags.c_contiguous

@@ -212,3 +212,41 @@ def test_native_kernel_on_unaligned_views_and_odd_lengths(offset, native_kernel)
                 np.testing.assert_array_equal(native_kernel.bin_f32(values, width, num_bins, positive),
                                               bin_counts_numpy(values, width, num_bins, positive=positive),
                                               err_msg=f"n={n} bins={num_bins} positive={positive}")
+
+
+@pytest.mark.parametrize("num_bins", [2048, 4096, 4097])
+def test_native_kernel_counts_past_16_bits_in_one_bin(num_bins, native_kernel):
+    """Histograms of up to 4096 bins count in 16-bit sub-histograms flushed into 64-bit ones:
+    a million values in one bin (and the rest in bin 0) must not wrap around; above 4096
+    bins the 64-bit path counts the same."""
+    width = 1.0 / num_bins
+    values = np.full(1_000_003, np.float32(0.5), np.float32)
+    values[::3] = 0.0
+    want = bin_counts_numpy(values, width, num_bins)
+    assert want.max() > 4 * 65536
+    for positive in (False, True):
+        np.testing.assert_array_equal(native_kernel.bin_f32(values, width, num_bins, positive), want)
+
+
+def test_native_range_equals_numpy_min_max(native_kernel):
+    """One compiled pass gives numpy's (min, max): on normal values, +-Inf, the largest and
+    the subnormal floats, and NaN anywhere (then both NaN); zeros may differ in sign only."""
+    rng = np.random.default_rng(5)
+    normal = rng.normal(0, 3, 100_003).astype(np.float32)
+    specials = np.array([0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, np.inf, -np.inf], np.float32)
+    cases = [normal, normal[1:], -np.abs(normal), np.abs(normal), specials, specials[:2], specials[1:2],
+             np.zeros(17, np.float32), np.full(5, -0.0, np.float32), np.array([7.0], np.float32),
+             np.zeros(0, np.float32)]
+    for at in (0, 50_000, 100_002):
+        with_nan = normal.copy()
+        with_nan[at] = np.nan
+        cases.append(with_nan)
+    kernel = CpuKernel("native")
+    for values in cases:
+        want = abs_range(values)
+        for got in (native_kernel.range_f32(values), kernel.range(values)):
+            for g, w in zip(got, want):
+                assert (np.isnan(g) and np.isnan(w)) or g == w, (got, want)
+    assert kernel.range(normal.astype(np.float64)) == abs_range(normal.astype(np.float64))  # numpy for others
+    with BatchBinner(kernel, 2) as binner:
+        assert binner.ranges([normal, normal[::2]]) == [abs_range(normal), abs_range(normal[::2])]
