@@ -214,3 +214,46 @@ def test_pipelined_equals_serial(cnn):
         assert (a.bin_width, a.max_abs, a.num_samples) == (b.bin_width, b.max_abs, b.num_samples), name
         np.testing.assert_array_equal(a.counts, b.counts, err_msg=name)
     np.testing.assert_array_equal(runs[0].first_outputs["logits"], runs[1].first_outputs["logits"])
+
+
+def _typed_by_full_inference(model) -> dict[str, int]:
+    """What _element_types gave before: shape inference on the whole model."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.input) + list(inferred.graph.value_info)
+             + list(inferred.graph.output) if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+    types.update({init.name: init.data_type for init in inferred.graph.initializer})
+    return types
+
+
+def test_types_without_the_weights_equal_full_inference(cnn, monkeypatch):
+    """Shape inference runs without the values of large initializers (the weights), keeping
+    the small ones it reads (Reshape's shape here, from a graph built with large weights, a
+    Cast and an int64 path); the types are those inference on the whole model gives, and the
+    caller's model keeps its weights. Past protobuf's 2 GiB the whole model goes to inference
+    (and fails there, as before)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import calibration.collect as collect
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(64, 8192)).astype(np.float32), "w")  # > TYPING_KEEP_ELEMENTS
+    shape = numpy_helper.from_array(np.array([-1, 2, 32], np.int64), "shape")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]), helper.make_node("Reshape", ["mm", "shape"], ["r"]),
+             helper.make_node("Cast", ["r"], ["half"], to=TensorProto.FLOAT16),
+             helper.make_node("Shape", ["half"], ["dims"]), helper.make_node("Relu", ["r"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("dims", TensorProto.INT64, None)], [w, shape])
+    built = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for model in (built, onnx.load(str(cnn[0]))):
+        assert collect._element_types(model) == _typed_by_full_inference(model)
+    light = collect._typing_copy(built)
+    assert [i.HasField("raw_data") for i in light.graph.initializer] == [False, True]  # w left out, shape kept
+    assert all(i.HasField("raw_data") for i in built.graph.initializer)  # the caller's model is whole
+    assert collect._element_types(built)["r"] == TensorProto.FLOAT and collect._element_types(built)["half"] == 10
+    assert collect._element_types(built)["dims"] == TensorProto.INT64
+    monkeypatch.setattr(collect, "_PROTOBUF_LIMIT", 1000)  # "too large to serialize": the model itself
+    assert collect._typing_copy(built) is built

@@ -208,3 +208,42 @@ def test_cpu_features_name_the_int8_relevant_flags():
     for f in c["flags"]:
         assert f in flags or not flags
     assert c["int8_dot"] == bool({"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & (flags or set(c["flags"])))
+
+
+def test_a_model_past_the_inline_limit_goes_through_a_file(monkeypatch):
+    """make_session serializes a ModelProto once; one at or past the inline limit (protobuf's
+    2 GiB, or EncodeError when serializing fails there) is saved with external data and loaded
+    from that file, giving the same outputs."""
+    from google.protobuf.message import EncodeError
+    from onnx import TensorProto, helper, numpy_helper
+
+    import calibration.ort_session as ort_session
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.ones((2, 3), np.float32)
+    want = make_session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(want, x @ np.arange(12, dtype=np.float32).reshape(3, 4))
+    through_file = []
+    real = ort_session._session_from_file
+
+    def spy(*args, **kwargs):
+        through_file.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort_session, "_session_from_file", spy)
+    monkeypatch.setattr(ort_session, "_INLINE_LIMIT", 10)  # this small model is "too large" to pass inline
+    np.testing.assert_array_equal(make_session(model).run(None, {"x": x})[0], want)
+    assert through_file == [True]
+
+    class Unserializable:
+        def SerializeToString(self):
+            raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(ort_session, "_INLINE_LIMIT", 2_000_000_000)
+    monkeypatch.setattr(ort_session, "_session_from_file", lambda m, so, what, error: ("file", m))
+    marker = Unserializable()
+    assert make_session(marker) == ("file", marker)
