@@ -250,6 +250,13 @@ class DataConfig(_Strict):
     def split_is_explicit(self) -> bool:
         return "split" in self.model_fields_set
 
+    @model_validator(mode="after")
+    def _stream_images_only(self) -> "DataConfig":
+        if self.stream is True and self.source != "image_folder":
+            raise ValueError(f"stream: true streams image folders only; data.source {self.source!r} is read into memory "
+                             "(set stream: auto or false, or write the data as an image folder)")
+        return self
+
 
 class ExportConfig(_Strict):
     opset: int = Field(17, ge=11, le=21)

@@ -157,3 +157,32 @@ def test_calibrate_and_evaluate_give_the_same_numbers_streamed(prepared, tmp_pat
     assert r1 == r2
     assert e1.metrics == e2.metrics and e1.samples == e2.samples
     assert e1.agreement_fp32 == e2.agreement_fp32 and e1.agreement_pytorch == e2.agreement_pytorch
+
+
+def test_a_damaged_index_or_a_stream_asked_of_other_data_is_one_line(prepared, tmp_path):
+    import yaml
+
+    from pipeline.config import load_config
+    from pipeline.data import load_samples
+    from pipeline.errors import ConfigError, PipelineError
+
+    cfg, streamed = prepared[True]
+    with np.load(streamed / "eval.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    index = json.loads(bytes(arrays["__stream__"]).decode())
+    for name, member, match in (
+            ("torn.npz", np.frombuffer(b'{"files": [', dtype=np.uint8), "index of streamed images cannot be read"),
+            ("other.npz", np.frombuffer(json.dumps({**index, "input": {**index["input"], "shape": [3, 8, 8]}}).encode(),
+                                        dtype=np.uint8), r"indexes images for input 'input' \[3, 8, 8\]"),
+            ("short.npz", np.frombuffer(json.dumps({**index, "sha256": index["sha256"][:-1]}).encode(), dtype=np.uint8),
+             "files and .* checksums")):
+        np.savez(tmp_path / name, **{**arrays, "__stream__": member})
+        with pytest.raises(DataError, match=match) as e:
+            load_samples(tmp_path / name, cfg.model.inputs, "y")
+        assert "\n" not in str(e.value) and "re-run prepare" in str(e.value)
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump({"config": str(ROOT / "configs" / "digits.yaml"), "override": True,
+                                      "data": {"stream": True}}))
+    with pytest.raises((ConfigError, PipelineError), match="stream: true streams image folders only") as e:
+        load_config(None, params, quiet=True)
+    assert "\n" not in str(e.value)
