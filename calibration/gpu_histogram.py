@@ -146,6 +146,11 @@ class DeviceKernel:
             return self.ops.counts(flat, width, num_bins, positive)
         return self.cpu.counts(flat, width, num_bins, positive)
 
+    def range(self, flat: np.ndarray) -> tuple[float, float]:
+        """``(min, max)`` on the CPU, as the CPU kernel finds it (its one-pass compiled range
+        where it has one): the device only counts."""
+        return self.cpu.range(flat)
+
 
 def _nvidia_driver_visible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
