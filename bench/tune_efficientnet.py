@@ -75,7 +75,7 @@ def _strategy(cfg: Any, strategy: str, A: Path, seconds: dict[str, float], objec
     return {"kept": [k["layer"] for k in rep["kept"]], "candidates_evaluated": len(rep["candidates"]),
             "top1_agreement": ch["metric_full"], "meets_budget": ch["meets_full"], "estimated_cost": ch["cost"],
             "minmax_layers": list(rep["methods"].get("layers", {})), "stop_reason": rep["search"]["stop_reason"],
-            "seconds": rep["seconds"]}
+            "seconds": seconds.get(name)}  # tune.json keeps no wall time (its timings file does)
 
 
 def main() -> None:
