@@ -54,6 +54,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -213,12 +214,11 @@ def worker_collector(case: Path, samples: int, variant: str) -> dict[str, Any]:
     amax, _, _ = ranges_under(rules, col.histograms, c.method, col.node_ops, c.percentile, bounds={})
     t2 = time.perf_counter()
     st = col.stats
-    return {"calibration_s": round(t2 - t0, 3), "collect_s": round(t1 - t0, 3), "session_s": round(st.seconds_session, 3),
-            "inference_s": round(st.seconds_inference, 3), "histogram_s": round(st.seconds_histogram, 3),
-            "search_s": round(t2 - t1, 3), "tensors": len(col.histograms), "samples": st.samples,
-            "pipelined": st.pipelined, "intra_op_threads": st.intra_op_threads,
-            "histogram_threads": st.histogram_threads, "kernel": st.kernel,
-            "collect_options": {k: getattr(st, k) for k in ("pipelined",) if hasattr(st, k)},
+    return {"calibration_s": round(t2 - t0, 3), "collect_s": round(t1 - t0, 3),
+            "session_s": round(st.seconds_session, 3), "inference_s": round(st.seconds_inference, 3),
+            "histogram_s": round(st.seconds_histogram, 3), "search_s": round(t2 - t1, 3),
+            "tensors": len(col.histograms), "samples": st.samples, "pipelined": st.pipelined,
+            "intra_op_threads": st.intra_op_threads, "histogram_threads": st.histogram_threads, "kernel": st.kernel,
             "histogram_digest": histogram_digest(col.histograms), "ranges_digest": ranges_digest(amax)}
 
 
@@ -280,8 +280,10 @@ def main() -> None:
         prepare(case, a.samples)
         return
     if a.worker:
-        import onnx  # noqa: F401  imported before any timer, in every worker alike (a process's fixed cost)
-        import onnxruntime  # noqa: F401
+        import importlib
+
+        for module in ("onnx", "onnxruntime"):  # before any timer, in every worker alike (a process's fixed cost)
+            importlib.import_module(module)
 
         if a.worker == "ort":
             res = worker_ort(case, a.samples)
@@ -347,10 +349,9 @@ def main() -> None:
         }
     if "before:stage" in runs and "stage" in runs:
         b, s_ = summary["before:stage"], summary["stage"]
+        b_s, a_s = b["calibration_s"]["median"], s_["calibration_s"]["median"]
         summary["before_after"] = {"ratio_median": [b["ratio_median"], s_["ratio_median"]],
-                                   "calibration_s_median": [b["calibration_s"]["median"], s_["calibration_s"]["median"]],
-                                   "speedup_median": round(b["calibration_s"]["median"] / s_["calibration_s"]["median"],
-                                                           3)}
+                                   "calibration_s_median": [b_s, a_s], "speedup_median": round(b_s / a_s, 3)}
     results = {
         "what": "INT8 calibration (the calibrate stage: collection + entropy range search, tensorrt rules) against a "
                 "plain onnxruntime FP32 forward over the same 512 samples in batches of 32, on ResNet-18; each "
@@ -360,7 +361,7 @@ def main() -> None:
                                  text=True).stdout.strip(),
         "before_commit": a.before,
         "command": "flock /tmp/trtpipe-heavy.lock .venv/bin/python bench/calibration_cpu_ratio.py "
-                   + " ".join(sys.argv[1:]),
+                   + shlex.join(sys.argv[1:]),
         "machine": {"cpu": cpu, "available_cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                     "numpy": np.__version__, "onnxruntime": onnxruntime.__version__},
         "meta": json.loads((case / "meta.json").read_text()),

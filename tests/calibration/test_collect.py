@@ -221,8 +221,9 @@ def _typed_by_full_inference(model) -> dict[str, int]:
     import onnx
 
     inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(inferred.graph.input) + list(inferred.graph.value_info)
-             + list(inferred.graph.output) if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
+    infos = list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in infos
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type}
     types.update({init.name: init.data_type for init in inferred.graph.initializer})
     return types
 
