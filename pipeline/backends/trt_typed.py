@@ -39,6 +39,7 @@ def collapse_round_trips(model: Any) -> int:
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
     inputs = {i.name for i in graph.input}
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
     rewired = 0
     alias: dict[str, str] = {}
     for n in graph.node:
@@ -49,6 +50,8 @@ def collapse_round_trips(model: Any) -> int:
             continue
         src = producer.get(x.input[0])  # a kept node's FP32 output, or an FP32 graph input
         if (src is None and x.input[0] not in inputs) or (src is not None and src.op_type == "Cast"):
+            continue
+        if elem.get(x.input[0]) != onnx.TensorProto.FLOAT:  # an integer (a mask's sum) or an unknown type: as written
             continue
         if n.output[0] in outputs:
             n.op_type = "Identity"
