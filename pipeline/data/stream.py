@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -71,10 +70,9 @@ class ImageStream:
         self.dtype = np.dtype(spec.dtype)
         self.ndim = 4
         self.threads = threads or default_threads()
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._ahead: Optional[tuple[tuple[int, int], Future]] = None
-        self._lock = threading.Lock()
-        self.decoded = 0  # samples decoded so far (a count the tests and benchmarks read)
+        self._pool: Optional[ThreadPoolExecutor] = None  # decodes the files of a request
+        self._prefetch: Optional[ThreadPoolExecutor] = None  # one worker: asks the pool for the next batch
+        self._ahead: Optional[tuple[tuple[int, int], Future]] = None  # only the consumer's thread touches it
 
     def __len__(self) -> int:
         return len(self.files)
@@ -105,7 +103,6 @@ class ImageStream:
         pool = self._executor()
         for k, x in enumerate(pool.map(self._one, (int(i) for i in idx))):
             out[k] = x
-        self.decoded += len(idx)
         return out
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -115,8 +112,7 @@ class ImageStream:
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
         """Samples start..stop-1; the next slice of the same size starts decoding in the background."""
-        with self._lock:
-            ahead, self._ahead = self._ahead, None
+        ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == (start, stop):
             out = ahead[1].result()
         else:
@@ -125,18 +121,19 @@ class ImageStream:
             out = self._decode(np.arange(start, stop))
         nxt = (stop, min(len(self), stop + (stop - start)))
         if nxt[1] > nxt[0]:
-            fut = threading_future(self._decode, np.arange(*nxt))
-            with self._lock:
-                self._ahead = (nxt, fut)
+            if self._prefetch is None:  # its own worker: a decode pool thread waiting on the pool could deadlock it
+                self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trtpipe-prefetch")
+            self._ahead = (nxt, self._prefetch.submit(self._decode, np.arange(*nxt)))
         return out
 
     def close(self) -> None:
         if self._ahead is not None:
             self._ahead[1].cancel()
             self._ahead = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        for pool in (self._prefetch, self._pool):  # the prefetch first: it feeds the decode pool
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._prefetch = self._pool = None
 
     # -- numpy-like access -------------------------------------------------------------------------
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -180,33 +177,12 @@ class ImageStream:
                 "files": self.files, "sha256": self.sha256}
 
 
-def threading_future(fn: Any, *args: Any) -> Future:
-    """`fn(*args)` on a thread of its own (the decode pool's threads are busy with its map)."""
-    fut: Future = Future()
-
-    def run() -> None:
-        if not fut.set_running_or_notify_cancel():
-            return
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as e:  # handed to whoever takes the result
-            fut.set_exception(e)
-
-    threading.Thread(target=run, name="trtpipe-prefetch", daemon=True).start()
-    return fut
-
-
 def hash_files(files: Sequence[str], threads: Optional[int] = None) -> list[str]:
-    """sha256 of every file, in a thread pool."""
-    def one(path: str) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        return h.hexdigest()
+    """sha256 of every file (fileio.sha256_file), in a thread pool."""
+    from ..fileio import sha256_file
 
     with ThreadPoolExecutor(max_workers=threads or default_threads()) as pool:
-        return list(pool.map(one, files))
+        return list(pool.map(sha256_file, files))
 
 
 def stream_arrays(stream: ImageStream) -> dict[str, np.ndarray]:
