@@ -42,15 +42,11 @@ def _timings(a: argparse.Namespace, report: Any) -> None:
     """`--timings FILE`: the stage's wall times and other run-to-run noise, which its report leaves out."""
     if getattr(a, "timings", None) is None:
         return
-    import resource
-    import sys
-
     from .fileio import write_json
-    from .reports import timings
+    from .reports import peak_rss_mb, timings
 
     data = timings(report)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    data.setdefault("peak_rss_mb", round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1))  # this process
+    data.setdefault("peak_rss_mb", peak_rss_mb())  # this process (calibrate's report measures its own)
     write_json(_claim_timings(a), data)
 
 

@@ -337,6 +337,15 @@ def _noise_exclude(report: Report) -> dict[str, Any]:
     return out
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
+
+
 def timings(report: Report) -> dict[str, Any]:
     """The noise `write_report` leaves out of `report` (what `--timings` writes)."""
     data = report.model_dump(mode="json", include=_noise_exclude(report))

@@ -40,8 +40,6 @@ Outputs (``out_dir``, replaced atomically as a whole):
 from __future__ import annotations
 
 import platform
-import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -60,16 +58,11 @@ from ..config import Config
 from ..data import calibration_batches, calibration_indices, load_samples
 from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, MAXIMA_FILE, QDQ_FILE, RANGES_FILE, claim_dir, sha256_model,
                       staging_dir, write_json)
-from ..reports import CalibrateReport, TensorMaxima, write_report
+from ..reports import CalibrateReport, TensorMaxima, peak_rss_mb, write_report
 
 DEFAULT_TRT_VERSION = "8.6.0"
 OUTPUTS = (RANGES_FILE, CACHE_FILE, QDQ_FILE, MAXIMA_FILE)
 CHECK_SAMPLES = 8  # Q/DQ vs FP32 sanity check on the first samples of the first batch
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
 def target_tensorrt(cfg: Config) -> tuple[str, str]:
@@ -221,7 +214,7 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
             search_ms_per_tensor={"mean": round(float(np.mean(search_ms)), 3),
                                   "median": round(float(np.median(search_ms)), 3),
                                   "max": round(float(np.max(search_ms)), 3)},
-            peak_rss_mb=_peak_rss_mb(),
+            peak_rss_mb=peak_rss_mb(),
             software=_versions(),
             sha256={"onnx": sha256_of(onnx_path), "calib_data": sha256_of(calib_data),
                     **{name: sha256_model(tmp / name) for name in OUTPUTS}},
