@@ -39,12 +39,14 @@ def tensor_maxima(onnx_path: Path, batches: Iterable[Mapping[str, np.ndarray]]) 
 
 
 def keep_fp32_nodes(onnx_path: Path, cfg: FP16Config, maxima: Optional[Mapping[str, Optional[float]]] = None,
-                    where: str = "the calibration samples") -> dict[str, str]:
+                    where: str = "the calibration samples", model: Any = None) -> dict[str, str]:
     """node name -> why it stays in FP32 (see the module docstring). `maxima`: max|x| per
-    tensor on `where` (None: a value was not finite); no range check without it."""
-    from calibration.onnx_io import load_model
+    tensor on `where` (None: a value was not finite); no range check without it. `model`: the
+    ONNX at `onnx_path` when the caller has it loaded already."""
+    if model is None:
+        from calibration.onnx_io import load_model
 
-    model = load_model(onnx_path)
+        model = load_model(onnx_path)
     nodes = list(model.graph.node)
     keep: dict[str, str] = {}
     ops = set(cfg.keep_fp32_ops)

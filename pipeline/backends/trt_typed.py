@@ -82,17 +82,18 @@ def collapse_round_trips(model: Any) -> int:
     return rewired
 
 
-def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path) -> dict[str, Any]:
+def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path, model: Any = None) -> dict[str, Any]:
     """Write the typed FP16 ONNX of `onnx_path` to `out`, keeping `keep`'s nodes in FP32;
     returns what build.json records about it (file, sha256, Cast nodes, FP16 initializers).
-    The one FP16 writer: the onnxruntime backend's fp16 variant is this file too."""
+    The one FP16 writer: the onnxruntime backend's fp16 variant is this file too. `model`: the
+    ONNX at `onnx_path` already loaded (it is converted in place)."""
     import onnx
     from onnxruntime.transformers import float16
 
     from ..onnx_utils import load_onnx
     from .fp16 import fold_identities
 
-    model = fold_identities(load_onnx(onnx_path))
+    model = fold_identities(model if model is not None else load_onnx(onnx_path))
     before = {n.name for n in model.graph.node}
     try:
         with warnings.catch_warnings(record=True) as caught:  # weights beyond fp16's range, clamped
@@ -173,14 +174,12 @@ def _maxima(onnx_path: Path, cfg: Any, calib_dir: Optional[Path],
                        "--calib-dir (run `trtpipe calibrate` first), or set build.fp16.range_check: false")
 
 
-def typed_layer_pins(onnx_path: Path, patterns: Mapping[str, str], keep: dict[str, str]) -> dict[str, Any]:
-    """build.layer_precisions on the typed route: the fp32 pins join `keep` (FP32 with Casts
-    around them in the FP16 ONNX); fp16 pins are FP16 already. A pin to fp16 of a node the
-    variant keeps in FP32 is refused."""
-    from ..onnx_utils import load_onnx
+def typed_layer_pins(nodes: list[str], patterns: Mapping[str, str], keep: dict[str, str]) -> dict[str, Any]:
+    """build.layer_precisions on the typed route, over the ONNX's node names: the fp32 pins join
+    `keep` (FP32 with Casts around them in the FP16 ONNX); fp16 pins are FP16 already. A pin to
+    fp16 of a node the variant keeps in FP32 is refused."""
     from .trt_layers import match_layer_precisions
 
-    nodes = [n.name for n in load_onnx(onnx_path).graph.node]
     assign, matched = match_layer_precisions(nodes, patterns)
     clash = [n for n, p in assign.items() if p == "fp16" and n in keep]
     if clash:
@@ -198,18 +197,21 @@ def plan_fp16(onnx_path: Path, cfg: Any, out_dir: Path, route: tuple[str, str], 
     """The fp16 variant of `onnx_path` for `route` = (typed | flag, why): the nodes kept in
     FP32 (build.fp16's ops and globs, and what leaves FP16's range by the calibrate stage's
     maxima.json in `calib_dir`), and on the typed route the FP16 ONNX written into `out_dir`."""
+    from ..onnx_utils import load_onnx
     from .fp16 import keep_fp32_nodes
 
     kind, why = route
     if kind not in FP16_ROUTES:
         raise BackendError(f"fp16 route {kind!r} is not one of {', '.join(FP16_ROUTES)}")
     maxima, maxima_from = _maxima(Path(onnx_path), cfg, calib_dir, calib_data)
-    keep = keep_fp32_nodes(Path(onnx_path), cfg.build.fp16, maxima, where=maxima_from)
+    model = load_onnx(onnx_path)  # once: the keep list, the pins and the conversion read it
+    keep = keep_fp32_nodes(Path(onnx_path), cfg.build.fp16, maxima, where=maxima_from, model=model)
     if kind == "flag":
         return Fp16Plan(kind, why, keep, maxima_from)
-    pins = typed_layer_pins(Path(onnx_path), cfg.build.layer_precisions, keep) if cfg.build.layer_precisions else None
+    nodes = [n.name for n in model.graph.node]
+    pins = typed_layer_pins(nodes, cfg.build.layer_precisions, keep) if cfg.build.layer_precisions else None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     out = Path(out_dir) / FP16_ONNX
-    info = write_fp16_onnx(Path(onnx_path), keep, out)
+    info = write_fp16_onnx(Path(onnx_path), keep, out, model=model)
     casts = tuple(info.pop("added_casts"))
     return Fp16Plan(kind, why, keep, maxima_from, onnx=out, typed_onnx=info, pins=pins, added_casts=casts)
