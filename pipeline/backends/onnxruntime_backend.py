@@ -99,7 +99,7 @@ def _fp16(req: BuildRequest, out: Path) -> BuildResult:
     info = {**(plan.typed_onnx or {}), "file": ARTIFACT}
     return BuildResult(ARTIFACT, flags=["float16 weights and activations (onnxruntime.transformers.float16)", "float32 I/O"],
                        kept_fp32=describe(plan.keep),
-                       details={"typed_onnx": info, "fp16": {**plan.describe(), "typed_onnx": info},
+                       details={"typed_onnx": info, "fp16": plan.describe(),
                                 "weights_clamped_to_fp16_range": info.get("weights_clamped_to_fp16_range", 0),
                                 "examples": info.get("examples", [])})
 

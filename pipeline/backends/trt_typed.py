@@ -139,8 +139,8 @@ class Fp16Plan:
     added_casts: tuple[str, ...] = ()  # the Cast nodes the converter added (never pinned on 8.6)
 
     def describe(self) -> dict[str, Any]:
-        return {"route": self.route, "why": self.why, "maxima_from": self.maxima_from, "kept_fp32_nodes": len(self.keep),
-                "typed_onnx": self.typed_onnx}
+        """build.json's `fp16` (its typed ONNX is build.json's `typed_onnx`)."""
+        return {"route": self.route, "why": self.why, "maxima_from": self.maxima_from, "kept_fp32_nodes": len(self.keep)}
 
 
 def read_maxima(calib_dir: Path, onnx_path: Path) -> tuple[dict[str, Optional[float]], str]:
