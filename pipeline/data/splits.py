@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -38,22 +38,17 @@ def _load_images(files: ImageFiles, idx: np.ndarray, data: DataConfig, spec: Ten
 
     p = data.preprocess
     what = f"data.source=image_folder ({files.root})"
-    image_geometry(spec, p, what)
+    image_geometry(spec, p, what)  # a fixed 3-D shape: one sample is spec.shape, in the layout's order
     y = None if files.y is None else files.y[idx]
     ids = [str(files.files[i]) for i in idx]
     if stream_ok and len(idx) and should_stream(data.stream, len(idx), spec):
         stream = ImageStream(ids, hash_files(ids), spec, p)
         stream[0]  # the first image decodes now: a wrong geometry or channel count fails here, not stages later
         return Samples({spec.name: stream}, y, ids=ids, classes=files.classes)
-    x = np.empty((len(idx), *_sample_shape(spec, p)), dtype=spec.dtype)
+    x = np.empty((len(idx), *spec.shape), dtype=spec.dtype)
     for k, i in enumerate(idx):
         x[k] = decode_sample(files.files[i], files.files[i], spec, p)
     return Samples({spec.name: x}, y, ids=ids, classes=files.classes)
-
-
-def _sample_shape(spec: TensorSpec, p: Any) -> tuple[int, int, int]:
-    c, h, w = image_geometry(spec, p, "an image split")
-    return (c, h, w) if p.layout == "nchw" else (h, w, c)
 
 
 def check_samples(samples: Samples, inputs: Sequence[TensorSpec], what: str) -> None:

@@ -65,8 +65,8 @@ class ImageStream:
         self.sha256 = list(sha256) if sha256 is not None else None
         self.spec = spec
         self.preprocess = preprocess
-        c, h, w = image_geometry(spec, preprocess, "a streamed image split")
-        self.shape = (len(self.files), c, h, w) if preprocess.layout == "nchw" else (len(self.files), h, w, c)
+        image_geometry(spec, preprocess, "a streamed image split")  # a fixed 3-D shape, in the layout's order
+        self.shape = (len(self.files), *spec.shape)
         self.dtype = np.dtype(spec.dtype)
         self.ndim = 4
         self.threads = threads or default_threads()
