@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "trtpipe_tune_detector")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tune_digit_detector_cpu.json")
     a = ap.parse_args()
-    out_path = a.out.resolve()
+    out_path, a.work = a.out.resolve(), a.work.resolve()
     if a.work.exists():
         shutil.rmtree(a.work)
     (a.work / "configs").mkdir(parents=True)

@@ -184,7 +184,7 @@ def main() -> None:
         shutil.rmtree(bundle)
     (bundle / "calibrate").mkdir(parents=True)
     shutil.copy(A / "export/model.onnx", bundle / "model.onnx")
-    for f in ("calibrate.json", "ranges.json", "calibration.cache"):
+    for f in ("calibrate.json", "ranges.json", "calibration.cache", "maxima.json"):
         shutil.copy(A / "calibrate" / f, bundle / "calibrate" / f)
     shutil.copy(A / "tune/tune.json", bundle / "tune.json")
     shutil.copy(A / "tune/calibration.cache", bundle / "tune_calibration.cache")  # calibrate's, with tuned ranges

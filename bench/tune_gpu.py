@@ -121,6 +121,7 @@ def _measure(name: str, cfg: Any, precision: str, onnx_path: Path, calib_dir: Pa
                            "engine_bytes": (out / result.artifact).stat().st_size}
     with TrtRunner(out / result.artifact) as r:
         logits = np.concatenate([r.infer({"input": x[i:i + 32]})["logits"] for i in range(0, len(x), 32)])
+        np.save(work / f"{name}.logits.npy", logits)
         a = agreement(logits, ref, "logits")
         row.update(top1_agreement=a["top1_agreement"], cosine=a["cosine"], snr_db=a["snr_db"],
                    meets_budget=bool(a["top1_agreement"] >= threshold))
@@ -143,6 +144,39 @@ def _measure(name: str, cfg: Any, precision: str, onnx_path: Path, calib_dir: Pa
     print(f"{name}: top-1 agreement {100 * row['top1_agreement']:.2f}% (meets {row['meets_budget']}), "
           f"b1 {row['b1_gpu_p50_ms']} ms, b32 {row['b32_gpu_p50_ms']} ms, build {row['build_seconds']} s", flush=True)
     return row
+
+
+def _simulation(work: Path, x: np.ndarray, ref: np.ndarray, onnx_path: Path, ranges: dict[str, Any],
+                tuned_ranges: dict[str, float], kept: list[str]) -> dict[str, Any]:
+    """The Q/DQ ONNX of the full INT8 and the tuned set in onnxruntime (exact and fused) on this CPU,
+    each against the FP32 reference and per crop against the engines built from it."""
+    from calibration.ort_session import cpu_summary
+    from calibration.qdq import quantize_qdq
+    from pipeline.metrics import agreement
+    from pipeline.onnx_utils import ort_session, run_batched
+
+    full = {k: v["amax"] for k, v in ranges.items()}
+    models = {"full": (full, [], ("int8", "int8_explicit")),
+              "tuned": ({**full, **tuned_ranges}, kept, ("int8_tuned", "int8_tuned_explicit", "int8_tuned_explicit_fp32"))}
+    out: dict[str, Any] = {"cpu": cpu_summary()}
+    for name, (amax, exclude, engines) in models.items():
+        path = work / f"sim_{name}.qdq.onnx"
+        quantize_qdq(onnx_path, path, amax, exclude_nodes=exclude)
+        for mode in ("exact", "fused"):
+            t0 = time.monotonic()
+            y = run_batched(ort_session(path, mode=mode), x, 32)["logits"]
+            a = agreement(y, ref, "logits")
+            row: dict[str, Any] = {"top1_agreement": a["top1_agreement"], "cosine": a["cosine"],
+                                   "seconds": round(time.monotonic() - t0, 2), "vs_engine": {}}
+            for e in engines:
+                f = work / f"{e}.logits.npy"
+                if f.is_file():
+                    b = agreement(y, np.load(f), "logits")
+                    row["vs_engine"][e] = {"top1_agreement": b["top1_agreement"], "cosine": b["cosine"]}
+            out[f"{name}_{mode}"] = row
+            print(f"simulation {name} ({mode}): top-1 agreement {100 * row['top1_agreement']:.2f}%; vs engines "
+                  + ", ".join(f"{k} {100 * v['top1_agreement']:.2f}%" for k, v in row["vs_engine"].items()), flush=True)
+    return out
 
 
 def _write(path: Path, result: dict[str, Any]) -> None:
@@ -192,10 +226,10 @@ def main() -> None:
     only = {v.strip() for v in a.only.split(",") if v.strip()}
 
     def variant(name: str, precision: str, pins: Optional[dict[str, str]] = None, route: str = "implicit",
-                calib: Path = calib_dir, nodes: Optional[list[str]] = None) -> None:
+                calib: Path = calib_dir, nodes: Optional[list[str]] = None, **build_updates: Any) -> None:
         if only and name not in only:
             return
-        build = cfg.build.model_copy(update={"layer_precisions": pins or {}, "int8_route": route})
+        build = cfg.build.model_copy(update={"layer_precisions": pins or {}, "int8_route": route, **build_updates})
         row = _measure(name, cfg.model_copy(update={"build": build}), precision, onnx_path, calib, x, ref, a.work,
                        threshold, nodes)
         result["variants"][name] = row
@@ -207,6 +241,8 @@ def main() -> None:
     result["cpu_tune"]["minmax_layers"] = list((tune.get("methods") or {}).get("layers", {}))
     if "main" in phases:
         variant("fp16", "fp16")
+        # the typed FP16 ONNX (FP16 initializers, Casts around the nodes kept in FP32), what TensorRT >= 10 builds
+        variant("fp16_typed", "fp16", fp16=cfg.build.fp16.model_copy(update={"source": "typed_onnx"}))
         variant("int8", "int8")
         # explicit, nothing kept: calibrate's ranges as Q/DQ (issue 12: the explicit route against the implicit one)
         full_qdq = a.work / "qdq_full"
@@ -239,6 +275,8 @@ def main() -> None:
             quantize_qdq(onnx_path, qdq_dir / "model.qdq.onnx",
                          {**{k: v["amax"] for k, v in ranges.items()}, **tuned_ranges}, exclude_nodes=kept)
         variant("int8_tuned_explicit", "int8", route="explicit", calib=qdq_dir)
+        # the same Q/DQ ONNX with the float layers in FP32 (no FP16 flag): is the FP16 flag the fault?
+        variant("int8_tuned_explicit_fp32", "int8", route="explicit", calib=qdq_dir, int8_float_fallback="fp32")
         fl = [layers[0], layers[-1]]
         row_name = "int8_first_last"
         variant(row_name, "int8", layer_precisions(fl, kp), nodes=[n for k in fl for n in k.nodes])
@@ -248,6 +286,9 @@ def main() -> None:
         if "int8_tuned" in result["variants"]:
             result["variants"]["int8_tuned"]["kept"] = kept
             result["variants"]["int8_tuned"]["builds_needed_on_gpu"] = 1
+        _write(a.out, result)
+    if "sim" in phases:  # the exact CPU simulation of the same Q/DQ ONNX against each engine, on this host's CPU
+        result["simulation"] = _simulation(a.work, x, ref, onnx_path, ranges, tuned_ranges, kept)
         _write(a.out, result)
     for strategy in ("bisect", "tune"):
         if strategy not in phases:
