@@ -384,12 +384,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"trtpipe {args.command}: interrupted; outputs left as they were", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `trtpipe ... | head`: the reader left; quiet, as Unix tools are (128 + SIGPIPE)
+        _silence_stdout()
+        return 141
     except Exception as e:  # an OSError, or a library's exception wrapping one (torch: RuntimeError)
         why = _environment_error(e)
         if why is None:
             raise  # a bug: keep the traceback
         return _fail(args.command, why, 1)
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into a closed pipe stays quiet."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(command: str, message: str, code: int) -> int:
