@@ -65,6 +65,7 @@ case "$PHASE" in
     kitpy -m pipeline evaluate --precision fp16 --params "$OUT/params-typed.yaml" --build-dir artifacts/build/fp16_typed --out artifacts/eval/fp16_typed.json
     kitpy -m pipeline build --precision int8 --params "$OUT/params-explicit.yaml" --out artifacts/build/int8_explicit
     kitpy -m pipeline evaluate --precision int8 --params "$OUT/params-explicit.yaml" --build-dir artifacts/build/int8_explicit --out artifacts/eval/int8_explicit.json
+    kitpy bench/int8_routes.py --params "$P" --out "$OUT/int8_routes.json"
     kitpy -m pipeline build --precision fp32 --params "$OUT/params-ampere.yaml" --out artifacts/build/fp32_ampere
     kitpy -m pipeline evaluate --precision fp32 --params "$OUT/params-ampere.yaml" --build-dir artifacts/build/fp32_ampere --out artifacts/eval/fp32_ampere.json
     kitpy -m pipeline artifacts pull --to /tmp/pulled --json > "$OUT/pull.json"; echo "pull rc $?"

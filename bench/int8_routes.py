@@ -18,25 +18,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.backends.onnxruntime_backend import OrtRunner  # noqa: E402
 from pipeline.metrics import agreement, topk  # noqa: E402
 from pipeline.stages.evaluate import load_variant, predict  # noqa: E402
-from pipeline.stages.validate import load_eval  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import load_samples  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--explicit", default="build/int8_explicit", help="the explicit INT8 build folder, under --artifacts")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
-    x, y = load_eval(a.artifacts / "prepare" / "eval.npz")
+    cfg = load_config(None, a.params, quiet=True)
+    s = load_samples(a.artifacts / "prepare" / "eval.npz", cfg.model.inputs, cfg.data.labels_key, "evaluation data")
+    x, y = s.x, s.y
     outputs = {}
-    for name, folder in [("tensorrt_fp32", "build/fp32"), ("tensorrt_int8_implicit", "build/int8"), ("tensorrt_int8_explicit", "build/int8-explicit")]:
+    for name, folder in [("tensorrt_fp32", "build/fp32"), ("tensorrt_int8_implicit", "build/int8"),
+                         ("tensorrt_int8_explicit", a.explicit)]:
         runner, _ = load_variant(a.artifacts / folder)
         with runner:
             outputs[name] = next(iter(predict(runner, x, a.batch_size).values()))
     with OrtRunner(a.artifacts / "calibrate" / "model.qdq.onnx") as runner:
         outputs["onnxruntime_int8_qdq"] = next(iter(predict(runner, x, a.batch_size).values()))
     result = {
-        "samples": int(len(x)),
+        "samples": len(s),
         "top1": {k: topk(v, y).get("top1") for k, v in outputs.items()},
         "pairs": {},
     }

@@ -86,3 +86,18 @@ def test_help_is_fast_and_imports_no_heavy_library() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
+
+
+def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`trtpipe ... | head`: the reader is gone before the report is written; exit 141, no traceback."""
+    read, write = os.pipe()
+    os.close(read)  # every write to `write` now fails with EPIPE
+    try:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        res = subprocess.run([sys.executable, "-m", "pipeline", "artifacts", "list", "--json", "--registry",
+                              str(tmp_path / "registry")], stdout=write, stderr=subprocess.PIPE, text=True,
+                             env=env, timeout=120)
+    finally:
+        os.close(write)
+    assert res.returncode == 141, res.stderr
+    assert "Traceback" not in res.stderr and "BrokenPipeError" not in res.stderr, res.stderr
