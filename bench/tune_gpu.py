@@ -146,6 +146,12 @@ def _measure(name: str, cfg: Any, precision: str, onnx_path: Path, calib_dir: Pa
     return row
 
 
+def _boundaries(layers: list[Any], kept: set[str]) -> int:
+    """INT8 <-> float changes along the layers in graph order (a rough count of reformats)."""
+    flags = [layer.name in kept for layer in layers]
+    return sum(1 for a, b in zip(flags, flags[1:]) if a != b)
+
+
 def _simulation(work: Path, x: np.ndarray, ref: np.ndarray, onnx_path: Path, ranges: dict[str, Any],
                 tuned_ranges: dict[str, float], kept: list[str]) -> dict[str, Any]:
     """The Q/DQ ONNX of the full INT8 and the tuned set in onnxruntime (exact and fused) on this CPU,
@@ -268,6 +274,27 @@ def main() -> None:
             if "int8_tuned_cost" in result["variants"]:
                 result["variants"]["int8_tuned_cost"]["kept"] = [k.name for k in cost_layers]
                 result["variants"]["int8_tuned_cost"]["cpu_metric_full"] = tc["reference_points"]["chosen"]["metric_full"]
+        # the cheapest tuned set (tune.objective: cost) closed into contiguous regions: every single INT8 layer
+        # (graph order) between two kept ones kept too, so the engine pays fewer INT8<->float reformats
+        if (a.bundle / "tune_cost.json").is_file():
+            tc = json.loads((a.bundle / "tune_cost.json").read_text())
+            base = {k["layer"] for k in tc["kept"]}
+            idx = {layer.name: i for i, layer in enumerate(layers)}
+            marks = sorted(idx[n] for n in base)
+            region = set(base)
+            for i0, i1 in zip(marks, marks[1:]):
+                if i1 - i0 == 2:
+                    region.add(layers[i0 + 1].name)
+            region_layers = [layer for layer in layers if layer.name in region]
+            regions_calib = a.work / "calib_tuned_cost"
+            regions_calib.mkdir(parents=True, exist_ok=True)
+            shutil.copy(a.bundle / "tune_cost_calibration.cache", regions_calib / "calibration.cache")
+            variant("int8_cost_regions", "int8", layer_precisions(region_layers, kp), calib=regions_calib,
+                    nodes=[n for k in region_layers for n in k.nodes])
+            if "int8_cost_regions" in result["variants"]:
+                result["variants"]["int8_cost_regions"]["kept"] = [k.name for k in region_layers]
+                result["variants"]["int8_cost_regions"]["boundaries"] = {
+                    "cost_set": _boundaries(layers, base), "regions": _boundaries(layers, region)}
         # explicit: the Q/DQ ONNX without Q/DQ on the kept layers, with tune's ranges
         qdq_dir = a.work / "qdq"
         qdq_dir.mkdir(parents=True, exist_ok=True)
