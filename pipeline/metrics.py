@@ -28,44 +28,76 @@ def agreement(candidate: np.ndarray, reference: np.ndarray, name: str = "output"
     if np.shape(candidate) != np.shape(reference):
         raise DataError(f"output '{name}' has shape {list(np.shape(candidate))}, the reference has "
                         f"{list(np.shape(reference))}; they must match to be compared")
-    n = len(candidate)
-    cos = np.empty(n, dtype=np.float64)
-    nonfinite, ref_energy, err_energy, abs_sum, abs_max, same_top1, size, width = 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0
-    with np.errstate(all="ignore"):
-        for lo in range(0, n, AGREEMENT_ROWS):
-            a = np.asarray(candidate[lo:lo + AGREEMENT_ROWS]).astype(np.float64).reshape(-1, _row_size(candidate))
-            b = np.asarray(reference[lo:lo + AGREEMENT_ROWS]).astype(np.float64).reshape(-1, _row_size(reference))
-            width = a.shape[1]
-            nonfinite += int(a.size - np.count_nonzero(np.isfinite(a)))
-            diff = a - b
-            na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-            denom = np.maximum(na * nb, np.finfo(np.float64).tiny)
-            both_zero = (na == 0) & (nb == 0)
-            cos[lo:lo + len(a)] = np.where(both_zero, 1.0, (a * b).sum(axis=1) / denom)
-            ref_energy += float((b**2).sum())
-            err_energy += float((diff**2).sum())
-            if diff.size:
-                ad = np.abs(diff)
-                abs_sum += float(ad.sum())
-                abs_max = max(abs_max, float(ad.max()))
-                size += diff.size
-            if width > 1:
-                same_top1 += int((a.argmax(1) == b.argmax(1)).sum())
-        out: dict[str, Any] = {
-            "cosine": float(cos.mean()),
-            "cosine_min": float(cos.min()),
-            "max_abs_diff": abs_max if size else 0.0,
-            "mean_abs_diff": abs_sum / size if size else 0.0,
-            "rel_l2": float(np.sqrt(err_energy / ref_energy)) if ref_energy > 0 else (0.0 if err_energy == 0 else float("inf")),
-            "snr_db": float(10 * np.log10(ref_energy / err_energy)) if err_energy > 0 else float("inf"),
-        }
-        if nonfinite:
+    acc = AgreementSum(name)
+    for lo in range(0, len(candidate), AGREEMENT_ROWS):
+        acc.add(candidate[lo:lo + AGREEMENT_ROWS], reference[lo:lo + AGREEMENT_ROWS])
+    return acc.result()
+
+
+class AgreementSum:
+    """`agreement` accumulated chunk by chunk (rows = samples, in order): what evaluate uses
+    when the outputs of the evaluation set are never held whole."""
+
+    def __init__(self, name: str = "output") -> None:
+        self.name = name
+        self.cos: list[np.ndarray] = []
+        self.row_shape: Optional[tuple[int, ...]] = None
+        self.nonfinite = self.same_top1 = self.size = self.width = self.n = 0
+        self.ref_energy = self.err_energy = self.abs_sum = self.abs_max = 0.0
+
+    def add(self, candidate: Any, reference: Any) -> None:
+        shape_a, shape_b = tuple(np.shape(candidate)), tuple(np.shape(reference))
+        if shape_a[:1] != shape_b[:1]:
+            raise DataError(f"output '{self.name}': {shape_a[0] if shape_a else 0} samples against "
+                            f"{shape_b[0] if shape_b else 0} of the reference; they must match to be compared")
+        if shape_a[1:] != shape_b[1:] or (self.row_shape is not None and shape_a[1:] != self.row_shape):
+            raise DataError(f"output '{self.name}' has samples of shape {list(shape_a[1:])}, the reference "
+                            f"{list(shape_b[1:])}; they must match to be compared")
+        self.row_shape = shape_a[1:]
+        with np.errstate(all="ignore"):
+            for lo in range(0, len(candidate), AGREEMENT_ROWS):
+                self._add(np.asarray(candidate[lo:lo + AGREEMENT_ROWS]), np.asarray(reference[lo:lo + AGREEMENT_ROWS]))
+
+    def _add(self, candidate: np.ndarray, reference: np.ndarray) -> None:
+        a = candidate.astype(np.float64).reshape(len(candidate), -1) if len(candidate) else np.zeros((0, 1))
+        b = reference.astype(np.float64).reshape(len(reference), -1) if len(reference) else np.zeros((0, 1))
+        self.n += len(a)
+        self.width = a.shape[1]
+        self.nonfinite += int(a.size - np.count_nonzero(np.isfinite(a)))
+        diff = a - b
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        denom = np.maximum(na * nb, np.finfo(np.float64).tiny)
+        both_zero = (na == 0) & (nb == 0)
+        self.cos.append(np.where(both_zero, 1.0, (a * b).sum(axis=1) / denom))
+        self.ref_energy += float((b**2).sum())
+        self.err_energy += float((diff**2).sum())
+        if diff.size:
+            ad = np.abs(diff)
+            self.abs_sum += float(ad.sum())
+            self.abs_max = max(self.abs_max, float(ad.max()))
+            self.size += diff.size
+        if self.width > 1:
+            self.same_top1 += int((a.argmax(1) == b.argmax(1)).sum())
+
+    def result(self) -> dict[str, Any]:
+        cos = np.concatenate(self.cos) if self.cos else np.zeros(0)
+        size, ref_energy, err_energy = self.size, self.ref_energy, self.err_energy
+        with np.errstate(all="ignore"):
+            out: dict[str, Any] = {
+                "cosine": float(cos.mean()) if cos.size else float("nan"),
+                "cosine_min": float(cos.min()) if cos.size else float("nan"),
+                "max_abs_diff": self.abs_max if size else 0.0,
+                "mean_abs_diff": self.abs_sum / size if size else 0.0,
+                "rel_l2": float(np.sqrt(err_energy / ref_energy)) if ref_energy > 0 else (0.0 if err_energy == 0 else float("inf")),
+                "snr_db": float(10 * np.log10(ref_energy / err_energy)) if err_energy > 0 else float("inf"),
+            }
+        if self.nonfinite:
             out.update({k: float("nan") for k in ("cosine", "cosine_min", "max_abs_diff", "mean_abs_diff", "rel_l2",
                                                    "snr_db")})
-        if width > 1:
-            out["top1_agreement"] = same_top1 / n if not nonfinite else float("nan")
-    out["nonfinite"] = nonfinite
-    return out
+        if self.width > 1:
+            out["top1_agreement"] = self.same_top1 / self.n if not self.nonfinite and self.n else float("nan")
+        out["nonfinite"] = self.nonfinite
+        return out
 
 
 def _row_size(x: Any) -> int:
@@ -79,23 +111,53 @@ def topk(logits: np.ndarray, labels: Optional[np.ndarray], ks: tuple[int, ...] =
     sample inside the output's width; a NaN in the logits makes the metric NaN."""
     if labels is None:
         return {}
-    scores = np.asarray(logits).reshape(len(logits), -1)
     labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(scores):
+    if labels.ndim != 1 or len(labels) != len(logits):
         raise DataError(f"top-k on output '{output}' needs one integer class index per sample; the labels have shape "
-                        f"{list(labels.shape)} and dtype {labels.dtype} for {len(scores)} samples")
-    if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
-        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
-        raise DataError(f"top-k on output '{output}': label {bad} is outside 0..{scores.shape[1] - 1} (the output has "
-                        f"{scores.shape[1]} classes); fix the labels or name the right output")
-    nonfinite = not np.isfinite(scores).all()
-    hits = {k: 0 for k in ks if k <= scores.shape[1]}
-    for lo in range(0, len(scores), AGREEMENT_ROWS):  # chunks: the sort's temporaries stay small
-        order = np.argsort(-scores[lo:lo + AGREEMENT_ROWS], axis=1)
-        for k in hits:
-            hits[k] += int((order[:, :k] == labels[lo:lo + AGREEMENT_ROWS, None]).any(axis=1).sum())
-    n = len(scores)
-    return {f"top{k}": float("nan") if nonfinite else float(100.0 * (h / n if n else float("nan"))) for k, h in hits.items()}
+                        f"{list(labels.shape)} and dtype {labels.dtype} for {len(logits)} samples")
+    acc = TopKSum(ks, output)
+    acc.labelled = True
+    for lo in range(0, len(logits), AGREEMENT_ROWS):  # chunks: the sort's temporaries stay small
+        acc.add(logits[lo:lo + AGREEMENT_ROWS], labels[lo:lo + AGREEMENT_ROWS])
+    return acc.result()
+
+
+class TopKSum:
+    """Top-k hits counted chunk by chunk; `result` is `topk`'s dict."""
+
+    def __init__(self, ks: tuple[int, ...], output: str = "output") -> None:
+        self.ks, self.output = ks, output
+        self.hits: Optional[dict[int, int]] = None
+        self.n, self.nonfinite, self.labelled = 0, False, False
+
+    def add(self, logits: Any, labels: Optional[np.ndarray]) -> None:
+        if labels is None:
+            return
+        self.labelled = True
+        scores = np.asarray(logits).reshape(len(logits), -1)
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(scores):
+            raise DataError(f"top-k on output '{self.output}' needs one integer class index per sample; the labels have "
+                            f"shape {list(labels.shape)} and dtype {labels.dtype} for {len(scores)} samples")
+        if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
+            bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+            raise DataError(f"top-k on output '{self.output}': label {bad} is outside 0..{scores.shape[1] - 1} (the output "
+                            f"has {scores.shape[1]} classes); fix the labels or name the right output")
+        if self.hits is None:
+            self.hits = {k: 0 for k in self.ks if k <= scores.shape[1]}
+        self.nonfinite = self.nonfinite or not np.isfinite(scores).all()
+        for lo in range(0, len(scores), AGREEMENT_ROWS):
+            order = np.argsort(-scores[lo:lo + AGREEMENT_ROWS], axis=1)
+            for k in self.hits:
+                self.hits[k] += int((order[:, :k] == labels[lo:lo + AGREEMENT_ROWS, None]).any(axis=1).sum())
+        self.n += len(scores)
+
+    def result(self) -> dict[str, Any]:
+        if self.hits is None:  # no sample seen: nothing to count, and NaN never passes a threshold
+            return {f"top{k}": float("nan") for k in self.ks} if self.n == 0 and self.labelled else {}
+        n = self.n
+        return {f"top{k}": float("nan") if self.nonfinite else float(100.0 * (h / n if n else float("nan")))
+                for k, h in self.hits.items()}
 
 
 # --- pluggable task metrics -------------------------------------------------------------
@@ -119,6 +181,9 @@ class TaskMetric:
     kwargs: dict[str, Any] = field(default_factory=dict)
     wants: frozenset[str] = frozenset()  # optional arguments the function declares
     output: Optional[str] = None  # the output it reads (None: all of them)
+    # built-ins: a fresh accumulator (.add(outputs chunk, labels chunk), .result()) so evaluate need not hold
+    # the outputs of the whole evaluation set; None: a user function, called once on the whole arrays
+    accumulator: Optional[Callable[[], Any]] = None
 
     def __call__(
         self,
@@ -165,6 +230,19 @@ def _topk_metric(k: int, output: str, name: str) -> Callable[..., dict[str, floa
     return fn
 
 
+class _TopKMetricSum:
+    """A built-in top-k metric accumulated chunk by chunk (TaskMetric.accumulator)."""
+
+    def __init__(self, k: int, output: str, name: str) -> None:
+        self.acc, self.output, self.name = TopKSum((k,), output), output, name
+
+    def add(self, outputs: Mapping[str, np.ndarray], labels: Optional[np.ndarray]) -> None:
+        self.acc.add(outputs[self.output], labels)
+
+    def result(self) -> dict[str, float]:
+        return {self.name: v for v in self.acc.result().values()}
+
+
 def _spec_output(spec: Any, output_names: list[str]) -> Optional[str]:
     """The output a metric reads (None: all of them), after checking it against the model's."""
     output = getattr(spec, "output", None)
@@ -206,7 +284,8 @@ def resolve_metrics(specs: list[Any], output_names: list[str]) -> list[TaskMetri
         if builtin is not None:
             k = int(_TOPK.match(builtin).group(1))  # type: ignore[union-attr]
             name = spec.name or (builtin if len(output_names) == 1 else f"{builtin}_{output}")
-            out.append(TaskMetric(name, _topk_metric(k, output, name), output=output))
+            out.append(TaskMetric(name, _topk_metric(k, output, name), output=output,
+                                  accumulator=lambda k=k, output=output, name=name: _TopKMetricSum(k, output, name)))
             continue
         fn = _import_function(spec.function)
         try:
@@ -255,11 +334,18 @@ def compute_task_metrics(
 ) -> tuple[dict[str, float], dict[str, Optional[str]]]:
     """Every metric's values merged into one flat dict, and the output each value reads; two
     metrics giving the same name is an error."""
+    return merge_task_metrics(metrics, [m(outputs, labels, reference=reference, inputs=inputs) for m in metrics])
+
+
+def merge_task_metrics(metrics: list[TaskMetric], values: list[Mapping[str, float]]
+                       ) -> tuple[dict[str, float], dict[str, Optional[str]]]:
+    """Each metric's values (in `metrics`' order) merged into one flat dict, and the output each
+    value reads; two metrics giving the same name is an error."""
     result: dict[str, float] = {}
     origin: dict[str, str] = {}
     reads: dict[str, Optional[str]] = {}
-    for m in metrics:
-        for k, v in m(outputs, labels, reference=reference, inputs=inputs).items():
+    for m, res in zip(metrics, values):
+        for k, v in res.items():
             if k in result:
                 raise ConfigError(f"evaluate.metrics: '{m.name}' and '{origin[k]}' both report a metric named '{k}'; rename one")
             result[k], origin[k], reads[k] = v, m.name, m.output

@@ -14,6 +14,7 @@ A number that cannot be trusted (NaN or Inf outputs, a NaN metric, agreement und
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,10 +23,12 @@ import numpy as np
 from ..backends import get_backend
 from ..config import Config, split_agreement_key
 from ..data import load_samples
+from ..data.npz_rows import npz_row_chunks, npz_shapes
 from ..errors import ArtifactError, DataError
 from ..fileio import claim_file, json_report_of, not_a_folder
 from ..latency import summarize
-from ..metrics import agreement, check_metric_specs, compute_task_metrics, metric_specs, resolve_metrics
+from ..metrics import (AGREEMENT_ROWS, AgreementSum, TaskMetric, agreement, check_metric_specs, compute_task_metrics,
+                       merge_task_metrics, metric_specs, resolve_metrics)
 from ..profiles import fits, max_batch
 from ..reports import BuildReport, EvalReport, LatencyRow, LatencyStats, read_report, write_report
 from ..runtime.runner import Runner
@@ -86,6 +89,73 @@ def measure_latency(runner: Runner, x: dict[str, np.ndarray], cfg: Config,
     return rows
 
 
+EVAL_CHUNK_BYTES = 64 << 20  # outputs of one chunk of evaluation samples (each of: variant, fp32, PyTorch)
+EVAL_CHUNK_MAX_ROWS = 8 * AGREEMENT_ROWS
+
+
+def _chunk_rows(ref_shapes: dict[str, tuple[tuple[int, ...], np.dtype]], names: list[str], bs: int) -> int:
+    """Samples per chunk: outputs of about EVAL_CHUNK_BYTES, a whole number of batches."""
+    per_sample = sum(int(np.prod(ref_shapes[n][0][1:], dtype=np.int64)) * 8 for n in names) or 1  # float64 sums
+    rows = max(bs, min(EVAL_CHUNK_MAX_ROWS, EVAL_CHUNK_BYTES // per_sample))
+    return max(bs, rows // bs * bs)
+
+
+Scores = tuple[dict[str, float], dict[str, Optional[str]], dict[str, float], dict[str, dict[str, Any]],
+               dict[str, dict[str, Any]]]
+
+
+def _score_streamed(runner: Runner, ref_runner: Optional[Runner], samples: Any, reference: Path,
+                    metrics_fns: list[TaskMetric], bs: int, rbs: int, rows: int) -> Scores:
+    """Metrics and agreement of the variant (against fp32 and PyTorch) chunk by chunk: the
+    variant's, fp32's and PyTorch's outputs of one chunk of samples at a time."""
+    names = list(runner.output_names)
+    acc_var = [m.accumulator() for m in metrics_fns]  # type: ignore[misc]
+    acc_torch = [m.accumulator() for m in metrics_fns]  # type: ignore[misc]
+    agree_f = {n: AgreementSum(n) for n in names}
+    agree_t = {n: AgreementSum(n) for n in names}
+    n = len(samples)
+    chunks = npz_row_chunks(reference, names, rows)
+    for lo in range(0, n, rows):
+        xs = {k: v[lo:lo + rows] for k, v in samples.x.items()}
+        ys = samples.y[lo:lo + rows] if samples.y is not None else None
+        out = predict(runner, xs, bs)
+        f32 = out if ref_runner is None else predict(ref_runner, xs, rbs)
+        torch_out = next(chunks, None)
+        if torch_out is None or any(len(torch_out[k]) != len(out[k]) for k in names):
+            raise DataError(f"{reference}: holds PyTorch outputs for fewer samples than the {n} evaluation samples; "
+                            "re-run validate")
+        for a in acc_var:
+            a.add(out, ys)
+        for a in acc_torch:
+            a.add(torch_out, ys)
+        for k in names:
+            agree_f[k].add(out[k], f32[k])
+            agree_t[k].add(out[k], torch_out[k])
+    metrics, reads = merge_task_metrics(metrics_fns, [a.result() for a in acc_var])
+    torch_metrics, _ = merge_task_metrics(metrics_fns, [a.result() for a in acc_torch])
+    return metrics, reads, torch_metrics, {k: a.result() for k, a in agree_f.items()}, {k: a.result() for k, a in agree_t.items()}
+
+
+def _score_whole(outputs: dict[str, np.ndarray], ref_runner: Optional[Runner], samples: Any, reference: Path,
+                 metrics_fns: list[TaskMetric], rbs: int) -> Scores:
+    """The same with the whole arrays (a user metric reads them at once)."""
+    if ref_runner is None:
+        fp32_outputs = outputs
+    else:
+        with ref_runner:
+            fp32_outputs = predict(ref_runner, samples.x, rbs)
+    try:
+        with np.load(reference) as z:
+            ref_out = {n: z[n] for n in outputs}
+    except Exception as e:
+        raise ArtifactError(f"{reference}: cannot read ({type(e).__name__}); re-run validate") from None
+    metrics, reads = compute_task_metrics(metrics_fns, outputs, samples.y, reference=ref_out, inputs=samples.x)
+    torch_metrics, _ = compute_task_metrics(metrics_fns, ref_out, samples.y, reference=ref_out, inputs=samples.x)
+    agree_fp32 = {n: agreement(outputs[n], fp32_outputs[n], n) for n in outputs}
+    agree_torch = {n: agreement(outputs[n], ref_out[n], n) for n in outputs}
+    return metrics, reads, torch_metrics, agree_fp32, agree_torch
+
+
 def _flags(cfg: Config, metrics: dict[str, float], agree: dict[str, dict[str, dict[str, Any]]], precision: str) -> list[str]:
     """Why a number of this evaluation cannot be trusted (empty: nothing found)."""
     flags = []
@@ -133,8 +203,7 @@ def run(
     if vrep.sha256.get("eval_data") != sha256_of(eval_data):
         raise ProvenanceError(f"{reference}: PyTorch outputs of other evaluation data than {eval_data}; re-run validate")
     try:
-        with np.load(reference) as z:
-            torch_ref = {n: z[n] for n in z.files}
+        ref_shapes = npz_shapes(reference)
     except Exception as e:
         raise ArtifactError(f"{reference}: cannot read ({type(e).__name__}); re-run validate") from None
     runner, info = load_variant(build_dir)
@@ -146,30 +215,31 @@ def run(
     specs, _ = metric_specs(cfg.evaluate, runner.output_names, samples.y is not None)  # prepare said what it chose
     check_metric_specs(specs, runner.output_names, samples.y is not None, cfg.data.labels_key)
     metrics_fns = resolve_metrics(specs, runner.output_names)
+    missing = [n for n in runner.output_names if n not in ref_shapes]
+    if missing:
+        raise DataError(f"{reference}: has no PyTorch outputs for {missing}; re-run validate")
     bs = _batch_limit(info, cfg.evaluate.batch_size)
-    skipped: list[dict[str, Any]] = []
-    with runner:
-        outputs = predict(runner, samples.x, bs)
-        latency = measure_latency(runner, samples.x, cfg, skipped)
-        device = runner.device()
     same = Path(build_dir).resolve() == Path(fp32_dir).resolve()
-    if precision == "fp32" and same:
-        fp32_outputs, fp32_sha = outputs, info.sha256
-    else:
+    ref_runner, fp32_sha, rbs = None, info.sha256, bs
+    if not (precision == "fp32" and same):
         ref_runner, ref_info = load_variant(fp32_dir)
         if ref_info.precision != "fp32" or ref_info.onnx_sha256 != info.onnx_sha256:
             raise ProvenanceError(f"{fp32_dir}: is not the fp32 build of the same ONNX as {build_dir}; re-run build@fp32")
-        with ref_runner:
-            fp32_outputs = predict(ref_runner, samples.x, _batch_limit(ref_info, cfg.evaluate.batch_size))
-        fp32_sha = ref_info.sha256
-    missing = [n for n in outputs if n not in torch_ref]
-    if missing:
-        raise DataError(f"{reference}: has no PyTorch outputs for {missing}; re-run validate")
-    ref_out = {n: torch_ref[n] for n in outputs}
-    metrics, reads = compute_task_metrics(metrics_fns, outputs, samples.y, reference=ref_out, inputs=samples.x)
-    torch_metrics, _ = compute_task_metrics(metrics_fns, ref_out, samples.y, reference=ref_out, inputs=samples.x)
-    agree_fp32 = {n: agreement(outputs[n], fp32_outputs[n], n) for n in outputs}
-    agree_torch = {n: agreement(outputs[n], ref_out[n], n) for n in outputs}
+        fp32_sha, rbs = ref_info.sha256, _batch_limit(ref_info, cfg.evaluate.batch_size)
+    skipped: list[dict[str, Any]] = []
+    if all(m.accumulator is not None for m in metrics_fns):  # built-in metrics: chunk by chunk, nothing of size N held
+        rows = _chunk_rows(ref_shapes, runner.output_names, bs)
+        with runner, (ref_runner if ref_runner is not None else nullcontext()):
+            scores = _score_streamed(runner, ref_runner, samples, reference, metrics_fns, bs, rbs, rows)
+            latency = measure_latency(runner, samples.x, cfg, skipped)
+            device = runner.device()
+    else:  # a user metric is called once on the whole arrays: the outputs of the evaluation set are held
+        with runner:
+            outputs = predict(runner, samples.x, bs)
+            latency = measure_latency(runner, samples.x, cfg, skipped)
+            device = runner.device()
+        scores = _score_whole(outputs, ref_runner, samples, reference, metrics_fns, rbs)
+    metrics, reads, torch_metrics, agree_fp32, agree_torch = scores
     report = EvalReport(
         model=cfg.model.name,
         precision=precision,

@@ -1,0 +1,124 @@
+"""evaluate with built-in metrics reads the evaluation set chunk by chunk: the variant's, fp32's
+and PyTorch's outputs of one chunk at a time (reference.npz read by rows), never all of them.
+Checked on real digits variants against the whole-array path (a user metric forces it) and
+against an independent numpy computation from whole arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.npz_rows import npz_row_chunks, npz_shapes
+from pipeline.errors import ArtifactError, DataError
+from pipeline.stages import evaluate
+from tests._digits_run import digits_config
+
+EX = "pipeline.examples.task_metrics"
+
+
+def _run(cfg, d: Path, precision: str, out: Path, reference: Path | None = None):
+    return evaluate.run(cfg, precision, d / "build" / precision, d / "build" / "fp32", d / "prepare" / "eval.npz",
+                        reference or d / "validate" / "reference.npz", out)
+
+
+def test_many_chunks_give_the_numbers_of_one_pass(clean: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg = digits_config(tmp_path, evaluate={"metrics": ["top1", "top5"], "batch_size": 32})
+    one = _run(cfg, clean, "int8", tmp_path / "one.json")
+    seen: list[int] = []
+    real_predict = evaluate.predict
+
+    def predict(runner, x, bs):
+        seen.append(len(next(iter(x.values()))))
+        return real_predict(runner, x, bs)
+
+    monkeypatch.setattr(evaluate, "predict", predict)
+    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BYTES", 64 * 10 * 8)  # 64 samples of 10 logits per chunk
+    many = _run(cfg, clean, "int8", tmp_path / "many.json")
+    n = one.samples
+    assert n > 300 and max(seen) == 64 and sum(seen) == 2 * n  # the variant and fp32, 64 samples at a time
+    assert many.metrics == one.metrics and many.reference_metrics == one.reference_metrics
+    for which in ("agreement_fp32", "agreement_pytorch"):
+        a, b = getattr(many, which)["logits"].model_dump(), getattr(one, which)["logits"].model_dump()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-12, abs=1e-15), (which, k)
+
+
+def test_streamed_numbers_match_an_independent_whole_array_computation(clean: Path, tmp_path: Path, monkeypatch) -> None:
+    cfg = digits_config(tmp_path, evaluate={"metrics": ["top1"]})
+    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BYTES", 32 * 10 * 8)
+    r = _run(cfg, clean, "int8", tmp_path / "int8.json")
+    # The independent reference: the whole arrays, numpy only, no trtpipe metric code.
+    import onnxruntime as ort
+
+    with np.load(clean / "prepare" / "eval.npz") as z:
+        x, y = z["input"], z["y"]
+    with np.load(clean / "validate" / "reference.npz") as z:
+        torch_logits = z["logits"].astype(np.float64)
+    qdq = ort.SessionOptions()
+    qdq.add_session_config_entry("session.disable_quant_qdq", "1")
+    s = ort.InferenceSession(str(clean / "build" / "int8" / "model.onnx"), qdq, providers=["CPUExecutionProvider"])
+    got = s.run(None, {s.get_inputs()[0].name: x})[0].astype(np.float64)
+    assert r.metrics["top1"] == pytest.approx(100.0 * np.mean(got.argmax(1) == y))
+    assert r.reference_metrics["pytorch"]["top1"] == pytest.approx(100.0 * np.mean(torch_logits.argmax(1) == y))
+    cos = (got * torch_logits).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(torch_logits, axis=1)
+    a = r.agreement_pytorch["logits"].model_dump()
+    assert a["cosine"] == pytest.approx(cos.mean(), rel=1e-9) and a["cosine_min"] == pytest.approx(cos.min(), rel=1e-9)
+    assert a["max_abs_diff"] == pytest.approx(np.abs(got - torch_logits).max(), rel=1e-6)
+    snr = 10 * np.log10((torch_logits**2).sum() / ((got - torch_logits) ** 2).sum())
+    assert a["snr_db"] == pytest.approx(snr, rel=1e-9)
+    assert a["top1_agreement"] == pytest.approx(np.mean(got.argmax(1) == torch_logits.argmax(1)))
+
+
+def test_a_user_metric_takes_the_whole_array_path_with_the_same_agreement(clean: Path, tmp_path: Path) -> None:
+    streamed = _run(digits_config(tmp_path, evaluate={"metrics": ["top1"]}), clean, "int8", tmp_path / "s.json")
+    whole = _run(digits_config(tmp_path, evaluate={"metrics": ["top1", f"{EX}:embedding_retrieval"]}), clean, "int8",
+                 tmp_path / "w.json")
+    assert whole.metrics["top1"] == streamed.metrics["top1"] and "recall_at_1" in whole.metrics
+    w = whole.agreement_fp32["logits"].model_dump()
+    for k, v in streamed.agreement_fp32["logits"].model_dump().items():
+        assert w[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
+
+
+def test_a_reference_with_fewer_samples_is_refused(clean: Path, tmp_path: Path) -> None:
+    """reference.npz cut short (rows missing at the end): one line, re-run validate; nothing written."""
+    import shutil
+
+    d = tmp_path / "v"
+    shutil.copytree(clean / "validate", d)
+    with np.load(d / "reference.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(d / "reference.npz", **{k: v[:-5] for k, v in arrays.items()})
+    # validate's record says this is its file (else provenance refuses it first): the reader itself must refuse it
+    import json
+
+    from pipeline.fileio import sha256_file
+
+    rec = json.loads((d / "validate.json").read_text())
+    rec["sha256"]["reference.npz"] = sha256_file(d / "reference.npz")
+    (d / "validate.json").write_text(json.dumps(rec))
+    with pytest.raises((DataError, ArtifactError), match="reference"):
+        _run(digits_config(tmp_path), clean, "int8", tmp_path / "x.json", reference=d / "reference.npz")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_npz_rows_streams_stored_and_deflated_members(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((1001, 3, 5)).astype(np.float32), "b": np.arange(2002).reshape(1001, 2),
+              "f": np.asfortranarray(rng.standard_normal((1001, 4)))}
+    for save in (np.savez, np.savez_compressed):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, **arrays)
+        assert npz_shapes(path)["a"] == ((1001, 3, 5), np.dtype(np.float32))
+        parts = list(npz_row_chunks(path, list(arrays), 128))
+        assert [len(p["a"]) for p in parts] == [128] * 7 + [105]
+        for k, v in arrays.items():
+            assert np.array_equal(np.concatenate([p[k] for p in parts]), v)
+    with pytest.raises(ArtifactError, match="has no array 'zz'"):
+        list(npz_row_chunks(tmp_path / "savez.npz", ["zz"], 10))
+    truncated = tmp_path / "cut.npz"
+    truncated.write_bytes((tmp_path / "savez.npz").read_bytes()[:5000])
+    with pytest.raises(ArtifactError, match="cut.npz"):
+        list(npz_row_chunks(truncated, ["a"], 10))
