@@ -17,6 +17,12 @@ from .plugins import load_callable
 
 
 AGREEMENT_ROWS = 2048  # samples per chunk: the float64 temporaries stay a few MB whatever the number of samples
+CHUNK_ELEMENTS = 1 << 23  # and values per chunk: a wide output (a per-pixel head) takes fewer rows at a time
+
+
+def chunk_rows(x: Any) -> int:
+    """Rows of `x` per chunk: AGREEMENT_ROWS, fewer when a row is wide (float64 temporaries <= 64 MB)."""
+    return max(1, min(AGREEMENT_ROWS, CHUNK_ELEMENTS // max(_row_size(x), 1)))
 
 
 def agreement(candidate: np.ndarray, reference: np.ndarray, name: str = "output") -> dict[str, Any]:
@@ -29,8 +35,7 @@ def agreement(candidate: np.ndarray, reference: np.ndarray, name: str = "output"
         raise DataError(f"output '{name}' has shape {list(np.shape(candidate))}, the reference has "
                         f"{list(np.shape(reference))}; they must match to be compared")
     acc = AgreementSum(name)
-    for lo in range(0, len(candidate), AGREEMENT_ROWS):
-        acc.add(candidate[lo:lo + AGREEMENT_ROWS], reference[lo:lo + AGREEMENT_ROWS])
+    acc.add(candidate, reference)
     return acc.result()
 
 
@@ -54,9 +59,10 @@ class AgreementSum:
             raise DataError(f"output '{self.name}' has samples of shape {list(shape_a[1:])}, the reference "
                             f"{list(shape_b[1:])}; they must match to be compared")
         self.row_shape = shape_a[1:]
+        step = chunk_rows(candidate)
         with np.errstate(all="ignore"):
-            for lo in range(0, len(candidate), AGREEMENT_ROWS):
-                self._add(np.asarray(candidate[lo:lo + AGREEMENT_ROWS]), np.asarray(reference[lo:lo + AGREEMENT_ROWS]))
+            for lo in range(0, len(candidate), step):
+                self._add(np.asarray(candidate[lo:lo + step]), np.asarray(reference[lo:lo + step]))
 
     def _add(self, candidate: np.ndarray, reference: np.ndarray) -> None:
         a = candidate.astype(np.float64).reshape(len(candidate), -1) if len(candidate) else np.zeros((0, 1))
@@ -117,8 +123,7 @@ def topk(logits: np.ndarray, labels: Optional[np.ndarray], ks: tuple[int, ...] =
                         f"{list(labels.shape)} and dtype {labels.dtype} for {len(logits)} samples")
     acc = TopKSum(ks, output)
     acc.labelled = True
-    for lo in range(0, len(logits), AGREEMENT_ROWS):  # chunks: the sort's temporaries stay small
-        acc.add(logits[lo:lo + AGREEMENT_ROWS], labels[lo:lo + AGREEMENT_ROWS])
+    acc.add(logits, labels)
     return acc.result()
 
 
@@ -146,10 +151,11 @@ class TopKSum:
         if self.hits is None:
             self.hits = {k: 0 for k in self.ks if k <= scores.shape[1]}
         self.nonfinite = self.nonfinite or not np.isfinite(scores).all()
-        for lo in range(0, len(scores), AGREEMENT_ROWS):
-            order = np.argsort(-scores[lo:lo + AGREEMENT_ROWS], axis=1)
+        step = chunk_rows(scores)  # chunks: the sort's temporaries stay small
+        for lo in range(0, len(scores), step):
+            order = np.argsort(-scores[lo:lo + step], axis=1)
             for k in self.hits:
-                self.hits[k] += int((order[:, :k] == labels[lo:lo + AGREEMENT_ROWS, None]).any(axis=1).sum())
+                self.hits[k] += int((order[:, :k] == labels[lo:lo + step, None]).any(axis=1).sum())
         self.n += len(scores)
 
     def result(self) -> dict[str, Any]:
