@@ -410,6 +410,9 @@ MAXIMA_FILE = "maxima.json"  # max|x| of every float tensor on the calibration s
 REGISTRY_LOCK = ".trtpipe.lock"  # in every registry's root (pipeline.registry)
 PROJECT_MARKERS = ("dvc.yaml", "params.yaml", ".git", ".dvc", "pyproject.toml")
 _NOT_OURS = (".gitignore",)
+# Files a stage writes into its folder that git keeps (dvc.yaml's `metrics` with cache: false), so a fresh
+# clone has them without the rest of the output: a folder holding only these is the stage's own.
+GIT_KEPT = {"compare": ("metrics.json",)}
 DATA_SUFFIXES = (".pt", ".pth", ".onnx", ".npz", ".npy", ".engine", ".plan", ".cache", ".yaml", ".yml", ".py", ".lock",
                  ".data", ".pb", ".safetensors", ".bin")  # DVC's, beside its outputs: no one's content
 
@@ -459,8 +462,8 @@ def claim_dir(path: str | Path, owner: str, key: str = "--out", inputs: tuple = 
     if not p.is_dir():
         raise _refuse(key, p, f"is a file, and {owner} writes a folder there (replacing it)", fix)
     held = sorted(e.name for e in p.iterdir() if e.name not in _NOT_OURS and STAGING_TAG not in e.name)
-    if not held:
-        return p
+    if not held or (all(n in GIT_KEPT.get(owner, ()) for n in held) and all((p / n).is_file() for n in held)):
+        return p  # empty, or what git keeps of this stage's output in a fresh clone
     mine = p / report
     if not mine.is_file():
         raise _refuse(key, p, f"is not empty and is not {owner}'s output (no {report} in it; it holds "

@@ -239,3 +239,36 @@ def test_unlabelled_data_still_compares(tmp_path: Path) -> None:
     assert "| int8 |" in compare.to_markdown(t, evals)
     compare.plot_tradeoff(t, tmp_path / "t.png")
     assert (tmp_path / "t.png").is_file()
+
+
+def test_a_fresh_clone_keeps_only_metrics_json_and_compare_runs_there(clean: Path, tmp_path: Path) -> None:
+    """git keeps compare's metrics.json (dvc.yaml: metrics, cache: false) and nothing else of its folder: in a
+    fresh clone `trtpipe compare` must replace that folder, not refuse it; anything else there is still refused."""
+    from pipeline.errors import PipelineError
+
+    cfg = digits_config(tmp_path)
+    out = tmp_path / "compare"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}\n")  # an older metrics.json, as a clone checks it out
+    compare.run(cfg, clean / "eval", out)
+    assert (out / "compare.json").is_file() and json.loads((out / "metrics.json").read_text()) != {}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.json").write_text("{}\n")
+    (other / "notes.txt").write_text("mine\n")
+    with pytest.raises(PipelineError, match="is not compare's output"):
+        compare.run(cfg, clean / "eval", other)
+    assert (other / "notes.txt").read_text() == "mine\n"
+
+
+def test_without_matplotlib_compare_writes_every_report_but_the_picture(clean: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "compare"
+    compare.run(digits_config(tmp_path), clean / "eval", out)
+    assert {p.name for p in out.iterdir()} >= {"compare.json", "compare.md", "metrics.json", "latency.json"}
+    assert not (out / "tradeoff.png").exists()
+    assert "matplotlib is not installed" in caplog.text
