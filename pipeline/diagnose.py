@@ -262,11 +262,13 @@ def tune_crossref(rows: list[dict[str, Any]], tune_json: Optional[Path]) -> Opti
 
 
 # -- the plot ----------------------------------------------------------------------------------
-def plot(rows: Sequence[dict[str, Any]], tolerance: float, title: str) -> bytes:
-    import matplotlib
+def plot(rows: Sequence[dict[str, Any]], tolerance: float, title: str) -> Optional[bytes]:
+    """The PNG's bytes; None when matplotlib is not installed (pipeline.plots warns)."""
+    from .plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the diagnose plot")
+    if plt is None:
+        return None
 
     shown = [r for r in rows if r["compared"] and r.get("float_tensor", True)]  # not shape arithmetic
     finite = [r["snr_db"] for r in shown if math.isfinite(r["snr_db"])]
@@ -435,12 +437,15 @@ def run(cfg: Any, precision: str, onnx_path: Path, build_dir: Path, calib_dir: P
                     for r in flagged],
         "largest_drops": [{"node": r["node"], "op_type": r["op_type"], "snr_db": r["snr_db"],
                            "snr_drop_db": r["snr_drop_db"]} for r in drops],
-        "outputs": final, "tune": tune, "layers": rows, "plot": png.name,
+        "outputs": final, "tune": tune, "layers": rows, "plot": None,
         "sha256": {"onnx": onnx_sha, "variant": sha256_of(variant_path), "eval_data": sha256_of(eval_data)},
     }
     title = (f"{cfg.model.name} {precision} vs fp32 ({path}, {n} samples): "
              + (f"first diverging {report['first_diverging']}" if flagged else f"no node below {tolerance:g} dB"))
-    write_bytes(png, plot(rows, tolerance, title))
+    picture = plot(rows, tolerance, title)
+    if picture is not None:
+        write_bytes(png, picture)
+        report["plot"] = png.name
     write_json(out_path, report)
     log.debug(f"diagnose@{precision}: {time.perf_counter() - start:.1f} s")
     return report
@@ -480,7 +485,7 @@ def summary(r: Mapping[str, Any], out: Path) -> str:
         head += f"; no node's error grows past the tolerance; largest drops: {drops or 'none'}"
     worst = min(r["outputs"].items(), key=lambda kv: kv[1]["snr_db"] if not math.isnan(kv[1]["snr_db"]) else -math.inf)
     head += f"; output {worst[0]} SNR {fmt(worst[1]['snr_db'])} dB"
-    return head + f" -> {out} (+ {r['plot']})"
+    return head + f" -> {out}" + (f" (+ {r['plot']})" if r.get("plot") else "")
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -204,3 +204,21 @@ def test_verbose_keeps_stdout_to_the_result_line(proj: Path, tmp_path: Path, cap
     c = capsys.readouterr()
     assert len(c.out.splitlines()) == 1 and c.out.startswith("diagnose@int8: ")  # Polygraphy's own log is on stderr
     assert "trtpipe: debug: diagnose@int8: 2 samples" in c.err
+
+
+def test_without_matplotlib_every_number_is_written_and_the_plot_skipped(proj: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU-side install (trtpipe[tensorrt]) has no matplotlib: diagnose still reports, says why no plot."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "int8.json"
+    capsys.readouterr()
+    code = trtpipe("diagnose", "--precision", "int8", "--samples", "4", "--out", str(out))
+    c = capsys.readouterr()
+    assert code == 0, c.err
+    rep = json.loads(out.read_text())
+    assert rep["plot"] is None and not out.with_suffix(".png").exists() and rep["layers"]
+    assert "matplotlib is not installed" in c.err and "Traceback" not in c.err
+    assert "(+ " not in c.out

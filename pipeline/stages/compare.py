@@ -299,10 +299,11 @@ def _metric_columns(table: CompareReport) -> list[str]:
 
 def plot_tradeoff(table: CompareReport, path: Path) -> None:
     """One panel per latency batch size: the primary metric against p50 latency, one point per variant."""
-    import matplotlib
+    from ..plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("tradeoff.png")
+    if plt is None:
+        return
 
     rows = table.variants
     # Without a task metric (unlabelled data), plot agreement with PyTorch instead.

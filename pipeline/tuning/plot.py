@@ -13,10 +13,11 @@ from typing import Any, Mapping, Sequence
 def plot_frontier(path: Path, *, model: str, candidates: Sequence[Mapping[str, Any]], frontier: Sequence[int],
                   points: Mapping[str, Mapping[str, Any]], budget_text: str, threshold_full: float, metric: str,
                   cost_label: str, backend: str) -> None:
-    import matplotlib
+    from ..plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("tune.png")
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     pts = [c for c in candidates if c.get("metric") is not None and c["metric"] == c["metric"]
