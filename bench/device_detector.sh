@@ -21,7 +21,7 @@ build = {"backend": os.environ.get("BACKEND", "tensorrt")}
 for p in pairs:
     k, v = p.split("=", 1)
     build[k] = {"true": True, "false": False}.get(v, v)
-yaml.safe_dump({"config": "configs/model.yaml", "build": build}, open(out, "w"))
+yaml.safe_dump({"config": "configs/model.yaml", "override": True, "build": build}, open(out, "w"))
 PY
 }
 params p_trt.yaml

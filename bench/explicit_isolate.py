@@ -222,8 +222,9 @@ def main() -> None:
 
     def fails(keep: list[int]) -> bool:
         remove = [all_sites[i] for i in range(len(all_sites)) if i not in set(keep)]
+        row_keep = sorted(keep)
         plan = b.build(without(model, remove))
-        row: dict[str, Any] = {"sites_kept": len(keep)}
+        row: dict[str, Any] = {"sites_kept": len(keep), "kept": row_keep}
         if a.fault == "build":
             bad = plan is None and a.match in b.last_error
             row["error"] = b.last_error[:300] if plan is None else None
@@ -233,6 +234,7 @@ def main() -> None:
             row["top1_agreement"] = agree
         row["fault"] = bad
         log.append(row)
+        _save()  # after every probe: a call cut at its time limit keeps what it found
         detail = f": {row['error'][:120]}" if row.get("error") else ""
         if row.get("top1_agreement") is not None:
             detail = f": top-1 agreement {row['top1_agreement']:.3f}"
@@ -240,7 +242,12 @@ def main() -> None:
         return bad
 
     result: dict[str, Any] = {"qdq": str(a.qdq), "fault": a.fault, "match": a.match, "fp16_flag": not a.no_fp16,
-                              "sites": len(all_sites), "tensorrt": b.trt.__version__}
+                              "sites": len(all_sites), "tensorrt": b.trt.__version__, "site_list": all_sites}
+
+    def _save() -> None:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({**result, "builds": b.builds, "probes": log}, indent=2) + "\n")
+
     everything = list(range(len(all_sites)))
     result["full_model_fault"] = fails(everything)
     result["no_qdq_fault"] = fails([])
