@@ -274,22 +274,14 @@ def main() -> None:
             if "int8_tuned_cost" in result["variants"]:
                 result["variants"]["int8_tuned_cost"]["kept"] = [k.name for k in cost_layers]
                 result["variants"]["int8_tuned_cost"]["cpu_metric_full"] = tc["reference_points"]["chosen"]["metric_full"]
-        # the cheapest tuned set (tune.objective: cost) closed into contiguous regions: every single INT8 layer
-        # (graph order) between two kept ones kept too, so the engine pays fewer INT8<->float reformats
-        if (a.bundle / "tune_cost.json").is_file():
-            tc = json.loads((a.bundle / "tune_cost.json").read_text())
-            base = {k["layer"] for k in tc["kept"]}
+            # the same set closed into contiguous regions: every single INT8 layer (graph order) between two kept
+            # ones kept too, so the engine pays fewer INT8<->float reformats
             idx = {layer.name: i for i, layer in enumerate(layers)}
+            base = {k.name for k in cost_layers}
             marks = sorted(idx[n] for n in base)
-            region = set(base)
-            for i0, i1 in zip(marks, marks[1:]):
-                if i1 - i0 == 2:
-                    region.add(layers[i0 + 1].name)
+            region = base | {layers[i0 + 1].name for i0, i1 in zip(marks, marks[1:]) if i1 - i0 == 2}
             region_layers = [layer for layer in layers if layer.name in region]
-            regions_calib = a.work / "calib_tuned_cost"
-            regions_calib.mkdir(parents=True, exist_ok=True)
-            shutil.copy(a.bundle / "tune_cost_calibration.cache", regions_calib / "calibration.cache")
-            variant("int8_cost_regions", "int8", layer_precisions(region_layers, kp), calib=regions_calib,
+            variant("int8_cost_regions", "int8", layer_precisions(region_layers, kp), calib=cost_calib,
                     nodes=[n for k in region_layers for n in k.nodes])
             if "int8_cost_regions" in result["variants"]:
                 result["variants"]["int8_cost_regions"]["kept"] = [k.name for k in region_layers]
