@@ -105,6 +105,38 @@ def without(model: Any, remove: list[dict[str, Any]]) -> Any:
     return m
 
 
+def dedicated_dq(model: Any) -> tuple[Any, int]:
+    """A copy of ``model`` where every DequantizeLinear read by several nodes is cloned, one per reader
+    (onnxruntime's quantizer calls this DedicatedQDQPair); the arithmetic is unchanged. Returns the copy
+    and the number of DequantizeLinear nodes added."""
+    import onnx
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    readers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n)
+    outputs = {o.name for o in g.output}
+    nodes, added = [], 0
+    for n in g.node:
+        nodes.append(n)
+        users = readers.get(n.output[0], []) if n.op_type == "DequantizeLinear" else []
+        if len(users) < 2 or n.output[0] in outputs:
+            continue
+        for k, u in enumerate(users[1:], 1):
+            clone = onnx.helper.make_node("DequantizeLinear", list(n.input), [f"{n.output[0]}_dedicated{k}"],
+                                          name=f"{n.name}_dedicated{k}")
+            clone.attribute.extend(n.attribute)
+            nodes.append(clone)
+            u.input[:] = [clone.output[0] if t == n.output[0] else t for t in u.input]
+            added += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return m, added
+
+
 class Builder:
     """TensorRT builds of in-memory ONNX models with fixed flags; counts the builds."""
 
@@ -190,10 +222,15 @@ def main() -> None:
     ap.add_argument("--no-fp16", action="store_true", help="INT8 flag only (float layers in FP32)")
     ap.add_argument("--batch", default="1,8,32", help="min,opt,max of a dynamic batch dimension")
     ap.add_argument("--max-builds", type=int, default=80)
+    ap.add_argument("--dedicated-dq", action="store_true",
+                    help="first give every DequantizeLinear read by several nodes one copy per reader")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
 
     model = onnx.load(str(a.qdq))
+    dq_added = 0
+    if a.dedicated_dq:
+        model, dq_added = dedicated_dq(model)
     all_sites = sites(model)
     b = Builder(not a.no_fp16, tuple(int(v) for v in a.batch.split(",")))  # type: ignore[arg-type]
     t0 = time.monotonic()
@@ -242,7 +279,8 @@ def main() -> None:
         return bad
 
     result: dict[str, Any] = {"qdq": str(a.qdq), "fault": a.fault, "match": a.match, "fp16_flag": not a.no_fp16,
-                              "sites": len(all_sites), "tensorrt": b.trt.__version__, "site_list": all_sites}
+                              "sites": len(all_sites), "tensorrt": b.trt.__version__, "site_list": all_sites,
+                              "dedicated_dq_added": dq_added}
 
     def _save() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
