@@ -115,14 +115,7 @@ def topk(logits: np.ndarray, labels: Optional[np.ndarray], ks: tuple[int, ...] =
          output: str = "output") -> dict[str, Any]:
     """Top-k accuracy in percent (empty without labels). Labels must be one class index per
     sample inside the output's width; a NaN in the logits makes the metric NaN."""
-    if labels is None:
-        return {}
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or len(labels) != len(logits):
-        raise DataError(f"top-k on output '{output}' needs one integer class index per sample; the labels have shape "
-                        f"{list(labels.shape)} and dtype {labels.dtype} for {len(logits)} samples")
     acc = TopKSum(ks, output)
-    acc.labelled = True
     acc.add(logits, labels)
     return acc.result()
 
@@ -133,12 +126,11 @@ class TopKSum:
     def __init__(self, ks: tuple[int, ...], output: str = "output") -> None:
         self.ks, self.output = ks, output
         self.hits: Optional[dict[int, int]] = None
-        self.n, self.nonfinite, self.labelled = 0, False, False
+        self.n, self.nonfinite = 0, False
 
     def add(self, logits: Any, labels: Optional[np.ndarray]) -> None:
         if labels is None:
             return
-        self.labelled = True
         scores = np.asarray(logits).reshape(len(logits), -1)
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(scores):
@@ -159,8 +151,8 @@ class TopKSum:
         self.n += len(scores)
 
     def result(self) -> dict[str, Any]:
-        if self.hits is None:  # no sample seen: nothing to count, and NaN never passes a threshold
-            return {f"top{k}": float("nan") for k in self.ks} if self.n == 0 and self.labelled else {}
+        if self.hits is None:  # no labels given: nothing to count
+            return {}
         n = self.n
         return {f"top{k}": float("nan") if self.nonfinite else float(100.0 * (h / n if n else float("nan")))
                 for k, h in self.hits.items()}
