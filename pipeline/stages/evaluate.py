@@ -120,10 +120,7 @@ def _score_streamed(runner: Runner, ref_runner: Optional[Runner], samples: Any, 
         ys = samples.y[lo:lo + rows] if samples.y is not None else None
         out = predict(runner, xs, bs)
         f32 = out if ref_runner is None else predict(ref_runner, xs, rbs)
-        torch_out = next(chunks, None)
-        if torch_out is None or any(len(torch_out[k]) != len(out[k]) for k in names):
-            raise DataError(f"{reference}: holds PyTorch outputs for fewer samples than the {n} evaluation samples; "
-                            "re-run validate")
+        torch_out = next(chunks)  # as many rows as the evaluation set: run() checked the headers
         for a in acc_var:
             a.add(out, ys)
         for a in acc_torch:
@@ -218,6 +215,11 @@ def run(
     missing = [n for n in runner.output_names if n not in ref_shapes]
     if missing:
         raise DataError(f"{reference}: has no PyTorch outputs for {missing}; re-run validate")
+    for name in runner.output_names:  # both paths read the reference row by row against the samples
+        rows = ref_shapes[name][0][0] if ref_shapes[name][0] else 0
+        if rows != len(samples):
+            raise DataError(f"{reference}: holds PyTorch outputs '{name}' for {rows} samples, the evaluation data has "
+                            f"{len(samples)}; re-run validate")
     bs = _batch_limit(info, cfg.evaluate.batch_size)
     same = Path(build_dir).resolve() == Path(fp32_dir).resolve()
     ref_runner, fp32_sha, rbs = None, info.sha256, bs

@@ -82,15 +82,17 @@ def test_a_user_metric_takes_the_whole_array_path_with_the_same_agreement(clean:
         assert w[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
 
 
-def test_a_reference_with_fewer_samples_is_refused(clean: Path, tmp_path: Path) -> None:
-    """reference.npz cut short (rows missing at the end): one line, re-run validate; nothing written."""
+@pytest.mark.parametrize("edit", ["fewer", "more"])
+def test_a_reference_of_another_sample_count_is_refused(clean: Path, tmp_path: Path, edit: str) -> None:
+    """reference.npz with rows missing at the end, or extra ones: one line, re-run validate; nothing written."""
     import shutil
 
     d = tmp_path / "v"
     shutil.copytree(clean / "validate", d)
     with np.load(d / "reference.npz") as z:
         arrays = {k: z[k] for k in z.files}
-    np.savez(d / "reference.npz", **{k: v[:-5] for k, v in arrays.items()})
+    np.savez(d / "reference.npz", **{k: v[:-5] if edit == "fewer" else np.concatenate([v, v[:5]])
+                                     for k, v in arrays.items()})
     # validate's record says this is its file (else provenance refuses it first): the reader itself must refuse it
     import json
 
@@ -99,7 +101,7 @@ def test_a_reference_with_fewer_samples_is_refused(clean: Path, tmp_path: Path) 
     rec = json.loads((d / "validate.json").read_text())
     rec["sha256"]["reference.npz"] = sha256_file(d / "reference.npz")
     (d / "validate.json").write_text(json.dumps(rec))
-    with pytest.raises((DataError, ArtifactError), match="reference"):
+    with pytest.raises(DataError, match=r"reference.npz: holds PyTorch outputs 'logits' for \d+ samples, the evaluation"):
         _run(digits_config(tmp_path), clean, "int8", tmp_path / "x.json", reference=d / "reference.npz")
     assert not (tmp_path / "x.json").exists()
 
