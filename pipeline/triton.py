@@ -3,8 +3,10 @@ from published versions.
 
 Layout: DIR/<model>-<precision>/config.pbtxt and DIR/<model>-<precision>/1/<files>.
 TensorRT versions give `platform: "tensorrt_plan"`, one engine per compute capability
-(model.sm90.plan ...) listed in `cc_model_filenames`, with `default_model_filename` only
-when exactly one architecture is exported; onnxruntime versions give
+(model.sm90.plan ...) listed in `cc_model_filenames`; a hardware-compatible engine
+(`build.hardware_compatibility: ampere_plus`, model.ampere_plus.plan) is the
+`default_model_filename`, for every other GPU from compute capability 8.0; without one,
+`default_model_filename` only when exactly one architecture is exported; onnxruntime versions give
 `platform: "onnxruntime_onnx"` with model.onnx. Every version's files are checked against
 its manifest (registry.integrity_findings) before they are copied; the repository is
 written in a staging folder and moved into place, and only over a folder this tool wrote
@@ -19,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .errors import ArtifactError
 from .fileio import sha256_file, staging_dir, write_json
-from .manifest import read_manifest
+from .manifest import hardware_compatibility, read_manifest
 from .registry import integrity_findings, publish_order, resolve, version_dirs
 
 MARKER = ".trtpipe-triton.json"
@@ -32,14 +34,18 @@ TRITON_DTYPES = {
     "bool": "TYPE_BOOL", "string": "TYPE_STRING",
 }
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
+AMPERE_PLUS = "ampere_plus"  # build.hardware_compatibility: one engine for every compute capability >= 8.0
 
 
 def _arch(m: Mapping[str, Any]) -> str:
-    """The architecture a version is for: its compute capability ("9.0"), or its device (cpu)."""
+    """The architecture a version is for: its compute capability ("9.0"), AMPERE_PLUS for a
+    hardware-compatible engine (any compute capability from 8.0), or its device (cpu)."""
     if m.get("backend") == "tensorrt":
         cc = (m.get("hardware") or {}).get("compute_capability")
         if not cc:
             raise ArtifactError(f"{m.get('version')}: its manifest has no hardware.compute_capability; republish it")
+        if hardware_compatibility(m) == AMPERE_PLUS:
+            return AMPERE_PLUS
         return str(cc)
     return str(m.get("device") or "cpu")
 
@@ -138,13 +144,20 @@ def config_pbtxt(name: str, chosen: list[tuple[Path, dict]], files: Mapping[str,
     lines.append("input [\n" + ",\n".join(_tensor(t, batched, m["version"]) for t in ins) + "\n]")
     lines.append("output [\n" + ",\n".join(_tensor(t, batched, m["version"]) for t in outs) + "\n]")
     if m["backend"] == "tensorrt":
-        lines.append("cc_model_filenames [\n" + ",\n".join(
-            f"  {{\n    key: \"{cc}\"\n    value: \"{f}\"\n  }}" for cc, f in sorted(files.items())) + "\n]")
-        if len(files) == 1:
+        exact = {cc: f for cc, f in files.items() if cc != AMPERE_PLUS}
+        if exact:
+            lines.append("cc_model_filenames [\n" + ",\n".join(
+                f"  {{\n    key: \"{cc}\"\n    value: \"{f}\"\n  }}" for cc, f in sorted(exact.items())) + "\n]")
+        if AMPERE_PLUS in files:
+            lines.append("# default_model_filename: the hardware-compatible (ampere_plus) engine, for a GPU of compute "
+                         "capability 8.0 or later without an engine of its own above (an older GPU cannot load it)")
+            lines.append(f"default_model_filename: \"{files[AMPERE_PLUS]}\"")
+        elif len(files) == 1:
             lines.append(f"default_model_filename: \"{next(iter(files.values()))}\"")
         else:
             lines.append(f"# no default_model_filename: {len(files)} architectures ({', '.join(sorted(files))}); "
-                         "a GPU of another compute capability has no engine here")
+                         "a GPU of another compute capability has no engine here (publish an ampere_plus engine "
+                         "for one)")
     else:
         lines.append(f"default_model_filename: \"{next(iter(files.values()))}\"")
     return "\n".join(lines) + "\n"
@@ -152,7 +165,7 @@ def config_pbtxt(name: str, chosen: list[tuple[Path, dict]], files: Mapping[str,
 
 def _file_name(m: Mapping[str, Any], arch: str) -> str:
     if m["backend"] == "tensorrt":
-        return f"model.sm{arch.replace('.', '')}.plan"
+        return f"model.{AMPERE_PLUS}.plan" if arch == AMPERE_PLUS else f"model.sm{arch.replace('.', '')}.plan"
     return "model.onnx"
 
 

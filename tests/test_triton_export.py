@@ -155,3 +155,26 @@ def test_cli_export(tmp_path: Path, reg: dict[str, Any]) -> None:
     assert r.returncode == 0, r.stderr
     assert "tiny-fp16" in r.stdout and "model.sm80.plan" in r.stdout
     assert (out / "tiny-fp16" / "config.pbtxt").is_file()
+
+
+def test_ampere_plus_engine_is_the_default_beside_exact_architectures(tmp_path: Path) -> None:
+    """A native sm90 engine and a hardware-compatible one built on the same 9.0 GPU: two files, the
+    native one for 9.0, the ampere_plus one the default for every other GPU (8.0 and later)."""
+    reg = tmp_path / "registry"
+    v90, p90, _ = publish_trt(tmp_path / "w", reg, "9.0")
+    vamp, pamp, mamp = publish_trt(tmp_path / "w", reg, "9.0", hardware_compatibility="ampere_plus")
+    assert mamp["settings"]["hardware_compatibility"] == "ampere_plus"
+    out = tmp_path / "triton"
+    written = triton.export(reg, out)
+    assert written["tiny-fp16"]["versions"] == [v90, vamp]
+    cfg = parse_pbtxt((out / "tiny-fp16" / "config.pbtxt").read_text())
+    assert {e["key"]: e["value"] for e in cfg["cc_model_filenames"]} == {"9.0": "model.sm90.plan"}
+    assert cfg["default_model_filename"] == "model.ampere_plus.plan"
+    assert (out / "tiny-fp16" / "1" / "model.sm90.plan").read_bytes() == (p90 / "model.plan").read_bytes()
+    assert (out / "tiny-fp16" / "1" / "model.ampere_plus.plan").read_bytes() == (pamp / "model.plan").read_bytes()
+
+    # only the hardware-compatible engine: no cc list, the one file is the default
+    out2 = tmp_path / "triton2"
+    triton.export(reg, out2, versions=[vamp])
+    cfg = parse_pbtxt((out2 / "tiny-fp16" / "config.pbtxt").read_text())
+    assert "cc_model_filenames" not in cfg and cfg["default_model_filename"] == "model.ampere_plus.plan"
