@@ -337,6 +337,30 @@ def _variant(precision: str, build_dir: Path, onnx_sha: str,
     return path, PATH_TRT if trt_here else PATH_CPU, info.model_dump()
 
 
+def _tuned_qdq(tuned: Mapping[str, Any], tune_dir: Path, build_dir: Path) -> Path:
+    """The Q/DQ ONNX of a build that applied `trtpipe tune` (kept layers without Q/DQ), checked by sha256: the
+    explicit route records it in build.json; for the implicit route it is tune's own, whose tune.json must be
+    the one the build applied."""
+    from .provenance import ProvenanceError, sha256_of
+
+    if tuned.get("qdq_onnx"):
+        path, expected = Path(tuned["qdq_onnx"]), tuned.get("qdq_sha256")
+    else:
+        path, report = tune_dir / QDQ_FILE, tune_dir / "tune.json"
+        if not report.is_file() or sha256_of(report) != tuned.get("tune_json_sha256"):
+            raise ProvenanceError(f"{build_dir}/build.json: applied a tune.json that {tune_dir} does not hold; pass "
+                                  "--tune-dir with the tune folder the build used, or re-run build")
+        from .reports import TuneReport, read_report
+
+        expected = read_report(report, TuneReport, "tune report", "tune", ProvenanceError).sha256.get(QDQ_FILE)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: the tuned Q/DQ ONNX the int8 build used is missing; re-run tune and build "
+                            "(dvc repro)")
+    if expected and sha256_of(path) != expected:
+        raise ProvenanceError(f"{path}: changed since the int8 build used it (sha256); re-run build (dvc repro)")
+    return path
+
+
 def run(cfg: Any, precision: str, onnx_path: Path, build_dir: Path, calib_dir: Path, eval_data: Path, out_path: Path, *,
         samples: int = 8, tolerance: float = 30.0, first: int = 3, tune_dir: Optional[Path] = None,
         variant: Optional[Path] = None) -> dict[str, Any]:
@@ -363,8 +387,11 @@ def run(cfg: Any, precision: str, onnx_path: Path, build_dir: Path, calib_dir: P
     onnx_sha = sha256_of(onnx_path)
     variant_path, path, info = _variant(precision, build_dir, onnx_sha, variant)
     why = []
+    tuned = info.get("tune") or {}
     if variant_path is None:
-        if precision == "int8":
+        if precision == "int8" and tuned.get("applied"):
+            variant_path = _tuned_qdq(tuned, Path(tune_dir or Path("artifacts", "tune")), build_dir)
+        elif precision == "int8":
             variant_path = calib_dir / QDQ_FILE
             if not variant_path.is_file():
                 raise ArtifactError(f"{variant_path}: the Q/DQ ONNX of the int8 variant is missing; run calibrate "
@@ -376,8 +403,10 @@ def run(cfg: Any, precision: str, onnx_path: Path, build_dir: Path, calib_dir: P
                                     "does not import here; run diagnose on a GPU machine, or build fp16 with "
                                     "build.backend: onnxruntime to diagnose it on the CPU")
     if path == PATH_TRT:
+        what = ("explicit Q/DQ: " + ("tune's Q/DQ ONNX, the layers the build kept without Q/DQ" if tuned.get("applied")
+                                     else "the same ranges as the build")) if precision == "int8" else "fp16"
         why.append(f"an engine of {variant_path.name} built for this comparison with every layer output marked "
-                   f"({'explicit Q/DQ: the same ranges as the build' if precision == 'int8' else 'fp16'}), not the "
+                   f"({what}), not the "
                    f"build's own engine; marked outputs stop some of TensorRT's fusions")
     if info["backend"] == "tensorrt" and path == PATH_CPU and variant is None:
         why.append(f"the build is a TensorRT {precision} engine and TensorRT does not import here: compared its ONNX "

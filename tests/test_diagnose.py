@@ -222,3 +222,61 @@ def test_without_matplotlib_every_number_is_written_and_the_plot_skipped(proj: P
     assert rep["plot"] is None and not out.with_suffix(".png").exists() and rep["layers"]
     assert "matplotlib is not installed" in c.err and "Traceback" not in c.err
     assert "(+ " not in c.out
+
+
+def test_a_tuned_tensorrt_int8_build_is_diagnosed_on_the_qdq_onnx_it_used(proj: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A TensorRT int8 build that applied tune (explicit route: tune's Q/DQ ONNX, kept layers without
+    Q/DQ) is diagnosed on that ONNX, not on calibrate's full-INT8 one; an edited tuned ONNX is refused."""
+    import onnx
+
+    from pipeline.config import load_config
+    from pipeline.stages import build, tune
+    from tests.backends.test_trt_versions import _Memory
+    from tests.backends.trt_standin import install
+
+    params = {**PARAMS, "tune": {"budget": {"metric": "cosine@logits", "min": 0.99999}}}
+    Path("params-tune.yaml").write_text(yaml.safe_dump(params))
+    cfg = load_config(None, "params-tune.yaml", quiet=True)
+    tune.run(cfg, Path("artifacts/export/model.onnx"), Path("artifacts/calibrate"), Path("artifacts/prepare/eval.npz"),
+             tmp_path / "tune", validation=Path("artifacts/validate/validate.json"),
+             calib_data=Path("artifacts/prepare/calib.npz"), progress=False)
+    t = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert t["met"] and t["kept"], "this budget keeps some layers out of INT8"
+
+    # the build, by the build stage, with TensorRT 11's stand-in (int8 there is the typed Q/DQ route)
+    import pipeline.backends as backends
+    from pipeline.backends import tensorrt_backend
+    from pipeline.runtime import cuda_memory
+
+    with monkeypatch.context() as m:
+        install(m, "11.1.0")
+        m.setattr(backends, "tensorrt_usable", lambda: (True, ""))
+        m.setattr(tensorrt_backend, "device_info", lambda i=0: {"gpu": "stand-in"})
+        m.setattr(cuda_memory, "open_memory", lambda kind="auto", device=0: _Memory())
+        trt_cfg = cfg.model_copy(update={"build": cfg.build.model_copy(update={
+            "backend": "tensorrt", "int8_from_tune": True, "timing_cache": None})})
+        build.run(trt_cfg, "int8", Path("artifacts/export/model.onnx"), tmp_path / "b8", Path("artifacts/calibrate"),
+                  Path("artifacts/prepare/calib.npz"), Path("artifacts/validate/validate.json"), tmp_path / "tune")
+    b = json.loads((tmp_path / "b8" / "build.json").read_text())
+    assert b["backend"] == "tensorrt" and b["tune"]["qdq_onnx"] == str(tmp_path / "tune" / "model.qdq.onnx")
+
+    # TensorRT does not import here: the CPU path, on tune's Q/DQ ONNX
+    code, out, err = _diagnose(capsys, "--precision", "int8", "--build-dir", str(tmp_path / "b8"), "--tune-dir",
+                               str(tmp_path / "tune"), "--out", str(tmp_path / "d.json"))
+    assert code == 0, err
+    rep = json.loads((tmp_path / "d.json").read_text())
+    assert rep["variant_onnx"] == str(tmp_path / "tune" / "model.qdq.onnx")
+    kept_nodes = {n for layer in t["layers"] if layer["name"] in {k["layer"] for k in t["kept"]} for n in layer["nodes"]}
+    assert kept_nodes and not kept_nodes & set(rep["quantized_nodes"])
+    assert set(rep["quantized_nodes"]) == _quantized_nodes(tmp_path / "tune" / "model.qdq.onnx")
+    assert set(rep["quantized_nodes"]) != _quantized_nodes(Path("artifacts/calibrate/model.qdq.onnx"))
+
+    model = onnx.load(str(tmp_path / "tune" / "model.qdq.onnx"))
+    model.doc_string = "edited"
+    onnx.save(model, str(tmp_path / "tune" / "model.qdq.onnx"))
+    code, out, err = _diagnose(capsys, "--precision", "int8", "--build-dir", str(tmp_path / "b8"), "--tune-dir",
+                               str(tmp_path / "tune"), "--out", str(tmp_path / "d2.json"))
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "changed since the int8 build" in err
+    assert not (tmp_path / "d2.json").exists()
