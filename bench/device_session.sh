@@ -33,7 +33,7 @@ for p in pairs:
     *parents, leaf = key.split(".")
     for k in parents:
         node = node.setdefault(k, {})
-    node[leaf] = {"true": True, "false": False}.get(v, v)
+    node[leaf] = yaml.safe_load(v)  # true, 3, [fp32] ... as YAML reads them
 yaml.safe_dump(d, open(out, "w"))
 PY
 }
@@ -51,7 +51,7 @@ case "$PHASE" in
     params "$P" build.backend=tensorrt
     params "$OUT/params-typed.yaml" build.backend=tensorrt build.fp16.source=typed_onnx
     params "$OUT/params-explicit.yaml" build.backend=tensorrt build.int8_route=explicit
-    params "$OUT/params-ampere.yaml" build.backend=tensorrt build.hardware_compatibility=ampere_plus
+    params "$OUT/params-ampere.yaml" build.backend=tensorrt build.hardware_compatibility=ampere_plus 'publish.precisions=[fp32]' 
     torchpy -m pipeline prepare --params "$P" --out artifacts/prepare
     torchpy -m pipeline export --params "$P" --checkpoint artifacts/prepare/model.pt --out artifacts/export
     torchpy -m pipeline validate --params "$P"
@@ -66,9 +66,12 @@ case "$PHASE" in
     kitpy -m pipeline build --precision int8 --params "$OUT/params-explicit.yaml" --out artifacts/build/int8_explicit
     kitpy -m pipeline evaluate --precision int8 --params "$OUT/params-explicit.yaml" --build-dir artifacts/build/int8_explicit --out artifacts/eval/int8_explicit.json
     kitpy bench/int8_routes.py --params "$P" --out "$OUT/int8_routes.json"
-    kitpy -m pipeline build --precision fp32 --params "$OUT/params-ampere.yaml" --out artifacts/build/fp32_ampere
-    kitpy -m pipeline evaluate --precision fp32 --params "$OUT/params-ampere.yaml" --build-dir artifacts/build/fp32_ampere --out artifacts/eval/fp32_ampere.json
     kitpy -m pipeline artifacts pull --to /tmp/pulled --json > "$OUT/pull.json"; echo "pull rc $?"
+    # a hardware-compatible FP32 engine, built, evaluated and published beside the native one (Triton's default)
+    kitpy -m pipeline build --precision fp32 --params "$OUT/params-ampere.yaml" --out /tmp/amp/build/fp32
+    kitpy -m pipeline evaluate --precision fp32 --params "$OUT/params-ampere.yaml" --build-dir /tmp/amp/build/fp32 --out /tmp/amp/eval/fp32.json
+    kitpy -m pipeline publish --params "$OUT/params-ampere.yaml" --build-root /tmp/amp/build --eval-dir /tmp/amp/eval --out /tmp/amp/publish
+    cp /tmp/amp/build/fp32/build.json "$OUT/fp32_ampere.build.json"; cp /tmp/amp/eval/fp32.json "$OUT/fp32_ampere.eval.json"
     kitpy - <<'PY'
 import json, numpy as np
 from pathlib import Path
@@ -90,6 +93,8 @@ PY
     kitpy -m pipeline diagnose --precision int8 --params "$P" --out "$OUT/diagnose_int8.json"
     kitpy -m pipeline diagnose --precision fp16 --params "$P" --out "$OUT/diagnose_fp16.json"
     } 2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/digits.log"
+    tar czf "$OUT/registry.tgz" artifacts/registry artifacts/publish/published.json 2>/dev/null
+    tar czf "$OUT/diagnose.tgz" -C "$OUT" diagnose_int8.json diagnose_fp16.json 2>/dev/null
     cp artifacts/compare/compare.md artifacts/compare/compare.json "$OUT/" 2>/dev/null
     mkdir -p "$OUT/eval" "$OUT/build"; cp artifacts/eval/*.json "$OUT/eval/" 2>/dev/null
     for d in artifacts/build/*/; do cp "$d/build.json" "$OUT/build/$(basename "$d").json" 2>/dev/null; done ;;
@@ -109,6 +114,60 @@ PY
       --qdq /tmp/det/artifacts/calibrate/model.qdq.onnx --fault build --match chooseHigherPrecision \
       --max-builds 0 --out "$OUT/isolate_detector_nofp16.json" 2>&1 | tail -12
     bash bench/device_detector.sh "$OUT/pipeline" ;;
+  probes)  # hypothesis probes on the explicit route's two failures (bench/explicit_probes.py), $1: effnet|detector|full
+    WHICH=${1:-effnet}
+    if [ -f build/tune_bundle/tune.json ] && [ ! -d /tmp/tune_bundle ]; then mkdir -p /tmp/tune_bundle && cp -r build/tune_bundle/. /tmp/tune_bundle/; fi
+    case "$WHICH" in
+      effnet) ARGS=(--tuned-bundle /tmp/tune_bundle --fused --probes "${PROBES:-asis,dedicated_dq,lone_add,drop:39,drop:40}") ;;
+      full) ARGS=(--full-bundle /tmp/tune_bundle --fused --probes "${PROBES:-asis}") ;;
+      detector) ARGS=(--qdq build/tune_detector/artifacts/calibrate/model.qdq.onnx
+                      --float-onnx build/tune_detector/artifacts/export/model.onnx
+                      --npz build/tune_detector/artifacts/prepare/eval.npz
+                      --probes "${PROBES:-asis,dedicated_dq,gemm_per_tensor,gemm_as_matmul,no_gemm_wq}") ;;
+    esac
+    timeout "${PROBE_TIMEOUT:-540}" env PYTHONPATH="$ROOT:$KIT_PATH" "$KITPY" bench/explicit_probes.py "${ARGS[@]}" \
+      ${NOFP16:+--no-fp16} --out "$OUT/probes_$WHICH.json" 2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/probes_$WHICH.log" | tail -20 ;;
+  effdiag)  # trtpipe build + diagnose on EfficientNet-Lite0 int8 (build/effnet_diag: a slim project made by
+            # bench/effnet_diag_project.py), $1: tuned|full
+    WHICH=${1:-tuned}
+    rm -rf /tmp/effdiag && cp -r build/effnet_diag /tmp/effdiag && cd /tmp/effdiag
+    TUNED=$([ "$WHICH" = tuned ] && echo true || echo false)
+    params "params-$WHICH.yaml" build.backend=tensorrt build.int8_route=explicit build.int8_from_tune=$TUNED build.timing_cache=null
+    {
+    kitpy -m pipeline build --precision int8 --params "params-$WHICH.yaml" --out "artifacts/build/int8_$WHICH"
+    kitpy -m pipeline diagnose --precision int8 --params "params-$WHICH.yaml" --build-dir "artifacts/build/int8_$WHICH" \
+      --eval-data artifacts/prepare/eval16.npz --samples 8 --out "$OUT/diagnose_effnet_int8_$WHICH.json"
+    } 2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/effdiag_$WHICH.log" | tail -20
+    cp "artifacts/build/int8_$WHICH/build.json" "$OUT/effdiag_build_$WHICH.json" 2>/dev/null; cd "$ROOT" ;;
+  fleet)  # the registry pulled by `dvc pull` into a fresh clone here (bench/fleet_dvc.sh, carried as build/pulled):
+          # every version loads and runs on this GPU; on a stand-in compute capability it is refused in one line
+    kitpy - build/pulled/artifacts/registry 2>&1 <<'PY' | tee "$OUT/fleet.log"
+import sys, numpy as np
+from pathlib import Path
+from pipeline.compat import probe_here
+from pipeline.errors import PipelineError
+from pipeline.registry import load, version_dirs
+from pipeline.manifest import read_manifest
+reg = Path(sys.argv[1])
+here = probe_here()
+print("here:", {k: here.get(k) for k in ("tensorrt", "compute_capability", "gpu")})
+for d in version_dirs(reg):
+    m = read_manifest(d)
+    if m["backend"] != "tensorrt":
+        continue
+    level = (m.get("settings") or {}).get("hardware_compatibility", "none")
+    r = load(d, reg)
+    x = np.random.default_rng(0).normal(size=[4] + [int(v) for v in m["io"]["inputs"][0]["shape"][1:]]).astype(np.float32)
+    out = r.infer({m["io"]["inputs"][0]["name"]: x})
+    print(f"{m['version']} ({level}): loaded and ran on {here.get('gpu')}: {({k: list(v.shape) for k, v in out.items()})}")
+    for cc in ("8.0", "8.6", "7.5"):
+        try:
+            load(d, reg, here={**here, "compute_capability": cc, "gpu": f"stand-in sm{cc.replace('.', '')}"})
+            print(f"  on a stand-in {cc}: accepted")
+        except PipelineError as e:
+            print(f"  on a stand-in {cc}: refused: {e}")
+PY
+    ;;
   *) echo "unknown phase $PHASE"; exit 2 ;;
 esac
 echo "phase $PHASE: $(( $(date +%s) - t0 )) s"
