@@ -1,4 +1,4 @@
-"""Peak memory of `trtpipe evaluate` on a model with large outputs: streamed vs whole arrays.
+"""Peak memory of `trtpipe evaluate` (and `validate`) on a model with large outputs: streamed vs whole arrays.
 
 A dense-prediction model (the kind whose outputs, not inputs, dominate memory: a per-pixel
 head, 32 x 64 x 64 float32 = 512 KiB per sample) on 3,000 photo crops of scikit-image's
@@ -10,7 +10,9 @@ line (onnxruntime backend, this CPU). Then evaluate@fp32, each in a fresh proces
   which makes evaluate hold every output of the evaluation set, as it did for every model before.
 
 Writes each run's peak RSS (the stage's --timings file), wall time and whether the two reports'
-agreement statistics are the same (they must be).
+agreement statistics are the same (they must be). validate's peak RSS is recorded too, and with
+`--before REV` validate also runs with the code of git revision REV (a worktree) on the same
+inputs: its peak RSS, and whether its report's statistics and reference.npz are the same.
 
     python bench/evaluate_memory.py --work /tmp/evalmem --out bench/results/evaluate_memory_cpu.json
 """
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/trtpipe_evaluate_memory"))
     ap.add_argument("--samples", type=int, default=3000)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "evaluate_memory_cpu.json")
+    ap.add_argument("--before", help="a git revision whose validate runs on the same inputs (peak RSS, same numbers)")
     a = ap.parse_args()
     out_path, work = a.out.resolve(), a.work.resolve()
     if work.exists():
@@ -109,15 +112,35 @@ def main() -> None:
     (work / "params-whole.yaml").write_text("config: configs/whole.yaml\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{work}"}
 
-    def trtpipe(*args: str) -> float:
+    def trtpipe(*args: str, code: Path = ROOT) -> float:
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "pipeline", "-q", *args], cwd=work, env=env, check=True)
+        subprocess.run([sys.executable, "-m", "pipeline", "-q", *args], cwd=work, check=True,
+                       env={**env, "PYTHONPATH": f"{code}{os.pathsep}{work}"})
         return time.monotonic() - t0
 
     subprocess.run([sys.executable, "-c", "import torch, dense_head; torch.save(dense_head.make().state_dict(), "
                     "'weights.pt')"], cwd=work, env=env, check=True)
-    for step in (("prepare",), ("export",), ("validate",), ("build", "--precision", "fp32")):
+    for step in (("prepare",), ("export",), ("validate", "--timings", "timings-validate.json"),
+                 ("build", "--precision", "fp32")):
         trtpipe(*step)
+    validate_runs = {"streamed": {"peak_rss_mb": json.loads((work / "timings-validate.json").read_text())["peak_rss_mb"]}}
+    if a.before:
+        tree = work / "before"
+        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(tree), a.before], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            trtpipe("validate", "--out", "validate-before", "--timings", "timings-validate-before.json", code=tree)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
+        new_rep = json.loads((work / "artifacts" / "validate" / "validate.json").read_text())
+        old_rep = json.loads((work / "validate-before" / "validate.json").read_text())
+        with np.load(work / "artifacts" / "validate" / "reference.npz") as x, \
+                np.load(work / "validate-before" / "reference.npz") as y:
+            same_ref = sorted(x.files) == sorted(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+        validate_runs[f"before ({a.before})"] = {
+            "peak_rss_mb": json.loads((work / "timings-validate-before.json").read_text())["peak_rss_mb"]}
+        validate_runs["same_statistics"] = new_rep["outputs"] == old_rep["outputs"]
+        validate_runs["same_reference_arrays"] = same_ref
     sys.path.insert(0, str(ROOT))
     from calibration.ort_session import cpu_summary
     from pipeline.data.npz_rows import npz_shapes
@@ -125,7 +148,8 @@ def main() -> None:
     shape, dtype = npz_shapes(work / "artifacts" / "validate" / "reference.npz")["features"]
     result: dict = {"cpu": cpu_summary(), "python": platform.python_version(), "samples_evaluated": shape[0],
                     "output_shape": list(shape[1:]),
-                    "output_bytes_per_array_mb": round(int(np.prod(shape)) * dtype.itemsize / 2**20, 1), "runs": {}}
+                    "output_bytes_per_array_mb": round(int(np.prod(shape)) * dtype.itemsize / 2**20, 1),
+                    "validate": validate_runs, "runs": {}}
     for name, params in (("streamed", "params.yaml"), ("whole", "params-whole.yaml")):
         timings = work / f"timings-{name}.json"
         if timings.exists():

@@ -4,7 +4,9 @@ Every output is compared by name (max |onnxruntime - PyTorch| and cosine per sam
 `validate.atol` / `validate.min_cosine`, or the output's own entry in `validate.outputs`.
 The stage fails (ToleranceError) when any output exceeds its tolerance, and a NaN or Inf
 in an output always fails, after writing validate.json so the numbers can be read. Also
-writes the PyTorch outputs (reference.npz) that evaluate compares every variant to.
+writes the PyTorch outputs (reference.npz) that evaluate compares every variant to. Both run
+batch by batch (`validate.batch_size`): the agreement statistics accumulate and PyTorch's rows
+are appended to reference.npz as they come, so memory does not grow with the evaluation set.
 Inputs are checked first: the ONNX is export's, exported from this checkpoint, and the
 evaluation data is prepare's."""
 
@@ -20,27 +22,37 @@ from ..config import Config
 from ..data import Samples, load_samples
 from ..errors import ConfigError, DataError, ToleranceError
 from ..fileio import claim_dir, sha256_file, staging_dir
-from ..metrics import agreement
+from ..metrics import AgreementSum, agreement
 from ..reports import OutputCheck, ValidateReport, write_report
 from .common import torch_inputs
 
 
-def pytorch_outputs(cfg: Config, checkpoint: Path, samples: Samples, batch_size: int) -> list[np.ndarray]:
-    """The checkpoint's flattened outputs on `samples`, in export's output order."""
+def pytorch_model(cfg: Config, checkpoint: Path) -> Any:
+    from ..models import build_model, load_checkpoint
+
+    return load_checkpoint(build_model(cfg.model), checkpoint).eval()
+
+
+def pytorch_batch(cfg: Config, model: Any, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model's flattened outputs on one batch, in export's output order."""
     import torch
 
-    from ..models import build_model, load_checkpoint, run_flat
+    from ..models import run_flat
 
-    model = load_checkpoint(build_model(cfg.model), checkpoint).eval()
-    outs: list[list[np.ndarray]] = []
-    n = len(samples)
     with torch.no_grad():
-        for i in range(0, n, batch_size):
-            res = run_flat(model, torch_inputs(cfg.model.inputs, {k: v[i:i + batch_size] for k, v in samples.x.items()}))
-            if not outs:
-                outs = [[] for _ in res]
-            for acc, r in zip(outs, res):
-                acc.append(r.numpy())
+        return [r.numpy() for r in run_flat(model, torch_inputs(cfg.model.inputs, batch))]
+
+
+def pytorch_outputs(cfg: Config, checkpoint: Path, samples: Samples, batch_size: int) -> list[np.ndarray]:
+    """The checkpoint's flattened outputs on `samples`, in export's output order."""
+    model = pytorch_model(cfg, checkpoint)
+    outs: list[list[np.ndarray]] = []
+    for i in range(0, len(samples), batch_size):
+        res = pytorch_batch(cfg, model, {k: v[i:i + batch_size] for k, v in samples.x.items()})
+        if not outs:
+            outs = [[] for _ in res]
+        for acc, r in zip(outs, res):
+            acc.append(r)
     return [np.concatenate(a) for a in outs]
 
 
@@ -53,7 +65,10 @@ def _tolerance(cfg: Config, name: str) -> tuple[float, float]:
 
 
 def check_output(name: str, got: np.ndarray, ref: np.ndarray, atol: float, min_cosine: float) -> OutputCheck:
-    a = agreement(got, ref, name)
+    return check_agreement(name, agreement(got, ref, name), atol, min_cosine)
+
+
+def check_agreement(name: str, a: dict[str, Any], atol: float, min_cosine: float) -> OutputCheck:
     failures = []
     if a["nonfinite"]:
         failures.append(f"output '{name}': {a['nonfinite']} NaN/Inf values in onnxruntime's outputs")
@@ -65,9 +80,39 @@ def check_output(name: str, got: np.ndarray, ref: np.ndarray, atol: float, min_c
     return OutputCheck(**a, atol=atol, min_cosine=min_cosine, passed=not failures, failures=failures)
 
 
+def _compare_streamed(cfg: Config, checkpoint: Path, session: Any, samples: Samples, names: list[str],
+                      onnx_path: Path, reference: Path) -> dict[str, dict[str, Any]]:
+    """onnxruntime and PyTorch batch by batch: agreement accumulated per output, PyTorch's rows
+    appended to `reference` (an .npz); nothing of the evaluation set's size is held."""
+    from ..data.npz_writer import NpzWriter
+    from ..provenance import ProvenanceError
+
+    bs, n = cfg.validate_.batch_size, len(samples)
+    model = pytorch_model(cfg, checkpoint)
+    ort_names = [o.name for o in session.get_outputs()]
+    accs = {k: AgreementSum(k) for k in names}
+    with NpzWriter(reference, names) as writer:
+        for i in range(0, n, bs):
+            batch = {k: np.asarray(v[i:i + bs]) for k, v in samples.x.items()}
+            got = dict(zip(ort_names, session.run(None, batch)))
+            refs = pytorch_batch(cfg, model, batch)
+            if len(refs) != len(names):
+                raise ProvenanceError(f"{onnx_path}: has {len(names)} outputs, the model returns {len(refs)}; "
+                                      "re-run export")
+            for name, ref in zip(names, refs):
+                g = got[name]
+                if i == 0 and np.shape(g)[1:] != np.shape(ref)[1:]:
+                    raise DataError(f"output '{name}' has shape {[n, *np.shape(g)[1:]]}, the reference has "
+                                    f"{[n, *np.shape(ref)[1:]]}; they must match to be compared")
+                accs[name].add(g, ref)
+                writer.add(name, ref)
+        writer.close()
+    return {k: a.result() for k, a in accs.items()}
+
+
 def run(cfg: Config, checkpoint: Path, onnx_path: Path, eval_data: Path, out_dir: Path) -> ValidateReport:
     claim_dir(out_dir, "validate", inputs=(checkpoint, onnx_path, eval_data))  # only into an output it owns (fileio.claim_dir)
-    from ..onnx_utils import load_onnx, ort_session, run_batched
+    from ..onnx_utils import load_onnx, ort_session
     from ..provenance import ProvenanceError, exported, prepared, sha256_of
 
     start = time.perf_counter()
@@ -92,16 +137,10 @@ def run(cfg: Config, checkpoint: Path, onnx_path: Path, eval_data: Path, out_dir
     if unknown:
         raise ConfigError(f"validate.outputs names '{unknown[0]}', which is not an output of the ONNX ({', '.join(names)})")
     session = ort_session(onnx_path)
-    ort_out = run_batched(session, samples.x, v.batch_size)
-    torch_out = pytorch_outputs(cfg, checkpoint, samples, v.batch_size)
-    if len(torch_out) != len(names):
-        raise ProvenanceError(f"{onnx_path}: has {len(names)} outputs, the model returns {len(torch_out)}; re-run export")
-    per_output: dict[str, Any] = {}
-    for name, ref in zip(names, torch_out):
-        per_output[name] = check_output(name, ort_out[name], ref, *_tolerance(cfg, name))
-    failures = [f for o in per_output.values() for f in o.failures]
     with staging_dir(out_dir) as tmp:
-        np.savez(tmp / "reference.npz", **{n: o for n, o in zip(names, torch_out)})
+        stats = _compare_streamed(cfg, checkpoint, session, samples, names, onnx_path, tmp / "reference.npz")
+        per_output = {name: check_agreement(name, stats[name], *_tolerance(cfg, name)) for name in names}
+        failures = [f for o in per_output.values() for f in o.failures]
         report = ValidateReport(
             samples=len(samples), outputs=per_output, passed=not failures, reference="pytorch (cpu, fp32)",
             seconds=round(time.perf_counter() - start, 3),
