@@ -123,8 +123,11 @@ def main() -> None:
     for step in (("prepare",), ("export",), ("validate", "--timings", "timings-validate.json"),
                  ("build", "--precision", "fp32")):
         trtpipe(*step)
+    sys.path.insert(0, str(ROOT))
     validate_runs = {"streamed": {"peak_rss_mb": json.loads((work / "timings-validate.json").read_text())["peak_rss_mb"]}}
     if a.before:
+        a.before = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, check=True, capture_output=True,
+                                  text=True).stdout.strip()  # fixed now: HEAD may move while this runs
         tree = work / "before"
         subprocess.run(["git", "worktree", "add", "-f", "--detach", str(tree), a.before], cwd=ROOT, check=True,
                        capture_output=True)
@@ -134,9 +137,11 @@ def main() -> None:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
         new_rep = json.loads((work / "artifacts" / "validate" / "validate.json").read_text())
         old_rep = json.loads((work / "validate-before" / "validate.json").read_text())
-        with np.load(work / "artifacts" / "validate" / "reference.npz") as x, \
-                np.load(work / "validate-before" / "reference.npz") as y:
-            same_ref = sorted(x.files) == sorted(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+        from pipeline.data.npz_rows import npz_row_chunks  # chunk by chunk: this process stays small (see above)
+
+        same_ref = all(np.array_equal(x["features"], y["features"]) for x, y in zip(
+            npz_row_chunks(work / "artifacts" / "validate" / "reference.npz", ["features"], 64),
+            npz_row_chunks(work / "validate-before" / "reference.npz", ["features"], 64)))
         validate_runs[f"before ({a.before})"] = {
             "peak_rss_mb": json.loads((work / "timings-validate-before.json").read_text())["peak_rss_mb"]}
         validate_runs["same_statistics"] = new_rep["outputs"] == old_rep["outputs"]
