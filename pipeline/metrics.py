@@ -179,9 +179,16 @@ class TaskMetric:
     kwargs: dict[str, Any] = field(default_factory=dict)
     wants: frozenset[str] = frozenset()  # optional arguments the function declares
     output: Optional[str] = None  # the output it reads (None: all of them)
-    # built-ins: a fresh accumulator (.add(outputs chunk, labels chunk), .result()) so evaluate need not hold
-    # the outputs of the whole evaluation set; None: a user function, called once on the whole arrays
+    # built-ins: a fresh accumulator (.add(outputs chunk, labels chunk, reference chunk), .result()) so evaluate
+    # need not hold the outputs of the whole evaluation set; None: a user function, called once on the whole
+    # arrays (`accumulate` then collects the chunks for it)
     accumulator: Optional[Callable[[], Any]] = None
+
+    def accumulate(self, inputs: Any = None) -> Any:
+        """A fresh accumulator of this metric over chunks of samples: the built-in's own, or for a user
+        function one that collects the chunks and calls it once on the whole arrays (`inputs`: the
+        evaluation inputs, given as they are to a function that declares `inputs`)."""
+        return self.accumulator() if self.accumulator is not None else _WholeArrays(self, inputs)
 
     def __call__(
         self,
@@ -228,13 +235,41 @@ def _topk_metric(k: int, output: str, name: str) -> Callable[..., dict[str, floa
     return fn
 
 
+class _WholeArrays:
+    """A user metric over chunks: the outputs (and PyTorch's, for a function that reads `reference`)
+    collected, the function called once on the whole arrays by result()."""
+
+    def __init__(self, metric: TaskMetric, inputs: Any) -> None:
+        self.metric, self.inputs = metric, inputs
+        self.outputs: dict[str, list[np.ndarray]] = {}
+        self.reference: dict[str, list[np.ndarray]] = {}
+        self.labels: list[np.ndarray] = []
+
+    def add(self, outputs: Mapping[str, np.ndarray], labels: Optional[np.ndarray],
+            reference: Optional[Mapping[str, np.ndarray]] = None) -> None:
+        for k, v in outputs.items():
+            self.outputs.setdefault(k, []).append(np.asarray(v))
+        if reference is not None and "reference" in self.metric.wants:
+            for k, v in reference.items():
+                self.reference.setdefault(k, []).append(np.asarray(v))
+        if labels is not None:
+            self.labels.append(np.asarray(labels))
+
+    def result(self) -> dict[str, float]:
+        whole = {k: np.concatenate(v) for k, v in self.outputs.items()}
+        ref = {k: np.concatenate(v) for k, v in self.reference.items()} or None
+        labels = np.concatenate(self.labels) if self.labels else None
+        return self.metric(whole, labels, reference=ref, inputs=self.inputs)
+
+
 class _TopKMetricSum:
     """A built-in top-k metric accumulated chunk by chunk (TaskMetric.accumulator)."""
 
     def __init__(self, k: int, output: str, name: str) -> None:
         self.acc, self.output, self.name = TopKSum((k,), output), output, name
 
-    def add(self, outputs: Mapping[str, np.ndarray], labels: Optional[np.ndarray]) -> None:
+    def add(self, outputs: Mapping[str, np.ndarray], labels: Optional[np.ndarray],
+            reference: Optional[Mapping[str, np.ndarray]] = None) -> None:
         self.acc.add(outputs[self.output], labels)
 
     def result(self) -> dict[str, float]:

@@ -27,8 +27,8 @@ from ..data.npz_rows import npz_row_chunks, npz_shapes
 from ..errors import ArtifactError, DataError
 from ..fileio import claim_file, json_report_of, not_a_folder
 from ..latency import summarize
-from ..metrics import (AGREEMENT_ROWS, AgreementSum, TaskMetric, agreement, check_metric_specs, compute_task_metrics,
-                       merge_task_metrics, metric_specs, resolve_metrics)
+from ..metrics import (AGREEMENT_ROWS, AgreementSum, TaskMetric, check_metric_specs, merge_task_metrics, metric_specs,
+                       resolve_metrics)
 from ..profiles import fits, max_batch
 from ..reports import BuildReport, EvalReport, LatencyRow, LatencyStats, read_report, write_report
 from ..runtime.runner import Runner
@@ -107,10 +107,12 @@ Scores = tuple[dict[str, float], dict[str, Optional[str]], dict[str, float], dic
 def _score_streamed(runner: Runner, ref_runner: Optional[Runner], samples: Any, reference: Path,
                     metrics_fns: list[TaskMetric], bs: int, rbs: int, rows: int) -> Scores:
     """Metrics and agreement of the variant (against fp32 and PyTorch) chunk by chunk: the
-    variant's, fp32's and PyTorch's outputs of one chunk of samples at a time."""
+    variant's, fp32's and PyTorch's outputs of one chunk of samples at a time. A user metric's
+    accumulator keeps what it reads (its function is called once on the whole arrays); nothing
+    else of the evaluation set's size is held."""
     names = list(runner.output_names)
-    acc_var = [m.accumulator() for m in metrics_fns]  # type: ignore[misc]
-    acc_torch = [m.accumulator() for m in metrics_fns]  # type: ignore[misc]
+    acc_var = [m.accumulate(samples.x) for m in metrics_fns]
+    acc_torch = [m.accumulate(samples.x) for m in metrics_fns]
     agree_f = {n: AgreementSum(n) for n in names}
     agree_t = {n: AgreementSum(n) for n in names}
     n = len(samples)
@@ -122,35 +124,15 @@ def _score_streamed(runner: Runner, ref_runner: Optional[Runner], samples: Any, 
         f32 = out if ref_runner is None else predict(ref_runner, xs, rbs)
         torch_out = next(chunks)  # as many rows as the evaluation set: run() checked the headers
         for a in acc_var:
-            a.add(out, ys)
+            a.add(out, ys, torch_out)
         for a in acc_torch:
-            a.add(torch_out, ys)
+            a.add(torch_out, ys, torch_out)
         for k in names:
             agree_f[k].add(out[k], f32[k])
             agree_t[k].add(out[k], torch_out[k])
     metrics, reads = merge_task_metrics(metrics_fns, [a.result() for a in acc_var])
     torch_metrics, _ = merge_task_metrics(metrics_fns, [a.result() for a in acc_torch])
     return metrics, reads, torch_metrics, {k: a.result() for k, a in agree_f.items()}, {k: a.result() for k, a in agree_t.items()}
-
-
-def _score_whole(outputs: dict[str, np.ndarray], ref_runner: Optional[Runner], samples: Any, reference: Path,
-                 metrics_fns: list[TaskMetric], rbs: int) -> Scores:
-    """The same with the whole arrays (a user metric reads them at once)."""
-    if ref_runner is None:
-        fp32_outputs = outputs
-    else:
-        with ref_runner:
-            fp32_outputs = predict(ref_runner, samples.x, rbs)
-    try:
-        with np.load(reference) as z:
-            ref_out = {n: z[n] for n in outputs}
-    except Exception as e:
-        raise ArtifactError(f"{reference}: cannot read ({type(e).__name__}); re-run validate") from None
-    metrics, reads = compute_task_metrics(metrics_fns, outputs, samples.y, reference=ref_out, inputs=samples.x)
-    torch_metrics, _ = compute_task_metrics(metrics_fns, ref_out, samples.y, reference=ref_out, inputs=samples.x)
-    agree_fp32 = {n: agreement(outputs[n], fp32_outputs[n], n) for n in outputs}
-    agree_torch = {n: agreement(outputs[n], ref_out[n], n) for n in outputs}
-    return metrics, reads, torch_metrics, agree_fp32, agree_torch
 
 
 def _flags(cfg: Config, metrics: dict[str, float], agree: dict[str, dict[str, dict[str, Any]]], precision: str) -> list[str]:
@@ -229,18 +211,11 @@ def run(
             raise ProvenanceError(f"{fp32_dir}: is not the fp32 build of the same ONNX as {build_dir}; re-run build@fp32")
         fp32_sha, rbs = ref_info.sha256, _batch_limit(ref_info, cfg.evaluate.batch_size)
     skipped: list[dict[str, Any]] = []
-    if all(m.accumulator is not None for m in metrics_fns):  # built-in metrics: chunk by chunk, nothing of size N held
-        rows = _chunk_rows(ref_shapes, runner.output_names, bs)
-        with runner, (ref_runner if ref_runner is not None else nullcontext()):
-            scores = _score_streamed(runner, ref_runner, samples, reference, metrics_fns, bs, rbs, rows)
-            latency = measure_latency(runner, samples.x, cfg, skipped)
-            device = runner.device()
-    else:  # a user metric is called once on the whole arrays: the outputs of the evaluation set are held
-        with runner:
-            outputs = predict(runner, samples.x, bs)
-            latency = measure_latency(runner, samples.x, cfg, skipped)
-            device = runner.device()
-        scores = _score_whole(outputs, ref_runner, samples, reference, metrics_fns, rbs)
+    rows = _chunk_rows(ref_shapes, runner.output_names, bs)
+    with runner, (ref_runner if ref_runner is not None else nullcontext()):
+        scores = _score_streamed(runner, ref_runner, samples, reference, metrics_fns, bs, rbs, rows)
+        latency = measure_latency(runner, samples.x, cfg, skipped)
+        device = runner.device()
     metrics, reads, torch_metrics, agree_fp32, agree_torch = scores
     report = EvalReport(
         model=cfg.model.name,

@@ -1,7 +1,8 @@
 """evaluate with built-in metrics reads the evaluation set chunk by chunk: the variant's, fp32's
 and PyTorch's outputs of one chunk at a time (reference.npz read by rows), never all of them.
-Checked on real digits variants against the whole-array path (a user metric forces it) and
-against an independent numpy computation from whole arrays."""
+A user metric (a function called once on whole arrays) gets them collected from the chunks.
+Checked on real digits variants against one pass and against an independent numpy computation
+from whole arrays."""
 
 from __future__ import annotations
 
@@ -72,12 +73,43 @@ def test_streamed_numbers_match_an_independent_whole_array_computation(clean: Pa
     assert a["top1_agreement"] == pytest.approx(np.mean(got.argmax(1) == torch_logits.argmax(1)))
 
 
-def test_a_user_metric_takes_the_whole_array_path_with_the_same_agreement(clean: Path, tmp_path: Path) -> None:
+def test_a_user_metric_is_called_once_on_the_whole_arrays_while_the_rest_streams(clean: Path, tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """A user function (here one reading PyTorch's outputs too) is called once per model on all the
+    samples, in order, however many chunks evaluate reads; its values equal the function applied
+    to the whole arrays computed here, and every other number is the built-in-only run's."""
+    from calibration.ort_session import make_session
+    from pipeline.data import load_samples
+    from pipeline.examples import task_metrics as tm
+
+    calls: list[tuple[int, int]] = []
+    real = tm.embedding_similarity
+
+    def spy(outputs, labels, reference=None, output=None):
+        calls.append((len(outputs["logits"]), len(reference["logits"])))
+        return real(outputs, labels, reference=reference, output=output)
+
+    monkeypatch.setattr(tm, "embedding_similarity", spy)
     streamed = _run(digits_config(tmp_path, evaluate={"metrics": ["top1"]}), clean, "int8", tmp_path / "s.json")
-    whole = _run(digits_config(tmp_path, evaluate={"metrics": ["top1", f"{EX}:embedding_retrieval"]}), clean, "int8",
-                 tmp_path / "w.json")
-    assert whole.metrics["top1"] == streamed.metrics["top1"] and "recall_at_1" in whole.metrics
-    w = whole.agreement_fp32["logits"].model_dump()
+    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BYTES", 64 * 10 * 8)  # 64 samples a chunk
+    cfg = digits_config(tmp_path, evaluate={"metrics": ["top1", f"{EX}:embedding_retrieval", f"{EX}:embedding_similarity"]})
+    user = _run(cfg, clean, "int8", tmp_path / "u.json")
+    n = user.samples
+    assert calls == [(n, n), (n, n)]  # the variant's outputs, then PyTorch's, each whole
+
+    x = load_samples(clean / "prepare" / "eval.npz", cfg.model.inputs, cfg.data.labels_key).x["input"]
+    s = make_session(str(clean / "build" / "int8" / "model.onnx"))
+    got = {"logits": s.run(None, {"input": x})[0]}
+    with np.load(clean / "validate" / "reference.npz") as z:
+        torch_out = {"logits": z["logits"]}
+    labels = np.load(clean / "prepare" / "eval.npz")["y"]
+    want = {**real(got, labels, reference=torch_out), **tm.embedding_retrieval(got, labels)}
+    for k, v in want.items():
+        assert user.metrics[k] == pytest.approx(v, rel=1e-9), k
+    assert user.reference_metrics["pytorch"]["recall_at_1"] == pytest.approx(
+        tm.embedding_retrieval(torch_out, labels)["recall_at_1"])
+    assert user.metrics["top1"] == streamed.metrics["top1"]
+    w = user.agreement_fp32["logits"].model_dump()
     for k, v in streamed.agreement_fp32["logits"].model_dump().items():
         assert w[k] == pytest.approx(v, rel=1e-12, abs=1e-15), k
 
