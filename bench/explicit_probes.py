@@ -327,7 +327,7 @@ def _build(trt: Any, model: Any, fp16: bool, batch: int, cache_path: Path) -> tu
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.set_timing_cache(cache, False)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         t = network.get_input(i)
