@@ -140,10 +140,11 @@ def dedicated_dq(model: Any) -> tuple[Any, int]:
 class Builder:
     """TensorRT builds of in-memory ONNX models with fixed flags; counts the builds."""
 
-    def __init__(self, fp16: bool, batch: tuple[int, int, int]) -> None:
+    def __init__(self, fp16: bool, batch: tuple[int, int, int], timing_cache: Optional[Path] = None) -> None:
         import tensorrt as trt
 
         self.trt, self.fp16, self.batch, self.builds = trt, fp16, batch, 0
+        self.timing_cache = timing_cache  # read before and written after every build, when given
         self.logger = trt.Logger(trt.Logger.ERROR)
         self.last_error = ""
 
@@ -178,8 +179,13 @@ class Builder:
             lo, opt, hi = ([self.batch[k] if d < 0 else d for d in shape] for k in range(3))
             profile.set_shape(t.name, lo, opt, hi)
         config.add_optimization_profile(profile)
+        tc = self.timing_cache
+        if tc is not None:
+            config.set_timing_cache(config.create_timing_cache(tc.read_bytes() if tc.is_file() else b""), False)
         plan = builder.build_serialized_network(network, config)
         self.last_error = "; ".join(errors)
+        if plan is not None and tc is not None:
+            tc.write_bytes(bytes(config.get_timing_cache().serialize()))
         return None if plan is None else bytes(plan)
 
 

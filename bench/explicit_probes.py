@@ -30,14 +30,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from explicit_isolate import dedicated_dq, sites, without  # noqa: E402
+from explicit_isolate import Builder, dedicated_dq, sites, without  # noqa: E402
 
 
 def _init(g: Any) -> dict[str, Any]:
@@ -271,6 +271,7 @@ def main() -> None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=2) + "\n")
 
+    builder = Builder(not a.no_fp16, (1, n, n), a.timing_cache)
     for probe in [p.strip() for p in a.probes.split(";" if ";" in a.probes else ",") if p.strip()]:
         m, info = edit(model, probe)
         row: dict[str, Any] = {"edit": info}
@@ -284,7 +285,8 @@ def main() -> None:
                 fs = make_session(str(path), mode="fused")
                 fused = dict(zip([o.name for o in fs.get_outputs()], fs.run(None, feeds)))
             t0 = time.monotonic()
-            plan, error = _build(trt, m, not a.no_fp16, n, a.timing_cache)
+            plan = builder.build(m)
+            error = builder.last_error
             row["build_s"] = round(time.monotonic() - t0, 1)
             if plan is None:
                 row["built"], row["error"] = False, error[:400]
@@ -303,42 +305,6 @@ def main() -> None:
                                                         for k, o in row.get("outputs", {}).items()})
         print(f"[probe] {probe}: {'built' if row['built'] else 'FAILED'} in {row['build_s']} s {brief}", flush=True)
     save()
-
-
-def _build(trt: Any, model: Any, fp16: bool, batch: int, cache_path: Path) -> tuple[Optional[bytes], str]:
-    errors: list[str] = []
-
-    class Log(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
-                errors.append(msg)
-
-    log = Log()
-    builder = trt.Builder(log)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
-    parser = trt.OnnxParser(network, log)
-    if not parser.parse(model.SerializeToString()):
-        return None, "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-    config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.INT8)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        shape = list(t.shape)
-        lo, opt, hi = ([v if d < 0 else d for d in shape] for v in (1, batch, batch))
-        profile.set_shape(t.name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    if plan is not None:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return (None if plan is None else bytes(plan)), "; ".join(errors)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,7 +146,8 @@ def test_fp16_and_the_default_report_path(proj: Path, capsys: pytest.CaptureFixt
     assert code == 0, err  # its own earlier report is replaced
 
 
-def test_tune_sensitivity_is_cross_referenced(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _tune(out: Path) -> Any:
+    """tune run into `out` with a budget full INT8 misses (cosine 0.99999): layers ranked and kept; its config."""
     from pipeline.config import load_config
     from pipeline.stages import tune
 
@@ -153,8 +155,13 @@ def test_tune_sensitivity_is_cross_referenced(proj: Path, tmp_path: Path, capsys
     Path("params-tune.yaml").write_text(yaml.safe_dump(params))
     cfg = load_config(None, "params-tune.yaml", quiet=True)
     tune.run(cfg, Path("artifacts/export/model.onnx"), Path("artifacts/calibrate"), Path("artifacts/prepare/eval.npz"),
-             tmp_path / "tune", validation=Path("artifacts/validate/validate.json"),
-             calib_data=Path("artifacts/prepare/calib.npz"), progress=False)
+             out, validation=Path("artifacts/validate/validate.json"), calib_data=Path("artifacts/prepare/calib.npz"),
+             progress=False)
+    return cfg
+
+
+def test_tune_sensitivity_is_cross_referenced(proj: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _tune(tmp_path / "tune")
     t = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert t["sensitivity"], "this budget is not met by full INT8, so tune ranks the layers"
     code, out, err = _diagnose(capsys, "--precision", "int8", "--tune-dir", str(tmp_path / "tune"), "--out",
@@ -231,17 +238,11 @@ def test_a_tuned_tensorrt_int8_build_is_diagnosed_on_the_qdq_onnx_it_used(proj: 
     Q/DQ) is diagnosed on that ONNX, not on calibrate's full-INT8 one; an edited tuned ONNX is refused."""
     import onnx
 
-    from pipeline.config import load_config
-    from pipeline.stages import build, tune
+    from pipeline.stages import build
     from tests.backends.test_trt_versions import _Memory
     from tests.backends.trt_standin import install
 
-    params = {**PARAMS, "tune": {"budget": {"metric": "cosine@logits", "min": 0.99999}}}
-    Path("params-tune.yaml").write_text(yaml.safe_dump(params))
-    cfg = load_config(None, "params-tune.yaml", quiet=True)
-    tune.run(cfg, Path("artifacts/export/model.onnx"), Path("artifacts/calibrate"), Path("artifacts/prepare/eval.npz"),
-             tmp_path / "tune", validation=Path("artifacts/validate/validate.json"),
-             calib_data=Path("artifacts/prepare/calib.npz"), progress=False)
+    cfg = _tune(tmp_path / "tune")
     t = json.loads((tmp_path / "tune" / "tune.json").read_text())
     assert t["met"] and t["kept"], "this budget keeps some layers out of INT8"
 
