@@ -15,6 +15,9 @@ this tries the patterns suspected from that search, a handful of builds:
   gemm_as_matmul  Gemm (transB=1) written as MatMul on the int8 weight transposed (per-channel
                   axis 1) + Add of the bias: the pattern TensorRT documents for Q/DQ matmuls
   no_gemm_wq      Gemm weights dequantized to float (their weight Q/DQ taken out)
+  float_clip      activation Q/DQ removed where the tensor comes from a float (not quantized) Conv
+                  through Clip/Relu (and Pad): a float conv + activation fused with an INT8 output
+  gemm_pad        Gemm heads with N not a multiple of 16 padded with zero rows, sliced back after
 
 Writes `--out` (JSON) after every probe. Needs TensorRT and a GPU; no torch.
 
@@ -160,6 +163,64 @@ def gemm_as_matmul(model: Any) -> Any:
     return m
 
 
+def gemm_pad(model: Any, multiple: int = 16) -> Any:
+    """Gemm (transB=1) heads with N output features not a multiple of `multiple`: the int8 weight and the
+    bias padded with zero rows to the next multiple, the output sliced back to N (same numbers)."""
+    from onnx import helper, numpy_helper
+
+    m = _copy(model)
+    g = m.graph
+    inits = _init(g)
+    nodes = list(g.node)
+    for gemm, d in _gemm_weight_dqs(m):
+        q = numpy_helper.to_array(inits[d.input[0]])
+        n = q.shape[0]
+        if _attr(gemm, "transB", 0) != 1 or n % multiple == 0:
+            continue
+        pad = -n % multiple
+        inits[d.input[0]].CopyFrom(numpy_helper.from_array(np.concatenate([q, np.zeros((pad, q.shape[1]), q.dtype)]),
+                                                           d.input[0]))
+        for k in (1, 2):  # per-channel scale and zero point grow with N
+            if len(d.input) > k and d.input[k] in inits:
+                v = numpy_helper.to_array(inits[d.input[k]])
+                if v.ndim == 1 and v.size == n:
+                    fill = np.ones(pad, v.dtype) * (v.max() if k == 1 else 0)
+                    inits[d.input[k]].CopyFrom(numpy_helper.from_array(np.concatenate([v, fill]), d.input[k]))
+        if len(gemm.input) > 2 and gemm.input[2] in inits:
+            b = numpy_helper.to_array(inits[gemm.input[2]])
+            inits[gemm.input[2]].CopyFrom(numpy_helper.from_array(np.concatenate([b, np.zeros(pad, b.dtype)]),
+                                                                  gemm.input[2]))
+        out = gemm.output[0]
+        gemm.output[0] = f"{out}_padded"
+        names = [f"{gemm.name}_{k}" for k in ("starts", "ends", "axes")]
+        for nm, v in zip(names, ([0], [n], [1])):
+            g.initializer.append(numpy_helper.from_array(np.array(v, np.int64), nm))
+        i = nodes.index(gemm)
+        nodes.insert(i + 1, helper.make_node("Slice", [gemm.output[0], *names], [out], name=f"{gemm.name}_Slice"))
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
+def float_clip_sites(model: Any) -> list[int]:
+    """Activation sites whose tensor comes from a Conv that is not quantized (no DequantizeLinear on its
+    input) through Clip/Relu (and Pad): a float conv with its activation and an INT8 output."""
+    prod = _producers(model.graph)
+    out = []
+    for i, s in enumerate(sites(model)):
+        if s["kind"] != "activation":
+            continue
+        n, chain = prod.get(s["tensor"]), []
+        while n is not None and n.op_type in ("Clip", "Relu", "Pad"):
+            chain.append(n.op_type)
+            n = prod.get(n.input[0])
+        if n is not None and n.op_type == "Conv" and any(c in ("Clip", "Relu") for c in chain):
+            src = prod.get(n.input[0])
+            if src is None or src.op_type != "DequantizeLinear":
+                out.append(i)
+    return out
+
+
 def edit(model: Any, probe: str) -> tuple[Any, dict[str, Any]]:
     all_sites = sites(model)
     if probe == "asis":
@@ -176,6 +237,13 @@ def edit(model: Any, probe: str) -> tuple[Any, dict[str, Any]]:
     if probe.startswith("keep_first:"):
         n = int(probe.split(":")[1])
         return without(model, all_sites[n:]), {"removed": list(range(n, len(all_sites)))}
+    if probe == "float_clip":
+        idx = float_clip_sites(model)
+        return without(model, [all_sites[i] for i in idx]), {"removed": idx, "tensors": [all_sites[i]["tensor"] for i in idx]}
+    if probe == "gemm_pad":
+        return gemm_pad(model), {"gemms": [n.name for n, _ in _gemm_weight_dqs(model)]}
+    if probe == "gemm_pad_per_tensor":
+        return gemm_pad(gemm_per_tensor(model)), {}
     if probe == "gemm_per_tensor":
         return gemm_per_tensor(model), {"gemms": [n.name for n, _ in _gemm_weight_dqs(model)]}
     if probe == "gemm_as_matmul":
