@@ -142,6 +142,8 @@ class TensorRTBackend(Backend):
         strongly_typed = api.typed_builds and not (int8 and not explicit) and not (fp16 and fp16.route == "flag")
         onnx_path = fp16.onnx if fp16 and fp16.route == "typed" else self._onnx_for(req, explicit)
         profiles = config_profiles(onnx_inputs(onnx_path), cfg, onnx_path)  # cheap checks before the GPU
+        if explicit and not strongly_typed:
+            notes += self._known_bad_patterns(trt, onnx_path)
         keep = dict(fp16.keep) if fp16 else {}
         typed_pins = self._typed_layer_precisions(api, req, fp16) if strongly_typed and cfg.layer_precisions else None
         typed_onnx = fp16.typed_onnx if fp16 else None
@@ -318,6 +320,25 @@ class TensorRTBackend(Backend):
         data = bytes(serialized)
         del serialized
         return data, build_seconds, progress_how, cap
+
+    @staticmethod
+    def _known_bad_patterns(trt: Any, onnx_path: Path) -> list[str]:
+        """Warnings (build.json notes) for Q/DQ patterns weakly typed TensorRT (8.x) built wrong here."""
+        from calibration.qdq_patterns import float_conv_activation_q
+
+        from ..onnx_utils import load_onnx
+
+        found = float_conv_activation_q(load_onnx(onnx_path, check=False))
+        if not found:
+            return []
+        msg = (f"warning: {onnx_path.name} quantizes {len(found)} tensor(s) right after a float Conv's Clip/Relu "
+               f"(first: {found[0]}); TensorRT 8.6.0 built that pattern into wrong outputs in trtpipe's measurements "
+               f"(docs/results.md); TensorRT {trt.__version__} may too: check evaluate's agreement, or build INT8 "
+               "with build.int8_route: auto (implicit on this TensorRT)")
+        from ..log import get_logger as trtpipe_logger
+
+        trtpipe_logger(__name__).warning(msg[len("warning: "):])
+        return [msg]
 
     @staticmethod
     def _onnx_for(req: BuildRequest, explicit: bool) -> Path:

@@ -398,3 +398,51 @@ def test_tune_candidates_take_build_int8s_route(env, version):
                 assert ("/conv/Conv" in pins) == bool(kept) and ("/relu/Relu" in pins) == bool(kept)
     finally:
         cands.close()
+
+
+def _float_conv_relu_q(path: Path) -> Path:
+    """input -> Conv (float: a kept layer) -> Relu -> Q/DQ -> Conv (int8 weights) -> out: the pattern
+    TensorRT 8.6.0 built wrong (calibration/qdq_patterns.py)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.integers(-127, 127, size=(4, 4, 1, 1)).astype(np.int8), "W2q"),
+             numpy_helper.from_array(np.full(4, 0.01, np.float32), "s_w"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "z_w"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "s_x"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("Conv", ["input", "W1"], ["c1"], name="/kept/Conv", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="/kept/Relu"),
+             helper.make_node("QuantizeLinear", ["r1", "s_x", "z"], ["rq"], name="/q_r1"),
+             helper.make_node("DequantizeLinear", ["rq", "s_x", "z"], ["rdq"], name="/dq_r1"),
+             helper.make_node("DequantizeLinear", ["W2q", "s_w", "z_w"], ["w2"], name="/dq_w2", axis=0),
+             helper.make_node("Conv", ["rdq", "w2"], ["c2"], name="/int8/Conv", kernel_shape=[1, 1]),
+             helper.make_node("ReduceMean", ["c2"], ["out"], name="/pool/ReduceMean", axes=[2, 3], keepdims=0)]
+    graph = helper.make_graph(nodes, "kept", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("version", [V86, V11])
+def test_explicit_build_warns_of_a_pattern_86_built_wrong(env, version, caplog):
+    """A Q/DQ right after a float Conv's Relu: on weakly typed 8.6 the build says so (build.json note and a
+    warning line); the plain Q/DQ model has no such note; strongly typed 11 is not claimed to share it."""
+    from calibration.qdq_patterns import float_conv_activation_q
+
+    _, plain, _ = env.build(version, "int8", int8_route="explicit")
+    assert not any("float Conv" in n for n in plain.details["notes"])
+    _float_conv_relu_q(env.calib / "model.qdq.onnx")
+    import onnx
+
+    assert float_conv_activation_q(onnx.load(str(env.calib / "model.qdq.onnx"))) == ["r1"]
+    with caplog.at_level("WARNING"):
+        _, res, _ = env.build(version, "int8", int8_route="explicit")
+    notes = [n for n in res.details["notes"] if "float Conv" in n]
+    if version == V86:
+        assert len(notes) == 1 and "first: r1" in notes[0] and "int8_route: auto" in notes[0]
+        assert any("float Conv" in r.getMessage() for r in caplog.records)
+    else:
+        assert notes == []
