@@ -6,6 +6,10 @@
   such graphs into wrong outputs (EfficientNet-Lite0 with tune's kept layers: 0% top-1
   agreement; a single such Q/DQ enough), while a QuantizeLinear straight after a float Conv
   built right (bench/explicit_probes.py, docs/results.md). Not known for TensorRT >= 10.
+* Q/DQ on Gemm weights: TensorRT 8.6.0 stopped building the three-head detector's Q/DQ ONNX on
+  an internal assertion (`chooseHigherPrecision ... dt1 == kFLOAT || dt1 == kHALF`); with the
+  Gemm weights in float (`gemm_weights_in_float`, their inputs still through Q/DQ) it built,
+  and the engine matched onnxruntime's simulation of that ONNX (cosine 1.0 on every output).
 """
 
 from __future__ import annotations
@@ -36,4 +40,49 @@ def float_conv_activation_q(model: Any) -> list[str]:
     return found
 
 
-__all__ = ["float_conv_activation_q"]
+def gemm_weights_in_float(model: Any) -> list[str]:
+    """Edit `model` in place: every Gemm whose weight is a DequantizeLinear of an int8 initializer gets
+    the dequantized float weight instead (the same values onnxruntime's DequantizeLinear gives);
+    returns the Gemm nodes' names."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    changed, drop = [], set()
+    for n in g.node:
+        d = producer.get(n.input[1]) if n.op_type == "Gemm" and len(n.input) > 1 else None
+        if d is None or d.op_type != "DequantizeLinear" or d.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[d.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(inits[d.input[1]]).astype(np.float32)
+        zero = (numpy_helper.to_array(inits[d.input[2]]).astype(np.float32)
+                if len(d.input) > 2 and d.input[2] in inits else np.zeros_like(scale))
+        axis = next((a.i for a in d.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        name = f"{n.name}_weight_float"
+        g.initializer.append(numpy_helper.from_array(((q - zero) * scale).astype(np.float32), name))
+        n.input[1] = name
+        changed.append(n.name)
+        if readers.get(d.output[0], 0) == 1:
+            drop.add(d.name)
+    if drop:
+        kept = [n for n in g.node if n.name not in drop]
+        del g.node[:]
+        g.node.extend(kept)
+        used = {t for n in g.node for t in n.input}
+        unused = [i for i in g.initializer if i.name not in used]
+        for i in unused:
+            g.initializer.remove(i)
+    return changed
+
+
+__all__ = ["float_conv_activation_q", "gemm_weights_in_float"]

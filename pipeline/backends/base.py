@@ -25,6 +25,7 @@ class BuildRequest:
     calib_dir: Optional[Path] = None  # calibrate's outputs: ranges.json, calibration.cache, model.qdq.onnx
     calib_data: Optional[Path] = None  # prepared calibration samples (calib.npz): TensorRT's calibrator
     fp16: Optional[Any] = None  # trt_typed.Fp16Plan: the fp16 variant as the build stage planned it (None: plan here)
+    qdq_onnx: Optional[Path] = None  # explicit INT8: build this Q/DQ ONNX instead of calib_dir/model.qdq.onnx
 
 
 @dataclass

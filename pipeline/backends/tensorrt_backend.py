@@ -119,6 +119,53 @@ class TensorRTBackend(Backend):
 
     # -- build ---------------------------------------------------------------------------------
     def build(self, req: BuildRequest) -> BuildResult:
+        try:
+            return self._build_once(req)
+        except BackendError as e:
+            retry = self._gemm_float_retry(req, e)
+            if retry is None:
+                raise
+            req2, note = retry
+            from ..log import get_logger as trtpipe_logger
+
+            trtpipe_logger(__name__).warning(note)
+            res = self._build_once(req2)
+            res.details["notes"].append(note)
+            res.details["qdq_edit"] = {"gemm_weights_in_float": note, "onnx": str(req2.qdq_onnx)}
+            return res
+
+    def _gemm_float_retry(self, req: BuildRequest, error: Exception) -> Optional[tuple[BuildRequest, str]]:
+        """An explicit INT8 build that weakly typed TensorRT (8.x) stopped on its chooseHigherPrecision
+        assertion, with Q/DQ on Gemm weights: the same Q/DQ ONNX with those Gemm weights in float
+        (calibration.qdq_patterns), written beside the engine, and the note that says so; else None."""
+        from dataclasses import replace
+
+        if req.precision != "int8" or req.qdq_onnx is not None or "chooseHigherPrecision" not in str(error):
+            return None
+        trt = require_tensorrt()
+        api = trt_api(trt)
+        if api.typed_builds or resolve_int8_route(api, req.config.build.int8_route)[0] != "explicit":
+            return None
+        from calibration.qdq_patterns import gemm_weights_in_float
+
+        from ..onnx_utils import load_onnx
+
+        src = self._onnx_for(req, True)
+        model = load_onnx(src, check=False)
+        gemms = gemm_weights_in_float(model)
+        if not gemms:
+            return None
+        import onnx
+
+        out = Path(req.out_dir) / f"{src.stem}.gemm_float.onnx"
+        Path(req.out_dir).mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(out))
+        note = (f"TensorRT {trt.__version__} could not build the Q/DQ on the weights of {len(gemms)} Gemm node(s) "
+                f"(chooseHigherPrecision assertion); built {out.name} instead: the same Q/DQ ONNX with those "
+                f"weights in float, their inputs still INT8 ({', '.join(gemms[:3])}{' ...' if len(gemms) > 3 else ''})")
+        return replace(req, qdq_onnx=out), note
+
+    def _build_once(self, req: BuildRequest) -> BuildResult:
         trt = require_tensorrt()
         api = trt_api(trt)
         cfg = req.config.build
@@ -344,6 +391,8 @@ class TensorRTBackend(Backend):
     def _onnx_for(req: BuildRequest, explicit: bool) -> Path:
         if not explicit:
             return Path(req.onnx_path)
+        if req.qdq_onnx is not None:
+            return Path(req.qdq_onnx)
         if req.calib_dir is None:
             raise BackendError("build.int8_route: explicit builds the Q/DQ ONNX from `trtpipe calibrate`, "
                                "but no calibration folder was given; run the calibrate stage first")

@@ -85,11 +85,12 @@ def env(tmp_path, monkeypatch):
     _model(calib / "model.qdq.onnx", qdq=True)
     np.savez(tmp_path / "calib.npz", input=np.random.default_rng(1).normal(size=(8, 3, 8, 8)).astype(np.float32))
 
-    def build(version, precision, **build_cfg):
+    def build(version, precision, fail_build=None, **build_cfg):
         from pipeline.backends.base import BuildRequest
         from pipeline.backends.tensorrt_backend import TensorRTBackend
 
         trt = install(monkeypatch, version)
+        trt._rec.fail_build = fail_build  # a build TensorRT refuses (Recorder.fail_build)
         out = tmp_path / f"out-{version}-{precision}-{len(list(tmp_path.iterdir()))}"
         req = BuildRequest(precision, onnx_path, out, _config(**build_cfg), calib_dir=calib,
                            calib_data=tmp_path / "calib.npz")
@@ -446,3 +447,72 @@ def test_explicit_build_warns_of_a_pattern_86_built_wrong(env, version, caplog):
         assert any("float Conv" in r.getMessage() for r in caplog.records)
     else:
         assert notes == []
+
+
+def _qdq_gemm_head(path: Path) -> Path:
+    """input -> Flatten -> Q/DQ -> Gemm (int8 weights, per output channel, transB=1, bias) -> boxes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(-127, 127, size=(2, 192)).astype(np.int8), "Wq"),
+             numpy_helper.from_array(np.array([0.004, 0.002], np.float32), "s_w"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "z_w"),
+             numpy_helper.from_array(np.array([0.5, -0.25], np.float32), "B"),
+             numpy_helper.from_array(np.array(0.03, np.float32), "s_x"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("Flatten", ["input"], ["f"], name="/flat"),
+             helper.make_node("QuantizeLinear", ["f", "s_x", "z"], ["fq"], name="/q_f"),
+             helper.make_node("DequantizeLinear", ["fq", "s_x", "z"], ["fdq"], name="/dq_f"),
+             helper.make_node("DequantizeLinear", ["Wq", "s_w", "z_w"], ["w"], name="/dq_w", axis=0),
+             helper.make_node("Gemm", ["fdq", "w", "B"], ["boxes"], name="/boxes/Gemm", transB=1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _refuse_gemm_weight_qdq(path: str) -> str | None:
+    """What TensorRT 8.6.0 did with the detector's Q/DQ ONNX (bench/results/h100_2026-12-07b/probes/detector.json)."""
+    import onnx
+
+    g = onnx.load(path).graph
+    dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in {i.name for i in g.initializer}}
+    if any(n.op_type == "Gemm" and n.input[1] in dq for n in g.node):
+        return ("2: [graphOptimizer.cpp::chooseHigherPrecision::7079] Error Code 2: Internal Error (Assertion "
+                "dt1 == DataType::kFLOAT || dt1 == DataType::kHALF failed. )")
+    return None
+
+
+def test_explicit_gemm_weight_assertion_on_86_builds_with_those_weights_in_float(env):
+    """8.6 stops on Q/DQ Gemm weights (as it did on the detector): the build writes the same Q/DQ ONNX with
+    those weights in float, builds that, and says so; the edited ONNX computes what the original does."""
+    from calibration.ort_session import make_session
+
+    original = _qdq_gemm_head(env.calib / "model.qdq.onnx")
+    rec, res, out = env.build(V86, "int8", fail_build=_refuse_gemm_weight_qdq, int8_route="explicit")
+    edited = out / "model.qdq.gemm_float.onnx"
+    assert rec.parsed["path"] == str(edited) and len(rec.build_errors) == 1
+    assert "chooseHigherPrecision" in rec.build_errors[0]
+    note = res.details["notes"][-1]
+    assert "could not build the Q/DQ on the weights of 1 Gemm node(s)" in note and "/boxes/Gemm" in note
+    assert res.details["qdq_edit"]["onnx"] == str(edited) and res.details["onnx"] == str(edited)
+    x = {"input": np.random.default_rng(2).normal(size=(5, 3, 8, 8)).astype(np.float32)}
+    a, b = (make_session(str(p)).run(None, x)[0] for p in (original, edited))
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)  # onnxruntime's exact Q/DQ: the same arithmetic
+    import onnx
+
+    g = onnx.load(str(edited)).graph
+    assert [n.op_type for n in g.node].count("DequantizeLinear") == 1  # the input's stays, the weight's went
+
+
+@pytest.mark.parametrize("version, error", [(V11, "chooseHigherPrecision"), (V86, "some other failure")])
+def test_no_retry_where_it_does_not_apply(env, version, error):
+    """Strongly typed TensorRT (11), or another build error: the failure is reported as it is, in one line."""
+    from pipeline.errors import BackendError
+
+    _qdq_gemm_head(env.calib / "model.qdq.onnx")
+    with pytest.raises(BackendError) as e:
+        env.build(version, "int8", fail_build=lambda path: error, int8_route="explicit")
+    assert error in str(e.value) and "\n" not in str(e.value)
+    assert not list(env.calib.parent.glob("out-*/*.gemm_float.onnx"))
