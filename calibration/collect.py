@@ -271,8 +271,8 @@ class ActivationCollector:
     Binning (:mod:`calibration.binning`): ``histogram_threads`` workers (default: every
     core) with the kernel ``kernel`` picks (:class:`calibration.kernels.CpuKernel`:
     "auto" = the compiled one where it builds, else numpy), or on a GPU when ``device``
-    is "cuda" (or "auto" and a CUDA device and torch or cupy are there; see
-    :mod:`calibration.gpu_histogram`). Every kernel gives the same counts, bit for bit.
+    is "cuda" (torch or cupy; :mod:`calibration.gpu_histogram`; "auto" stays on the CPU,
+    where the forward leaves the activations). Every kernel gives the same counts, bit for bit.
 
     ``pipeline``: onnxruntime computes batch ``b + 1`` in a worker thread while batch
     ``b`` is binned (two batches of activations alive); off by default, since on few

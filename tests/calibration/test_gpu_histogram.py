@@ -95,10 +95,22 @@ def test_self_check_catches_a_device_that_rounds(monkeypatch):
     assert "counts differ" in gh.self_check(Sloppy(np))
     monkeypatch.setattr(gh, "_nvidia_driver_visible", lambda: True)
     monkeypatch.setattr(gh, "cuda_ops", lambda prefer=None: (Sloppy(np), ""))
-    kernel, device, why = resolve_device("auto", CpuKernel("numpy"))
-    assert device == "cpu" and kernel.name == "numpy" and "failed its check" in why
     with pytest.raises(CalibrationError, match="failed its check"):
         resolve_device("cuda", CpuKernel("numpy"))
+
+
+def test_auto_bins_on_the_cpu_even_with_a_gpu(monkeypatch):
+    """The forward runs on the CPU, so "auto" bins there, without probing a GPU library; "cuda" asks for it."""
+    import calibration.gpu_histogram as gh
+
+    probed = []
+    monkeypatch.setattr(gh, "_nvidia_driver_visible", lambda: True)
+    monkeypatch.setattr(gh, "cuda_ops", lambda prefer=None: (probed.append(prefer), (ArrayModuleOps(np), ""))[1])
+    cpu = CpuKernel("numpy")
+    kernel, device, why = resolve_device("auto", cpu)
+    assert (kernel, device) == (cpu, "cpu") and why == gh.AUTO_NOTE and probed == []
+    kernel, device, _ = resolve_device("cuda", cpu)
+    assert device == "cuda" and isinstance(kernel, DeviceKernel) and probed == [None]
 
 
 def test_auto_does_not_import_torch_without_an_nvidia_driver():
