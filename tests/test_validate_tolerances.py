@@ -332,27 +332,26 @@ def test_validate_refuses_an_output_whose_shape_changed_since_export(det: Path, 
 # --------------------------------------------------------------------- one output, unit level
 
 
-def test_pytorch_outputs_in_batches_equal_one_pass(det: Path) -> None:
-    """Batches of 7 over 30 samples (the last one short) give what one pass gives."""
+def test_reference_written_in_batches_equals_one_pass(det: Path, tmp_path: Path) -> None:
+    """validate in batches of 7 (the last one short) writes in reference.npz what one PyTorch pass gives."""
     import torch
 
-    from pipeline.data import load_samples
     from tests.models.digit_detector import make
 
-    cfg = detector_config(det, det / "weights.pt")
-    samples = load_samples(det / "prepare" / "eval.npz", cfg.model.inputs, "y", "evaluation data")
-    from pipeline.data import Samples
-
-    few = Samples({"image": samples.x["image"][:30]}, samples.y[:30])
-    outs = validate.pytorch_outputs(cfg, det / "prepare" / "model.pt", few, batch_size=7)
+    cfg = detector_config(tmp_path, det / "weights.pt", validate={"batch_size": 7})
+    validate.run(cfg, det / "prepare" / "model.pt", det / "export" / "model.onnx", det / "prepare" / "eval.npz",
+                 tmp_path / "validate")
+    x = np.load(det / "prepare" / "eval.npz")["image"]
+    assert len(x) % 7 != 0
     model = make()
     model.load_state_dict(torch.load(det / "prepare" / "model.pt", weights_only=True))
     with torch.no_grad():
-        ref = model.eval()(torch.from_numpy(few.x["image"]))
-    assert len(outs) == 3
-    for got, name in zip(outs, OUTPUTS):
-        assert got.shape[0] == 30
-        np.testing.assert_allclose(got, ref[name].numpy(), rtol=1e-5, atol=1e-6)
+        ref = model.eval()(torch.from_numpy(x))
+    with np.load(tmp_path / "validate" / "reference.npz") as z:
+        assert sorted(z.files) == sorted(OUTPUTS)
+        for name in OUTPUTS:
+            assert z[name].shape[0] == len(x)
+            np.testing.assert_allclose(z[name], ref[name].numpy(), rtol=1e-5, atol=1e-6)
 
 
 def _pair(diff: float = 0.0, rows: int = 4) -> tuple[np.ndarray, np.ndarray]:

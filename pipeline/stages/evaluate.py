@@ -197,7 +197,7 @@ def run(
     missing = [n for n in runner.output_names if n not in ref_shapes]
     if missing:
         raise DataError(f"{reference}: has no PyTorch outputs for {missing}; re-run validate")
-    for name in runner.output_names:  # both paths read the reference row by row against the samples
+    for name in runner.output_names:  # the reference is read row by row against the samples
         rows = ref_shapes[name][0][0] if ref_shapes[name][0] else 0
         if rows != len(samples):
             raise DataError(f"{reference}: holds PyTorch outputs '{name}' for {rows} samples, the evaluation data has "

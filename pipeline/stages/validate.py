@@ -43,19 +43,6 @@ def pytorch_batch(cfg: Config, model: Any, batch: dict[str, np.ndarray]) -> list
         return [r.numpy() for r in run_flat(model, torch_inputs(cfg.model.inputs, batch))]
 
 
-def pytorch_outputs(cfg: Config, checkpoint: Path, samples: Samples, batch_size: int) -> list[np.ndarray]:
-    """The checkpoint's flattened outputs on `samples`, in export's output order."""
-    model = pytorch_model(cfg, checkpoint)
-    outs: list[list[np.ndarray]] = []
-    for i in range(0, len(samples), batch_size):
-        res = pytorch_batch(cfg, model, {k: v[i:i + batch_size] for k, v in samples.x.items()})
-        if not outs:
-            outs = [[] for _ in res]
-        for acc, r in zip(outs, res):
-            acc.append(r)
-    return [np.concatenate(a) for a in outs]
-
-
 def _tolerance(cfg: Config, name: str) -> tuple[float, float]:
     v = cfg.validate_
     own = v.outputs.get(name)
