@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from calibration.qdq_patterns import dequantized  # noqa: E402
+
 
 def sites(model: Any) -> list[dict[str, Any]]:
     """The Q/DQ sites of a Q/DQ model: one per QuantizeLinear (activations) and one per
@@ -75,17 +77,7 @@ def without(model: Any, remove: list[dict[str, Any]]) -> Any:
                 rename[by_name[d].output[0]] = q.input[0]
         else:
             d = by_name[s["dq"][0]]
-            w = numpy_helper.to_array(inits[d.input[0]]).astype(np.float32)
-            scale = numpy_helper.to_array(inits[d.input[1]]).astype(np.float32)
-            axis = next((a.i for a in d.attribute if a.name == "axis"), 1)
-            if scale.ndim == 1 and scale.size > 1:
-                shape = [1] * w.ndim
-                shape[axis] = -1
-                scale = scale.reshape(shape)
-            zp = numpy_helper.to_array(inits[d.input[2]]).astype(np.float32) if len(d.input) > 2 and d.input[2] else 0.0
-            if np.ndim(zp) == 1 and np.size(zp) > 1:
-                zp = np.reshape(zp, scale.shape)
-            new_inits.append(numpy_helper.from_array(((w - zp) * scale).astype(np.float32), d.output[0]))
+            new_inits.append(numpy_helper.from_array(dequantized(d, inits), d.output[0]))
             drop.add(d.name)
     kept = [n for n in g.node if n.name not in drop]
     for n in kept:

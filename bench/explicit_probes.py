@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from calibration.qdq_patterns import dequantized, float_conv_activation_q  # noqa: E402
 from explicit_isolate import Builder, dedicated_dq, sites, without  # noqa: E402
 
 
@@ -108,15 +109,7 @@ def gemm_per_tensor(model: Any) -> Any:
     g = m.graph
     inits = _init(g)
     for _, d in _gemm_weight_dqs(m):
-        q = numpy_helper.to_array(inits[d.input[0]]).astype(np.float32)
-        s = numpy_helper.to_array(inits[d.input[1]]).astype(np.float32)
-        axis = _attr(d, "axis", 1)
-        if s.size > 1:
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            w = q * s.reshape(shape)
-        else:
-            w = q * s
+        w = dequantized(d, inits)
         scale = np.float32(max(float(np.abs(w).max()), 1e-12) / 127.0)
         inits[d.input[0]].CopyFrom(numpy_helper.from_array(np.clip(np.round(w / scale), -127, 127).astype(np.int8),
                                                            d.input[0]))
@@ -203,22 +196,10 @@ def gemm_pad(model: Any, multiple: int = 16) -> Any:
 
 
 def float_clip_sites(model: Any) -> list[int]:
-    """Activation sites whose tensor comes from a Conv that is not quantized (no DequantizeLinear on its
-    input) through Clip/Relu (and Pad): a float conv with its activation and an INT8 output."""
-    prod = _producers(model.graph)
-    out = []
-    for i, s in enumerate(sites(model)):
-        if s["kind"] != "activation":
-            continue
-        n, chain = prod.get(s["tensor"]), []
-        while n is not None and n.op_type in ("Clip", "Relu", "Pad"):
-            chain.append(n.op_type)
-            n = prod.get(n.input[0])
-        if n is not None and n.op_type == "Conv" and any(c in ("Clip", "Relu") for c in chain):
-            src = prod.get(n.input[0])
-            if src is None or src.op_type != "DequantizeLinear":
-                out.append(i)
-    return out
+    """Activation sites whose tensor comes from a float Conv through Clip/Relu (and Pad)
+    (calibration.qdq_patterns.float_conv_activation_q)."""
+    found = set(float_conv_activation_q(model))
+    return [i for i, s in enumerate(sites(model)) if s["kind"] == "activation" and s["tensor"] in found]
 
 
 def edit(model: Any, probe: str) -> tuple[Any, dict[str, Any]]:

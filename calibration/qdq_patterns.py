@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 ACTIVATIONS = ("Clip", "Relu")
 PASS_THROUGH = ACTIVATIONS + ("Pad",)
@@ -40,11 +40,27 @@ def float_conv_activation_q(model: Any) -> list[str]:
     return found
 
 
+def dequantized(dq: Any, inits: Mapping[str, Any]) -> Any:
+    """The float32 values of a DequantizeLinear of initializers, ``(q - zero_point) * scale`` (per tensor, or
+    per channel along its `axis`), what onnxruntime's DequantizeLinear gives."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float32)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    zero = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.float32)
+            if len(dq.input) > 2 and dq.input[2] in inits else np.zeros_like(scale))
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * q.ndim
+        shape[next((a.i for a in dq.attribute if a.name == "axis"), 1)] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
 def gemm_weights_in_float(model: Any) -> list[str]:
     """Edit `model` in place: every Gemm whose weight is a DequantizeLinear of an int8 initializer gets
     the dequantized float weight instead (the same values onnxruntime's DequantizeLinear gives);
     returns the Gemm nodes' names."""
-    import numpy as np
     from onnx import numpy_helper
 
     g = model.graph
@@ -59,17 +75,8 @@ def gemm_weights_in_float(model: Any) -> list[str]:
         d = producer.get(n.input[1]) if n.op_type == "Gemm" and len(n.input) > 1 else None
         if d is None or d.op_type != "DequantizeLinear" or d.input[0] not in inits:
             continue
-        q = numpy_helper.to_array(inits[d.input[0]]).astype(np.float32)
-        scale = numpy_helper.to_array(inits[d.input[1]]).astype(np.float32)
-        zero = (numpy_helper.to_array(inits[d.input[2]]).astype(np.float32)
-                if len(d.input) > 2 and d.input[2] in inits else np.zeros_like(scale))
-        axis = next((a.i for a in d.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            scale, zero = scale.reshape(shape), zero.reshape(shape)
         name = f"{n.name}_weight_float"
-        g.initializer.append(numpy_helper.from_array(((q - zero) * scale).astype(np.float32), name))
+        g.initializer.append(numpy_helper.from_array(dequantized(d, inits), name))
         n.input[1] = name
         changed.append(n.name)
         if readers.get(d.output[0], 0) == 1:
@@ -85,4 +92,4 @@ def gemm_weights_in_float(model: Any) -> list[str]:
     return changed
 
 
-__all__ = ["float_conv_activation_q", "gemm_weights_in_float"]
+__all__ = ["float_conv_activation_q", "dequantized", "gemm_weights_in_float"]
