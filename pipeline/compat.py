@@ -22,7 +22,8 @@ from typing import Any, Mapping, Optional, Union
 from calibration.cache import trt_version_parts
 
 from .errors import ArtifactError
-from .manifest import HARDWARE_COMPATIBILITY_NONE, hardware_compatibility, normalize_cc
+from .manifest import (HARDWARE_COMPATIBILITY_AMPERE_PLUS, HARDWARE_COMPATIBILITY_NONE, hardware_compatibility,
+                       normalize_cc)
 from .runtime.cuda_device import probe_gpu
 
 AMPERE_PLUS_MIN_CC = (8, 0)  # HardwareCompatibilityLevel.AMPERE_PLUS: "Ampere and newer GPUs"
@@ -43,7 +44,7 @@ def cc_fits(built_cc: Optional[str], here_cc: Optional[str], level: str = HARDWA
     built_cc, here_cc = normalize_cc(built_cc), normalize_cc(here_cc)
     if not built_cc or not here_cc:
         return True
-    if level == "ampere_plus":
+    if level == HARDWARE_COMPATIBILITY_AMPERE_PLUS:
         here_t = _cc_tuple(here_cc)
         return here_t is not None and here_t >= AMPERE_PLUS_MIN_CC
     return built_cc == here_cc
@@ -51,7 +52,7 @@ def cc_fits(built_cc: Optional[str], here_cc: Optional[str], level: str = HARDWA
 
 def engine_needs(built_cc: Optional[str], level: str = HARDWARE_COMPATIBILITY_NONE) -> str:
     """'compute capability 9.0', or 'compute capability 8.0 or later (ampere_plus, built on 9.0)'."""
-    if level == "ampere_plus":
+    if level == HARDWARE_COMPATIBILITY_AMPERE_PLUS:
         major, minor = AMPERE_PLUS_MIN_CC
         return f"compute capability {major}.{minor} or later (ampere_plus, built on {normalize_cc(built_cc)})"
     return f"compute capability {normalize_cc(built_cc)}"
@@ -67,7 +68,7 @@ def compat_findings(manifest: Mapping[str, Any], here: Mapping[str, Any]) -> lis
         built_cc = normalize_cc(hw.get("compute_capability"))
         built_gpu = hw.get("gpu", "unknown GPU")
         level = hardware_compatibility(manifest)
-        if level not in (HARDWARE_COMPATIBILITY_NONE, "ampere_plus"):
+        if level not in (HARDWARE_COMPATIBILITY_NONE, HARDWARE_COMPATIBILITY_AMPERE_PLUS):
             out.append(f"engine has hardware compatibility {level!r}, which this trtpipe does not know (it knows none "
                        "and ampere_plus); use the trtpipe that published it")
         if "tensorrt" in here and not here.get("tensorrt"):
@@ -88,13 +89,13 @@ def compat_findings(manifest: Mapping[str, Any], here: Mapping[str, Any]) -> lis
                        f"({built_gpu})")
         else:
             here_cc = normalize_cc(here.get("compute_capability"))
-            if level == "ampere_plus" and not cc_fits(built_cc, here_cc, level):
+            if level == HARDWARE_COMPATIBILITY_AMPERE_PLUS and not cc_fits(built_cc, here_cc, level):
                 out.append(
                     f"engine was built hardware-compatible (ampere_plus) on compute capability {built_cc} ({built_gpu}) "
                     f"and runs on compute capability 8.0 and later; this GPU is compute capability {here_cc} "
                     f"({here.get('gpu') or 'unknown GPU'}): rebuild it on this GPU"
                 )
-            elif level != "ampere_plus" and not cc_fits(built_cc, here_cc):
+            elif level != HARDWARE_COMPATIBILITY_AMPERE_PLUS and not cc_fits(built_cc, here_cc):
                 out.append(
                     f"engine was built for compute capability {built_cc} ({built_gpu}), "
                     f"this GPU is compute capability {here_cc} ({here.get('gpu') or 'unknown GPU'}); "

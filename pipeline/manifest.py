@@ -95,6 +95,7 @@ def device_tag(backend: str, environment: Mapping[str, Any]) -> str:
 
 
 HARDWARE_COMPATIBILITY_NONE = "none"
+HARDWARE_COMPATIBILITY_AMPERE_PLUS = "ampere_plus"  # one engine for every compute capability >= 8.0
 
 
 def hardware_compatibility(m: Mapping[str, Any]) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .errors import ArtifactError
 from .fileio import sha256_file, staging_dir, write_json
-from .manifest import hardware_compatibility, read_manifest
+from .manifest import HARDWARE_COMPATIBILITY_AMPERE_PLUS as AMPERE_PLUS, hardware_compatibility, read_manifest
 from .registry import integrity_findings, publish_order, resolve, version_dirs
 
 MARKER = ".trtpipe-triton.json"
@@ -34,7 +34,6 @@ TRITON_DTYPES = {
     "bool": "TYPE_BOOL", "string": "TYPE_STRING",
 }
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
-AMPERE_PLUS = "ampere_plus"  # build.hardware_compatibility: one engine for every compute capability >= 8.0
 
 
 def _arch(m: Mapping[str, Any]) -> str:

@@ -75,10 +75,11 @@ ENGINE_FILE = "model.engine"
 LAYERS_FILE = "layers.json"
 
 
-def _log(msg: str) -> None:
+def _log(msg: str, warning: bool = False) -> None:
     from ..log import get_logger as trtpipe_logger
 
-    trtpipe_logger(__name__).info(msg)
+    log = trtpipe_logger(__name__)
+    (log.warning if warning else log.info)(msg)
 
 
 def _tensor_names(messages: list[str]) -> list[str]:
@@ -126,9 +127,7 @@ class TensorRTBackend(Backend):
             if retry is None:
                 raise
             req2, note = retry
-            from ..log import get_logger as trtpipe_logger
-
-            trtpipe_logger(__name__).warning(note)
+            _log(note, warning=True)
             res = self._build_once(req2)
             res.details["notes"].append(note)
             res.details["qdq_edit"] = {"gemm_weights_in_float": note, "onnx": str(req2.qdq_onnx)}
@@ -378,14 +377,12 @@ class TensorRTBackend(Backend):
         found = float_conv_activation_q(load_onnx(onnx_path, check=False))
         if not found:
             return []
-        msg = (f"warning: {onnx_path.name} quantizes {len(found)} tensor(s) right after a float Conv's Clip/Relu "
+        msg = (f"{onnx_path.name} quantizes {len(found)} tensor(s) right after a float Conv's Clip/Relu "
                f"(first: {found[0]}); TensorRT 8.6.0 built that pattern into wrong outputs in trtpipe's measurements "
                f"(docs/results.md); TensorRT {trt.__version__} may too: check evaluate's agreement, or build INT8 "
                "with build.int8_route: auto (implicit on this TensorRT)")
-        from ..log import get_logger as trtpipe_logger
-
-        trtpipe_logger(__name__).warning(msg[len("warning: "):])
-        return [msg]
+        _log(msg, warning=True)
+        return [f"warning: {msg}"]
 
     @staticmethod
     def _onnx_for(req: BuildRequest, explicit: bool) -> Path:
