@@ -123,7 +123,7 @@ def main() -> None:
     for step in (("prepare",), ("export",), ("validate", "--timings", "timings-validate.json"),
                  ("build", "--precision", "fp32")):
         trtpipe(*step)
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT))  # this checkout's pipeline/ and calibration/ for the checks below
     validate_runs = {"streamed": {"peak_rss_mb": json.loads((work / "timings-validate.json").read_text())["peak_rss_mb"]}}
     if a.before:
         a.before = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, check=True, capture_output=True,
@@ -146,7 +146,6 @@ def main() -> None:
             "peak_rss_mb": json.loads((work / "timings-validate-before.json").read_text())["peak_rss_mb"]}
         validate_runs["same_statistics"] = new_rep["outputs"] == old_rep["outputs"]
         validate_runs["same_reference_arrays"] = same_ref
-    sys.path.insert(0, str(ROOT))
     from calibration.ort_session import cpu_summary
     from pipeline.data.npz_rows import npz_shapes
 
