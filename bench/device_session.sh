@@ -139,6 +139,30 @@ PY
       --eval-data artifacts/prepare/eval16.npz --samples 8 --out "$OUT/diagnose_effnet_int8_$WHICH.json"
     } 2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/effdiag_$WHICH.log" | tail -20
     cp "artifacts/build/int8_$WHICH/build.json" "$OUT/effdiag_build_$WHICH.json" 2>/dev/null; cd "$ROOT" ;;
+  cliexp)  # the explicit route through `trtpipe build` on the two models it failed on, $1: effnet|detector.
+           # effnet: build/effnet_diag's tuned Q/DQ ONNX (8.x: Q/DQ moved before the activation, build.json qdq_edit),
+           # the engine against onnxruntime's simulation of the unedited ONNX on /tmp/tune_bundle's crops (probes phase
+           # first); detector: build/tune_detector's Q/DQ ONNX (8.x: Gemm weights in float), then evaluate
+    WHICH=${1:-effnet}
+    if [ "$WHICH" = effnet ]; then
+      rm -rf /tmp/effdiag && cp -r build/effnet_diag /tmp/effdiag && cd /tmp/effdiag
+      params p-exp.yaml build.backend=tensorrt build.int8_route=explicit build.int8_from_tune=true build.timing_cache=null
+      {
+      kitpy -m pipeline build --precision int8 --params p-exp.yaml --out artifacts/build/int8_explicit
+      kitpy "$ROOT/bench/engine_vs_sim.py" --engine artifacts/build/int8_explicit/model.engine \
+        --qdq artifacts/tune/model.qdq.onnx --bundle /tmp/tune_bundle --samples "${SAMPLES:-256}" --out "$OUT/effnet_engine_vs_sim.json"
+      } 2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/cliexp_effnet.log" | tail -12
+      cp artifacts/build/int8_explicit/build.json "$OUT/cliexp_effnet_build.json"; cd "$ROOT"
+    else
+      rm -rf /tmp/det && cp -r build/tune_detector /tmp/det && cd /tmp/det
+      params p-exp.yaml override=true build.backend=tensorrt build.int8_route=explicit
+      {
+      PYTHONPATH="$ROOT:/tmp/det:$KIT_PATH" "$KITPY" -m pipeline build --precision int8 --params p-exp.yaml --out artifacts/build/int8_explicit
+      PYTHONPATH="$ROOT:/tmp/det:$KIT_PATH" "$KITPY" -m pipeline evaluate --precision int8 --params p-exp.yaml \
+        --build-dir artifacts/build/int8_explicit --out "$OUT/cliexp_detector_eval.json"
+      } 2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/cliexp_detector.log" | tail -12
+      cp artifacts/build/int8_explicit/build.json "$OUT/cliexp_detector_build.json"; cd "$ROOT"
+    fi ;;
   fleet)  # the registry pulled by `dvc pull` into a fresh clone here (bench/fleet_dvc.sh, carried as build/pulled):
           # every version loads and runs on this GPU; on a stand-in compute capability it is refused in one line
     kitpy - build/pulled/artifacts/registry 2>&1 <<'PY' | tee "$OUT/fleet.log"

@@ -18,6 +18,8 @@ this tries the patterns suspected from that search, a handful of builds:
   float_clip      activation Q/DQ removed where the tensor comes from a float (not quantized) Conv
                   through Clip/Relu (and Pad): a float conv + activation fused with an INT8 output
   gemm_pad        Gemm heads with N not a multiple of 16 padded with zero rows, sliced back after
+  preact_q        float_clip's sites kept, with a Q/DQ of the same scale before the activation too
+                  (calibration.qdq_patterns.quantize_before_activation: what the TensorRT backend builds on 8.x)
 
 Writes `--out` (JSON) after every probe. Needs TensorRT and a GPU; no torch.
 
@@ -40,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibration.qdq_patterns import dequantized, float_conv_activation_q  # noqa: E402
+from calibration.qdq_patterns import dequantized, float_conv_activation_q, quantize_before_activation  # noqa: E402
 from explicit_isolate import Builder, dedicated_dq, sites, without  # noqa: E402
 
 
@@ -221,6 +223,9 @@ def edit(model: Any, probe: str) -> tuple[Any, dict[str, Any]]:
     if probe == "float_clip":
         idx = float_clip_sites(model)
         return without(model, [all_sites[i] for i in idx]), {"removed": idx, "tensors": [all_sites[i]["tensor"] for i in idx]}
+    if probe == "preact_q":
+        m = _copy(model)
+        return m, {"conv_outputs": quantize_before_activation(m)}
     if probe == "gemm_pad":
         return gemm_pad(model), {"gemms": [n.name for n, _ in _gemm_weight_dqs(model)]}
     if probe == "gemm_pad_per_tensor":

@@ -40,6 +40,57 @@ def float_conv_activation_q(model: Any) -> list[str]:
     return found
 
 
+def quantize_before_activation(model: Any) -> list[str]:
+    """Edit `model` in place: where a QuantizeLinear follows a float Conv's Clip/Relu (and Pad)
+    (`float_conv_activation_q`), the Conv's output goes through a QuantizeLinear/DequantizeLinear with
+    the same scale and zero point before the activation, so that the Conv ends in INT8 (the pattern
+    TensorRT 8.6.0 built right) and the activation runs on INT8 values. With a zero point of 0 and a scale
+    taken from the activated tensor (so 127 * scale <= the Clip's max), Q(Clip(x)) and Q(Clip(DQ(Q(x))))
+    are the same integers: onnxruntime's outputs do not change. Returns the Conv outputs so edited;
+    a site whose zero point is not 0 or not an initializer is left as it is."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    at = {o: i for i, n in enumerate(g.node) for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    sites = set(float_conv_activation_q(model))
+    edited: list[str] = []
+    new_nodes: dict[int, list[Any]] = {}
+    for q in g.node:
+        if q.op_type != "QuantizeLinear" or q.input[0] not in sites:
+            continue
+        zp = q.input[2] if len(q.input) > 2 else ""
+        if zp and (zp not in inits or np.any(numpy_helper.to_array(inits[zp]) != 0)):
+            continue
+        i = at[q.input[0]]
+        while g.node[at[g.node[i].input[0]]].op_type != "Conv":
+            i = at[g.node[i].input[0]]
+        first = g.node[i]
+        conv_out = first.input[0]
+        if conv_out in edited:
+            continue
+        qn = helper.make_node("QuantizeLinear", [conv_out, *q.input[1:]], [f"{conv_out}_preact_q"],
+                              name=f"{conv_out}_preact_QuantizeLinear")
+        dq = helper.make_node("DequantizeLinear", [f"{conv_out}_preact_q", *q.input[1:]], [f"{conv_out}_preact_dq"],
+                              name=f"{conv_out}_preact_DequantizeLinear")
+        for a in q.attribute:
+            if a.name == "axis":
+                qn.attribute.append(a)
+                dq.attribute.append(a)
+        first.input[0] = f"{conv_out}_preact_dq"
+        new_nodes[i] = [qn, dq]
+        edited.append(conv_out)
+    if new_nodes:
+        ordered = []
+        for i, n in enumerate(g.node):
+            ordered.extend(new_nodes.get(i, []))
+            ordered.append(n)
+        del g.node[:]
+        g.node.extend(ordered)
+    return edited
+
+
 def dequantized(dq: Any, inits: Mapping[str, Any]) -> Any:
     """The float32 values of a DequantizeLinear of initializers, ``(q - zero_point) * scale`` (per tensor, or
     per channel along its `axis`), what onnxruntime's DequantizeLinear gives."""
@@ -92,4 +143,4 @@ def gemm_weights_in_float(model: Any) -> list[str]:
     return changed
 
 
-__all__ = ["float_conv_activation_q", "dequantized", "gemm_weights_in_float"]
+__all__ = ["float_conv_activation_q", "quantize_before_activation", "dequantized", "gemm_weights_in_float"]

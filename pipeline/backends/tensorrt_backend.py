@@ -130,7 +130,7 @@ class TensorRTBackend(Backend):
             _log(note, warning=True)
             res = self._build_once(req2)
             res.details["notes"].append(note)
-            res.details["qdq_edit"] = {"gemm_weights_in_float": note, "onnx": str(req2.qdq_onnx)}
+            res.details["qdq_edit"]["gemm_weights_in_float"] = {"note": note, "onnx": str(req2.qdq_onnx)}
             return res
 
     def _gemm_float_retry(self, req: BuildRequest, error: Exception) -> Optional[tuple[BuildRequest, str]]:
@@ -188,8 +188,10 @@ class TensorRTBackend(Backend):
         strongly_typed = api.typed_builds and not (int8 and not explicit) and not (fp16 and fp16.route == "flag")
         onnx_path = fp16.onnx if fp16 and fp16.route == "typed" else self._onnx_for(req, explicit)
         profiles = config_profiles(onnx_inputs(onnx_path), cfg, onnx_path)  # cheap checks before the GPU
+        qdq_edit: dict[str, Any] = {}
         if explicit and not strongly_typed:
-            notes += self._known_bad_patterns(trt, onnx_path)
+            onnx_path, qdq_edit = self._avoid_bad_patterns(trt, onnx_path, out_dir)
+            notes += [e["note"] for e in qdq_edit.values()]
         keep = dict(fp16.keep) if fp16 else {}
         typed_pins = self._typed_layer_precisions(api, req, fp16) if strongly_typed and cfg.layer_precisions else None
         typed_onnx = fp16.typed_onnx if fp16 else None
@@ -250,6 +252,7 @@ class TensorRTBackend(Backend):
                 "fp16": fp16.describe() if fp16 else None,
                 "tensorrt_api": api.describe(),
                 "notes": notes,
+                "qdq_edit": qdq_edit,
                 **options,
                 "builder_seconds": round(build_seconds, 3),
                 "total_seconds": round(time.monotonic() - t_start, 3),
@@ -368,21 +371,37 @@ class TensorRTBackend(Backend):
         return data, build_seconds, progress_how, cap
 
     @staticmethod
-    def _known_bad_patterns(trt: Any, onnx_path: Path) -> list[str]:
-        """Warnings (build.json notes) for Q/DQ patterns weakly typed TensorRT (8.x) built wrong here."""
-        from calibration.qdq_patterns import float_conv_activation_q
+    def _avoid_bad_patterns(trt: Any, onnx_path: Path, out_dir: Path) -> tuple[Path, dict[str, Any]]:
+        """Weakly typed TensorRT (8.x) and a Q/DQ right after a float Conv's Clip/Relu, a pattern 8.6.0 built into
+        wrong outputs here: the same Q/DQ ONNX with a Q/DQ of the same scale before the activation too
+        (calibration.qdq_patterns.quantize_before_activation: the same integers in onnxruntime, and a float Conv
+        ending in INT8, which 8.6.0 built right), written beside the engine; (the ONNX to build, {edit: record})."""
+        from calibration.qdq_patterns import float_conv_activation_q, quantize_before_activation
 
         from ..onnx_utils import load_onnx
 
-        found = float_conv_activation_q(load_onnx(onnx_path, check=False))
+        model = load_onnx(onnx_path, check=False)
+        found = float_conv_activation_q(model)
         if not found:
-            return []
-        msg = (f"{onnx_path.name} quantizes {len(found)} tensor(s) right after a float Conv's Clip/Relu "
-               f"(first: {found[0]}); TensorRT 8.6.0 built that pattern into wrong outputs in trtpipe's measurements "
-               f"(docs/results.md); TensorRT {trt.__version__} may too: check evaluate's agreement, or build INT8 "
-               "with build.int8_route: auto (implicit on this TensorRT)")
+            return onnx_path, {}
+        edited = quantize_before_activation(model)
+        if not edited:
+            msg = (f"{onnx_path.name} quantizes {len(found)} tensor(s) right after a float Conv's Clip/Relu (first: "
+                   f"{found[0]}) with a zero point other than 0, which trtpipe cannot move; TensorRT 8.6.0 built that "
+                   f"pattern into wrong outputs in trtpipe's measurements (docs/results.md): check evaluate's agreement, "
+                   "or build INT8 with build.int8_route: auto (implicit on this TensorRT)")
+            _log(msg, warning=True)
+            return onnx_path, {"warning": {"note": f"warning: {msg}"}}
+        import onnx
+
+        out = Path(out_dir) / f"{onnx_path.stem}.preact_q.onnx"
+        onnx.save(model, str(out))
+        msg = (f"{onnx_path.name} quantizes {len(found)} tensor(s) right after a float Conv's Clip/Relu (first: "
+               f"{found[0]}), a pattern TensorRT 8.6.0 built into wrong outputs (docs/results.md); built {out.name} "
+               f"instead: the same Q/DQ with a Q/DQ of the same scale before the activation of {len(edited)} Conv(s), "
+               f"the same integers in onnxruntime (TensorRT {trt.__version__})")
         _log(msg, warning=True)
-        return [f"warning: {msg}"]
+        return out, {"quantize_before_activation": {"note": msg, "onnx": str(out), "conv_outputs": edited}}
 
     @staticmethod
     def _onnx_for(req: BuildRequest, explicit: bool) -> Path:

@@ -428,25 +428,37 @@ def _float_conv_relu_q(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("version", [V86, V11])
-def test_explicit_build_warns_of_a_pattern_86_built_wrong(env, version, caplog):
-    """A Q/DQ right after a float Conv's Relu: on weakly typed 8.6 the build says so (build.json note and a
-    warning line); the plain Q/DQ model has no such note; strongly typed 11 is not claimed to share it."""
+def test_explicit_build_moves_a_q_86_built_wrong_before_the_activation(env, version, caplog):
+    """A Q/DQ right after a float Conv's Relu: weakly typed 8.6 builds the same Q/DQ ONNX with a Q/DQ of the
+    same scale before the Relu too (written beside the engine, said in build.json and a warning line), which
+    onnxruntime computes to the same outputs; the plain Q/DQ model is built as it is; strongly typed 11 builds
+    the ONNX as given."""
+    import onnx
+
+    from calibration.ort_session import make_session
     from calibration.qdq_patterns import float_conv_activation_q
 
     _, plain, _ = env.build(version, "int8", int8_route="explicit")
-    assert not any("float Conv" in n for n in plain.details["notes"])
-    _float_conv_relu_q(env.calib / "model.qdq.onnx")
-    import onnx
-
-    assert float_conv_activation_q(onnx.load(str(env.calib / "model.qdq.onnx"))) == ["r1"]
+    assert plain.details["qdq_edit"] == {} and not any("float Conv" in n for n in plain.details["notes"])
+    original = _float_conv_relu_q(env.calib / "model.qdq.onnx")
+    assert float_conv_activation_q(onnx.load(str(original))) == ["r1"]
     with caplog.at_level("WARNING"):
-        _, res, _ = env.build(version, "int8", int8_route="explicit")
+        rec, res, out = env.build(version, "int8", int8_route="explicit")
     notes = [n for n in res.details["notes"] if "float Conv" in n]
     if version == V86:
-        assert len(notes) == 1 and "first: r1" in notes[0] and "int8_route: auto" in notes[0]
+        edited = out / "model.qdq.preact_q.onnx"
+        assert rec.parsed["path"] == str(edited) and res.details["onnx"] == str(edited)
+        assert len(notes) == 1 and "first: r1" in notes[0] and "built model.qdq.preact_q.onnx instead" in notes[0]
+        assert res.details["qdq_edit"]["quantize_before_activation"]["conv_outputs"] == ["c1"]
         assert any("float Conv" in r.getMessage() for r in caplog.records)
+        g = onnx.load(str(edited)).graph
+        relu = next(n for n in g.node if n.op_type == "Relu")
+        assert relu.input[0] == "c1_preact_dq" and [n.op_type for n in g.node].count("QuantizeLinear") == 2
+        x = {"input": np.random.default_rng(4).normal(size=(6, 3, 8, 8)).astype(np.float32)}
+        a, b = (make_session(str(p)).run(None, x)[0] for p in (original, edited))
+        np.testing.assert_array_equal(b, a)
     else:
-        assert notes == []
+        assert notes == [] and res.details["qdq_edit"] == {} and rec.parsed["path"] == str(original)
 
 
 def _qdq_gemm_head(path: Path) -> Path:
@@ -496,7 +508,7 @@ def test_explicit_gemm_weight_assertion_on_86_builds_with_those_weights_in_float
     assert "chooseHigherPrecision" in rec.build_errors[0]
     note = res.details["notes"][-1]
     assert "could not build the Q/DQ on the weights of 1 Gemm node(s)" in note and "/boxes/Gemm" in note
-    assert res.details["qdq_edit"]["onnx"] == str(edited) and res.details["onnx"] == str(edited)
+    assert res.details["qdq_edit"]["gemm_weights_in_float"]["onnx"] == str(edited) and res.details["onnx"] == str(edited)
     x = {"input": np.random.default_rng(2).normal(size=(5, 3, 8, 8)).astype(np.float32)}
     a, b = (make_session(str(p)).run(None, x)[0] for p in (original, edited))
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)  # onnxruntime's exact Q/DQ: the same arithmetic
