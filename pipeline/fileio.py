@@ -295,6 +295,18 @@ def _named_as(tmp: Path, dst: Path) -> Iterator[None]:
         raise
 
 
+def named_as(value: Any, tmp: str | Path, dst: str | Path) -> Any:
+    """`value` (a report's dicts, lists and strings) with every path inside the hidden working copy `tmp`
+    naming `dst` instead, where the file is once the stage has succeeded."""
+    if isinstance(value, str):
+        return value.replace(str(tmp), str(dst))
+    if isinstance(value, dict):
+        return {k: named_as(v, tmp, dst) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(named_as(v, tmp, dst) for v in value)
+    return value
+
+
 def project_path(path: Any, key: str, root: str | Path | None = None) -> Path:
     """An output path a setting or option names: never empty, and inside the project (the
     working directory) after resolving '..' and symlinks, unless given as an absolute path

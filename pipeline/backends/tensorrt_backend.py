@@ -50,7 +50,7 @@ from calibration.cache import CALIBRATOR_ALGORITHM
 
 from ..config import PRECISIONS
 from ..errors import BackendError, ConfigError, DataError, ModelError
-from ..fileio import CACHE_FILE, QDQ_FILE, project_path, write_bytes, write_json
+from ..fileio import CACHE_FILE, QDQ_FILE, project_path, sha256_file, write_bytes, write_json
 from ..profiles import config_profiles, onnx_inputs
 from ..runtime.cuda_device import device_info
 from ..runtime.trt_common import capture, get_logger, require_tensorrt
@@ -130,7 +130,8 @@ class TensorRTBackend(Backend):
             _log(note, warning=True)
             res = self._build_once(req2)
             res.details["notes"].append(note)
-            res.details["qdq_edit"]["gemm_weights_in_float"] = {"note": note, "onnx": str(req2.qdq_onnx)}
+            res.details["qdq_edit"]["gemm_weights_in_float"] = {"note": note, "onnx": str(req2.qdq_onnx),
+                                                                "sha256": sha256_file(Path(req2.qdq_onnx))}
             return res
 
     def _gemm_float_retry(self, req: BuildRequest, error: Exception) -> Optional[tuple[BuildRequest, str]]:
@@ -401,7 +402,8 @@ class TensorRTBackend(Backend):
                f"instead: the same Q/DQ with a Q/DQ of the same scale before the activation of {len(edited)} Conv(s), "
                f"the same integers in onnxruntime (TensorRT {trt.__version__})")
         _log(msg, warning=True)
-        return out, {"quantize_before_activation": {"note": msg, "onnx": str(out), "conv_outputs": edited}}
+        return out, {"quantize_before_activation": {"note": msg, "onnx": str(out), "sha256": sha256_file(out),
+                                                    "conv_outputs": edited}}
 
     @staticmethod
     def _onnx_for(req: BuildRequest, explicit: bool) -> Path:

@@ -21,7 +21,7 @@ from typing import Optional
 from ..backends import BuildRequest, get_backend
 from ..config import PRECISIONS, Config
 from ..errors import UsageError
-from ..fileio import CACHE_FILE, QDQ_FILE, claim_dir, sha256_model, staging_dir
+from ..fileio import CACHE_FILE, QDQ_FILE, claim_dir, named_as, sha256_model, staging_dir
 from ..reports import BuildReport, write_report
 
 # The calibrate outputs each route reads.
@@ -108,7 +108,7 @@ def run(
             workspace_mb=result.workspace_mb,
             calibration=result.calibration,
             kept_fp32=result.kept_fp32,
-            details=result.details,
+            details=named_as(result.details, tmp, out_dir),  # files the build wrote beside the engine
             tune=applied,
         )
         write_report(tmp / "build.json", report)

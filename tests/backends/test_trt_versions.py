@@ -528,3 +528,31 @@ def test_no_retry_where_it_does_not_apply(env, version, error):
         env.build(version, "int8", fail_build=lambda path: error, int8_route="explicit")
     assert error in str(e.value) and "\n" not in str(e.value)
     assert not list(env.calib.parent.glob("out-*/*.gemm_float.onnx"))
+
+
+@pytest.mark.slow
+def test_build_stage_records_the_edited_onnx_where_it_stays(tmp_path, tmp_path_factory, monkeypatch):
+    """Through the build stage (which builds in a hidden folder and renames it at the end): the Q/DQ ONNX
+    the 8.6 retry wrote is named in build.json at its final place, and its sha256 is that file's (it was
+    recorded under the hidden folder's name, which no longer exists after the rename, on the H100)."""
+    from pipeline import backends
+    from pipeline.backends import tensorrt_backend
+    from pipeline.fileio import sha256_file
+    from pipeline.runtime import cuda_memory
+    from pipeline.stages import build
+    from tests._digits_run import digits_base, digits_config
+
+    base = digits_base(tmp_path_factory)  # before the stand-in: these stages run on onnxruntime
+    monkeypatch.setattr(tensorrt_backend, "device_info", lambda i=0: {"gpu": "stand-in"})
+    monkeypatch.setattr(cuda_memory, "open_memory", lambda kind="auto", device=0: _Memory())
+    monkeypatch.setattr(backends, "tensorrt_usable", lambda: (True, ""))
+    trt = install(monkeypatch, V86)
+    trt._rec.fail_build = _refuse_gemm_weight_qdq
+    cfg = digits_config(tmp_path, build={"backend": "tensorrt", "int8_route": "explicit", "timing_cache": None})
+    out = tmp_path / "int8"
+    report = build.run(cfg, "int8", base / "export" / "model.onnx", out, calib_dir=base / "calibrate",
+                       calib_data=base / "prepare" / "calib.npz", validation=base / "validate" / "validate.json")
+    edit = report.details["qdq_edit"]["gemm_weights_in_float"]
+    assert edit["onnx"] == str(out / "model.qdq.gemm_float.onnx") == report.details["onnx"]
+    assert edit["sha256"] == sha256_file(out / "model.qdq.gemm_float.onnx")
+    assert ".tmp-" not in json.dumps(report.details) and ".tmp-" not in (out / "build.json").read_text()
