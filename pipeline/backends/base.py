@@ -26,6 +26,7 @@ class BuildRequest:
     calib_data: Optional[Path] = None  # prepared calibration samples (calib.npz): TensorRT's calibrator
     fp16: Optional[Any] = None  # trt_typed.Fp16Plan: the fp16 variant as the build stage planned it (None: plan here)
     qdq_onnx: Optional[Path] = None  # explicit INT8: build this Q/DQ ONNX instead of calib_dir/model.qdq.onnx
+    typed_onnx: Optional[dict[str, Any]] = None  # what build.json records of a typed INT8 ONNX given as qdq_onnx
 
 
 @dataclass
@@ -54,6 +55,11 @@ class Backend(abc.ABC):
     def fp16_route(self, cfg: Config) -> tuple[str, str]:
         """("typed" | "flag", why): whether fp16 builds the typed FP16 ONNX (trt_typed.plan_fp16)."""
         return "typed", f"{self.name} runs the typed FP16 ONNX"
+
+    def int8_typed(self, cfg: Config) -> Optional[str]:
+        """Why int8 builds the typed INT8 ONNX (trt_typed.plan_int8_typed: the Q/DQ ONNX with its float parts in
+        FP16), or None where this backend builds the Q/DQ ONNX as it is."""
+        return None
 
     def environment(self) -> dict[str, Any]:
         """Software and hardware this backend runs on (goes into build.json and manifests)."""

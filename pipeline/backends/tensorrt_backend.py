@@ -118,6 +118,17 @@ class TensorRTBackend(Backend):
         """("typed" | "flag", why) of an fp16 build on this TensorRT (build.fp16.source)."""
         return resolve_fp16_route(trt_api(require_tensorrt()), cfg.build.fp16.source)
 
+    def int8_typed(self, cfg: Any) -> Optional[str]:
+        """A strongly typed explicit INT8 build with build.int8_float_fallback: fp16 builds the typed INT8 ONNX
+        (no FP16 flag there: the float parts' FP16 comes from the ONNX); None elsewhere."""
+        api = trt_api(require_tensorrt())
+        if not api.typed_builds or cfg.build.int8_float_fallback != "fp16":
+            return None
+        if resolve_int8_route(api, cfg.build.int8_route)[0] != "explicit":
+            return None
+        return (f"build.int8_float_fallback: fp16 on a strongly typed TensorRT {api.version} build: the Q/DQ ONNX's "
+                "float parts in FP16 as the ONNX's own types (the FP16 flag does this on 8.6)")
+
     # -- build ---------------------------------------------------------------------------------
     def build(self, req: BuildRequest) -> BuildResult:
         try:
@@ -195,7 +206,7 @@ class TensorRTBackend(Backend):
             notes += [e["note"] for e in qdq_edit.values()]
         keep = dict(fp16.keep) if fp16 else {}
         typed_pins = self._typed_layer_precisions(api, req, fp16) if strongly_typed and cfg.layer_precisions else None
-        typed_onnx = fp16.typed_onnx if fp16 else None
+        typed_onnx = fp16.typed_onnx if fp16 else req.typed_onnx
         if fp16 is not None:
             notes.append(f"fp16: {fp16.why}")
             if fp16.route == "typed":

@@ -21,6 +21,7 @@ from ..errors import BackendError, ConfigError, ModelError
 from ..fileio import MAXIMA_FILE, sha256_file
 
 FP16_ONNX = "model.fp16.onnx"
+INT8_ONNX = "model.int8.onnx"  # the Q/DQ ONNX with its float parts in FP16 (strongly typed INT8 builds)
 CONVERTER = "onnxruntime.transformers.float16.convert_float_to_float16 (keep_io_types, default op block list)"
 
 
@@ -120,6 +121,72 @@ def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path, model: 
         "examples": clamped[:3],
         "added_casts": [n.name for n in half.graph.node if n.op_type == "Cast" and n.name not in before],
     }
+
+
+def write_int8_typed_onnx(qdq_path: Path, keep: Mapping[str, str], out: Path) -> dict[str, Any]:
+    """Write the typed INT8 ONNX of the Q/DQ ONNX at `qdq_path` to `out`: what a strongly typed
+    TensorRT builds for `build.int8_float_fallback: fp16` (on 8.6 the FP16 flag does it). The
+    float parts (every node that is not a QuantizeLinear/DequantizeLinear: the layers left out of
+    INT8, tune's kept layers, Softmax, residual Adds...; all of them for tune's candidate that keeps every
+    layer) in FP16 by the same converter as the typed FP16 ONNX, `keep`'s nodes in FP32 (they leave FP16's range, or tune kept them in FP32); the
+    Q/DQ pairs keep their FP32 scales (opset < 19 has no FP16 scales) between Casts. Returns what
+    build.json records (file, sha256, Casts, FP16 initializers, Q/DQ counts)."""
+    import onnx
+    from onnxruntime.transformers import float16
+
+    from ..onnx_utils import load_onnx
+
+    model = load_onnx(qdq_path)
+    qdq = Counter(n.op_type for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | {"QuantizeLinear", "DequantizeLinear"})
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                                    node_block_list=list(keep))
+    except Exception as e:
+        raise ModelError(f"{qdq_path}: the float16 converter cannot convert the Q/DQ model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    round_trips = collapse_round_trips(half)
+    onnx.save(half, str(out))
+    to = Counter(a.i for n in half.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
+    after = Counter(n.op_type for n in half.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    if after != qdq:
+        raise ModelError(f"{qdq_path}: the float16 converter changed the Q/DQ nodes ({dict(qdq)} -> {dict(after)}); "
+                         "build with build.int8_float_fallback: fp32")
+    return {
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "from": str(qdq_path),
+        "converter": CONVERTER + ", QuantizeLinear/DequantizeLinear blocked (FP32 scales)",
+        "kept_fp32_nodes": len(keep),
+        "quantize_linear": qdq.get("QuantizeLinear", 0),
+        "dequantize_linear": qdq.get("DequantizeLinear", 0),
+        "casts_to_fp16": to.get(onnx.TensorProto.FLOAT16, 0),
+        "casts_to_fp32": to.get(onnx.TensorProto.FLOAT, 0),
+        "fp16_initializers": sum(1 for i in half.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16),
+        "fp32_fp16_fp32_round_trips_removed": round_trips,
+        "weights_clamped_to_fp16_range": sum(1 for w in caught if "truncated" in str(w.message)),
+    }
+
+
+def plan_int8_typed(onnx_path: Path, qdq_path: Path, cfg: Any, out_dir: Path, calib_dir: Optional[Path],
+                    calib_data: Optional[Path] = None, keep_fp32: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """The typed INT8 ONNX (`write_int8_typed_onnx`) of `qdq_path` in `out_dir`: the nodes of the FP32
+    ONNX `onnx_path` that `build.fp16` keeps in FP32 (its ops and globs, and what leaves FP16's range by
+    the calibrate stage's maxima.json in `calib_dir`), plus `keep_fp32` (node -> why: tune's layers kept
+    in FP32), stay FP32. Returns build.json's `typed_onnx` (with `path`: where it was written)."""
+    from ..onnx_utils import load_onnx
+    from .fp16 import keep_fp32_nodes
+
+    maxima, maxima_from = _maxima(Path(onnx_path), cfg, calib_dir, calib_data)
+    keep = keep_fp32_nodes(Path(onnx_path), cfg.build.fp16, maxima, where=maxima_from, model=load_onnx(onnx_path))
+    for node, why in (keep_fp32 or {}).items():
+        keep.setdefault(node, why)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir) / INT8_ONNX
+    info = write_int8_typed_onnx(Path(qdq_path), keep, out)
+    return {**info, "path": str(out), "maxima_from": maxima_from, "keep_fp32": dict(keep)}
 
 
 FP16_ROUTES = ("typed", "flag")

@@ -72,6 +72,7 @@ def run(
         # maxima.json is checked where it is read (trt_typed.read_maxima: made from this ONNX); calibrate.json is
         # not read, so an edit of calibration.method (which leaves maxima.json as it is) rebuilds no fp16 variant
     applied = None
+    calibrate_dir = calib_dir  # calibrate's folder (maxima.json), also where tune's result is applied
     if precision == "int8" and cfg.build.int8_from_tune:
         from .build_tune import apply_tune
 
@@ -88,6 +89,17 @@ def run(
             fp16 = plan_fp16(onnx_path, cfg, tmp, backend.fp16_route(cfg), calib_dir=Path(calib_dir) if calib_dir else None)
         req = BuildRequest(precision, onnx_path, tmp, cfg, calib_dir=Path(calib_dir) if calib_dir else None,
                            calib_data=Path(calib_data) if calib_data else None, fp16=fp16)
+        typed_why = backend.int8_typed(cfg) if precision == "int8" else None
+        if typed_why:  # strongly typed INT8: the Q/DQ ONNX with its float parts in FP16, planned here, once
+            from dataclasses import replace
+
+            from ..backends.trt_typed import plan_int8_typed
+
+            fp32_nodes = ({n: f"tune kept its layer in {applied['keep_precision']}" for n in applied["kept_nodes"]}
+                          if applied and applied.get("keep_precision") == "fp32" else {})
+            info = plan_int8_typed(onnx_path, Path(calib_dir) / QDQ_FILE, cfg, tmp, Path(calibrate_dir),
+                                   Path(calib_data) if calib_data else None, fp32_nodes)
+            req = replace(req, qdq_onnx=Path(info.pop("path")), typed_onnx={**info, "why": typed_why})
         result = backend.build(req)
         artifact = tmp / result.artifact
         report = BuildReport(

@@ -44,6 +44,7 @@ def apply_tune(cfg: Config, route: str, tune_dir: Path, calib_dir: Path, onnx_sh
     kept = [k["layer"] for k in rep.kept]
     info: dict[str, Any] = {"applied": True, "route": route, "tune_json_sha256": sha256_of(report_path),
                             "budget": rep.budget.get("text"), "kept": kept, "keep_precision": rep.keep_precision,
+                            "kept_nodes": [n for k in rep.kept for n in k.get("nodes", [k["layer"]])],
                             "tune_backend": rep.backend,
                             "metric_full": rep.reference_points.get("chosen", {}).get("metric_full")}
     if route == "implicit":

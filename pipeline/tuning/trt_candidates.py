@@ -95,10 +95,27 @@ class TrtCandidates:
             write_candidate_qdq(self.onnx_path, d / QDQ_FILE, self.amax, self.alternatives, kept, self.always_float,
                                 minmax)
             build = self.cfg.build.model_copy(update={"int8_route": "explicit"})
-            return BuildRequest("int8", self.onnx_path, out, self.cfg.model_copy(update={"build": build}), calib_dir=d,
-                                calib_data=self.calib_data)
+            cfg = self.cfg.model_copy(update={"build": build})
+            typed = self._typed_int8(cfg, d / QDQ_FILE, kept)
+            return BuildRequest("int8", self.onnx_path, out, cfg, calib_dir=d, calib_data=self.calib_data,
+                                qdq_onnx=Path(typed.pop("path")) if typed else None, typed_onnx=typed)
         return BuildRequest("int8", self.onnx_path, out, self.config_for(kept), calib_dir=self._calib_dir_for(minmax),
                             calib_data=self.calib_data)
+
+    def _typed_int8(self, cfg: Config, qdq: Path, kept: frozenset[str]) -> Optional[dict[str, Any]]:
+        """On a strongly typed build with int8_float_fallback: fp16, the candidate's typed INT8 ONNX as build@int8
+        writes it (trt_typed.plan_int8_typed; the kept layers' nodes FP32 when keep_precision is fp32); else None."""
+        from ..backends.tensorrt_backend import TensorRTBackend
+
+        why = TensorRTBackend(progress=False).int8_typed(cfg)
+        if not why:
+            return None
+        from ..backends.trt_typed import plan_int8_typed
+
+        fp32 = {n: "tune keeps its layer in fp32" for k in (set(kept) | set(self.always_float)) if self.keep_precision == "fp32"
+                for n in self.layers[k].nodes}
+        info = plan_int8_typed(self.onnx_path, qdq, cfg, qdq.parent, self.calib_dir, self.calib_data, fp32)
+        return {**info, "why": why}
 
     def config_for(self, kept: Iterable[str]) -> Config:
         """The config build@int8 would use for this candidate on the implicit route (kept layers pinned)."""

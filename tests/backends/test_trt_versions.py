@@ -381,7 +381,7 @@ def test_tune_candidates_take_build_int8s_route(env, version):
                 version, "EntropyCalibration2")
     conv = Layer(name="/conv/Conv", op_type="Conv", index=0, nodes=("/conv/Conv", "/relu/Relu"), macs=96)
     cands = TrtCandidates(_config(), env.onnx, env.calib, [conv], "fp16", progress=False,
-                          amax={"input": 4.0, "c": 3.0, "r": 3.0})
+                          amax={"input": 4.0, "c": 3.0, "r": 3.0}, calib_data=env.calib.parent / "calib.npz")
     try:
         out = Path(cands._tmp.name) / "out"
         for kept, q in ((frozenset(), 1), (frozenset({"/conv/Conv"}), 0)):
@@ -390,8 +390,14 @@ def test_tune_candidates_take_build_int8s_route(env, version):
                 assert req.config.build.int8_route == "explicit"
                 model = onnx.load(str(req.calib_dir / "model.qdq.onnx"))
                 assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node if "input" in n.input) == q
+                # what build@int8 builds on 11: the candidate's typed INT8 ONNX (float parts FP16), the same Q/DQ
+                typed = onnx.load(str(req.qdq_onnx))
+                assert req.qdq_onnx.name == "model.int8.onnx" and req.typed_onnx["quantize_linear"] == q
+                assert sum(n.op_type == "QuantizeLinear" for n in typed.graph.node) == q
+                assert req.typed_onnx["fp16_initializers"] > 0
                 res = TensorRTBackend(progress=False).build(req)
                 assert res.details["int8_route"] == "explicit" and res.details["strongly_typed"] is True
+                assert trt._rec.parsed["path"] == str(req.qdq_onnx) and res.details["typed_onnx"]["file"] == "model.int8.onnx"
                 assert trt._rec.calibrator is None and trt._rec.missing == []
             else:
                 assert cands.route()[0] == "implicit" and req.config.build.int8_route == "implicit"
@@ -556,3 +562,93 @@ def test_build_stage_records_the_edited_onnx_where_it_stays(tmp_path, tmp_path_f
     assert edit["onnx"] == str(out / "model.qdq.gemm_float.onnx") == report.details["onnx"]
     assert edit["sha256"] == sha256_file(out / "model.qdq.gemm_float.onnx")
     assert ".tmp-" not in json.dumps(report.details) and ".tmp-" not in (out / "build.json").read_text()
+
+
+def _stage_build(tmp_path, tmp_path_factory, monkeypatch, version, **build_cfg):
+    """build.run on the digits model (prepare .. calibrate on onnxruntime) against the stand-in `version`."""
+    from pipeline import backends
+    from pipeline.backends import tensorrt_backend
+    from pipeline.runtime import cuda_memory
+    from pipeline.stages import build
+    from tests._digits_run import digits_base, digits_config
+
+    base = digits_base(tmp_path_factory)  # before the stand-in: these stages run on onnxruntime
+    monkeypatch.setattr(tensorrt_backend, "device_info", lambda i=0: {"gpu": "stand-in"})
+    monkeypatch.setattr(cuda_memory, "open_memory", lambda kind="auto", device=0: _Memory())
+    monkeypatch.setattr(backends, "tensorrt_usable", lambda: (True, ""))
+    trt = install(monkeypatch, version)
+    cfg = digits_config(tmp_path, build={"backend": "tensorrt", "timing_cache": None, **build_cfg})
+    out = tmp_path / f"int8-{version}"
+    report = build.run(cfg, "int8", base / "export" / "model.onnx", out, calib_dir=base / "calibrate",
+                       calib_data=base / "prepare" / "calib.npz", validation=base / "validate" / "validate.json")
+    return trt._rec, report, out, base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [V10, V11])
+def test_strongly_typed_int8_builds_the_qdq_onnx_with_its_float_parts_in_fp16(tmp_path, tmp_path_factory,
+                                                                              monkeypatch, version):
+    """int8_float_fallback: fp16 (the default) on a strongly typed explicit build: the stage writes the typed
+    INT8 ONNX (every Q/DQ of calibrate's ONNX kept, the float parts FP16), the build parses it with no precision
+    flag, and build.json names it with its sha256; in onnxruntime it computes what the Q/DQ ONNX computes up to
+    FP16 rounding of the float parts (the reference: calibrate's Q/DQ ONNX, FP32)."""
+    import onnx
+
+    from calibration.ort_session import make_session
+    from pipeline.fileio import sha256_file
+
+    rec, report, out, base = _stage_build(tmp_path, tmp_path_factory, monkeypatch, version, int8_route="explicit")
+    typed = out / "model.int8.onnx"
+    assert Path(rec.parsed["path"]).name == typed.name and report.details["onnx"] == str(typed)  # (parsed in staging)
+    assert rec.flags_set == [] and report.details["strongly_typed"] is True
+    info = report.details["typed_onnx"]
+    assert info["file"] == "model.int8.onnx" and info["sha256"] == sha256_file(typed) and "int8_float_fallback" in info["why"]
+    original = onnx.load(str(base / "calibrate" / "model.qdq.onnx"))
+    half = onnx.load(str(typed))
+    count = lambda m, op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731
+    for op in ("QuantizeLinear", "DequantizeLinear"):
+        assert count(half, op) == count(original, op) == info[op.replace("Linear", "_linear").lower()] > 0
+    assert info["fp16_initializers"] > 0 and info["casts_to_fp16"] > 0
+    convs = [n for n in half.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    kinds = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(half).graph.value_info}
+    assert convs and all(kinds.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in convs)
+    with np.load(base / "prepare" / "eval.npz") as z:
+        x = {"input": z["input"][:64]}
+    a = make_session(str(base / "calibrate" / "model.qdq.onnx")).run(None, x)[0]
+    b = make_session(str(typed)).run(None, x)[0]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999 and np.mean(a.argmax(1) == b.argmax(1)) >= 0.98
+    assert not np.array_equal(a, b)  # FP16 did round something: the file is not the FP32 Q/DQ ONNX renamed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version, fallback", [(V11, "fp32"), (V86, "fp16")])
+def test_qdq_onnx_built_as_it_is_without_fp16_fallback_or_on_86(tmp_path, tmp_path_factory, monkeypatch,
+                                                                 version, fallback):
+    """int8_float_fallback: fp32 keeps the float parts FP32 (calibrate's Q/DQ ONNX as it is); 8.6 builds that ONNX
+    with its INT8 (+FP16) flags and writes no typed INT8 ONNX."""
+    rec, report, out, base = _stage_build(tmp_path, tmp_path_factory, monkeypatch, version, int8_route="explicit",
+                                          int8_float_fallback=fallback)
+    assert rec.parsed["path"] == str(base / "calibrate" / "model.qdq.onnx") and not (out / "model.int8.onnx").exists()
+    assert report.details["typed_onnx"] is None
+    assert rec.flags_set == ([] if version == V11 else ["FP16", "INT8"])
+
+
+@pytest.mark.slow
+def test_typed_int8_keeps_the_nodes_it_is_told_in_fp32(tmp_path, tmp_path_factory):
+    """tune's layers kept in FP32 (or nodes build.fp16 keeps) stay FP32 in the typed INT8 ONNX; the others FP16."""
+    import onnx
+
+    from pipeline.backends.trt_typed import plan_int8_typed
+    from tests._digits_run import digits_base, digits_config
+
+    base = digits_base(tmp_path_factory)
+    convs = [n.name for n in onnx.load(str(base / "export" / "model.onnx")).graph.node if n.op_type == "Conv"]
+    info = plan_int8_typed(base / "export" / "model.onnx", base / "calibrate" / "model.qdq.onnx", digits_config(tmp_path),
+                           tmp_path / "out", base / "calibrate", keep_fp32={convs[0]: "tune kept its layer in fp32"})
+    assert info["keep_fp32"][convs[0]] == "tune kept its layer in fp32"
+    half = onnx.shape_inference.infer_shapes(onnx.load(info["path"]))
+    kinds = {v.name: v.type.tensor_type.elem_type for v in half.graph.value_info}
+    by_name = {n.name: n for n in half.graph.node}
+    assert kinds[by_name[convs[0]].output[0]] == onnx.TensorProto.FLOAT
+    assert all(kinds[by_name[c].output[0]] == onnx.TensorProto.FLOAT16 for c in convs[1:] if c not in info["keep_fp32"])
