@@ -163,6 +163,33 @@ PY
       } 2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/cliexp_detector.log" | tail -12
       cp artifacts/build/int8_explicit/build.json "$OUT/cliexp_detector_build.json"; cd "$ROOT"
     fi ;;
+  routes)  # TensorRT's routes side by side (issue 20), $1: comma list of bench/routes_projects.py projects, unpacked
+           # under /tmp/routes: fp32, fp16 by the flag and from the typed ONNX, int8 implicit (calibrate's cache),
+           # int8 explicit (calibrate's Q/DQ ONNX), and onnxruntime's Q/DQ simulation; each built and evaluated
+    for NAME in ${1//,/ }; do
+      cd "/tmp/routes/$NAME" || continue
+      V="$OUT/routes/$NAME"; mkdir -p "$V"
+      run() {  # run VARIANT PRECISION overrides...
+        local var=$1 prec=$2; shift 2
+        params "p-$var.yaml" override=true build.backend=tensorrt "$@"
+        PYTHONPATH="$ROOT:/tmp/routes/$NAME:$KIT_PATH" "$KITPY" -m pipeline build -q --precision "$prec" --params "p-$var.yaml" \
+          --out "artifacts/build/$var" && \
+        PYTHONPATH="$ROOT:/tmp/routes/$NAME:$KIT_PATH" "$KITPY" -m pipeline evaluate -q --precision "$prec" --params "p-$var.yaml" \
+          --build-dir "artifacts/build/$var" --out "$V/eval_$var.json"
+        local rc=$?
+        cp "artifacts/build/$var/build.json" "$V/build_$var.json" 2>/dev/null
+        echo "[$NAME] $var: rc $rc at $(( $(date +%s) - t0 )) s"
+      }
+      {
+      run fp32 fp32
+      run fp16_flag fp16 build.fp16.source=flag
+      run fp16_typed fp16 build.fp16.source=typed_onnx
+      run int8_implicit int8 build.int8_route=implicit build.calibration_source=cache
+      run int8_explicit int8 build.int8_route=explicit
+      run int8_sim int8 build.backend=onnxruntime evaluate.latency.batch_sizes=[1] evaluate.latency.iterations=5
+      } 2>&1 | grep -v "TensorRT WARNING" | tee "$V/routes.log" | grep -E "^\[|error" | tail -20
+      cd "$ROOT"
+    done ;;
   fleet)  # the registry pulled by `dvc pull` into a fresh clone here (bench/fleet_dvc.sh, carried as build/pulled):
           # every version loads and runs on this GPU; on a stand-in compute capability it is refused in one line
     kitpy - build/pulled/artifacts/registry 2>&1 <<'PY' | tee "$OUT/fleet.log"

@@ -540,8 +540,9 @@ class TensorRTBackend(Backend):
         c = cfg.calibration
         batches: Any = []
         num_batches = 0
-        if req.calib_data is not None:
-            # The same samples, in the same batches, as the calibrate stage's own calibration.
+        if req.calib_data is not None and (read_from is None or Path(req.calib_data).is_file()):
+            # The same samples, in the same batches, as the calibrate stage's own calibration (not read where
+            # TensorRT takes the calibrate stage's cache and they are not there: it would not calibrate).
             samples = load_samples(req.calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
             indices = calibration_indices(len(samples), c.num_samples, c.seed)
             num_batches = len(indices) // c.batch_size

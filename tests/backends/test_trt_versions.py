@@ -652,3 +652,28 @@ def test_typed_int8_keeps_the_nodes_it_is_told_in_fp32(tmp_path, tmp_path_factor
     by_name = {n.name: n for n in half.graph.node}
     assert kinds[by_name[convs[0]].output[0]] == onnx.TensorProto.FLOAT
     assert all(kinds[by_name[c].output[0]] == onnx.TensorProto.FLOAT16 for c in convs[1:] if c not in info["keep_fp32"])
+
+
+def test_implicit_build_from_the_stage_cache_needs_no_calibration_samples(env, tmp_path):
+    """Where TensorRT takes the calibrate stage's cache it does not calibrate, so the calibration samples are
+    not read (a GPU machine need not hold calib.npz); without a usable cache their absence is one line."""
+    from calibration.cache import write_cache
+    from pipeline.backends.base import BuildRequest
+    from pipeline.backends.tensorrt_backend import TensorRTBackend
+    from pipeline.errors import DataError
+
+    trt = install(env.monkeypatch, V86)
+    write_cache(env.calib / "calibration.cache", {"input": np.float32(0.05), "c": np.float32(0.1), "r": np.float32(0.1)},
+                V86, "EntropyCalibration2")
+    absent = tmp_path / "absent" / "calib.npz"
+    req = BuildRequest("int8", env.onnx, tmp_path / "a", _config(int8_route="implicit", calibration_source="cache"),
+                       calib_dir=env.calib, calib_data=absent)
+    res = TensorRTBackend(progress=False).build(req)
+    assert res.calibration["route"] == "implicit" and trt._rec.calibration["cache_read"] is True
+    assert trt._rec.calibration["batches_fed"] == 0
+    (env.calib / "calibration.cache").unlink()
+    req = BuildRequest("int8", env.onnx, tmp_path / "b", _config(int8_route="implicit"), calib_dir=env.calib,
+                       calib_data=absent)
+    with pytest.raises(DataError, match="calib.npz: calibration data not found") as e:
+        TensorRTBackend(progress=False).build(req)
+    assert "\n" not in str(e.value)

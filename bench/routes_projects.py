@@ -1,0 +1,118 @@
+"""Four projects for the side-by-side of TensorRT's routes (issue 20's GPU show), made on a CPU up to
+calibrate: ResNet-50 (seeded), EfficientNet-Lite0 (ImageNet weights), the three-head digit detector
+(trained here) and the BERT-style text encoder with two int64 inputs and a dynamic sequence axis
+(seeded; tests/models). Each runs `trtpipe prepare, export, validate, calibrate` with its own config
+(backend onnxruntime here); the GPU then builds and evaluates every route
+(`bench/device_session.sh routes`). `calib.npz` is not needed there: the implicit route reads
+calibrate's cache. Writes build/routes/<model>/ and build/routes.tgz parts of < 60 MB (carry limit).
+
+    python bench/routes_projects.py [--only resnet50,efficientnet,detector,text]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGES = {  # ResNet-50 and EfficientNet-Lite0 on the same crops (routes_factory)
+    "data": {"source": "factory", "path": "routes_factory:eval_crops", "calibration_path": "routes_factory:calib_crops"},
+    "validate": {"num_samples": 128, "atol": 1.0e-3, "min_cosine": 0.99999},
+    "calibration": {"method": "entropy", "num_samples": 256, "batch_size": 32},
+    "build": {"profile": {"min_batch": 1, "opt_batch": 32, "max_batch": 32}},
+    "evaluate": {"batch_size": 32, "metrics": [], "latency": {"warmup": 20, "iterations": 200, "batch_sizes": [1, 32]}},
+}
+
+
+def _configs() -> dict[str, tuple[dict[str, Any], list[Path]]]:
+    from tests.test_any_model import DETECTOR, TEXT
+
+    resnet = copy.deepcopy(IMAGES)
+    resnet["model"] = {"name": "resnet50", "source": "factory", "arch": "routes_factory:resnet50",
+                       "checkpoint": "weights.pt", "num_classes": 1000,
+                       "inputs": [{"name": "input", "shape": [3, 224, 224], "dtype": "float32"}],
+                       "outputs": [{"name": "logits"}]}
+    resnet["data"]["preprocess"] = {"mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]}
+    effnet = copy.deepcopy(IMAGES)
+    effnet["model"] = {"name": "efficientnet-lite0", "source": "factory", "arch": "efficientnet_lite0_factory:make",
+                       "checkpoint": "weights.pt", "num_classes": 1000,
+                       "inputs": [{"name": "input", "shape": [3, 224, 224], "dtype": "float32"}],
+                       "outputs": [{"name": "logits"}]}
+    effnet["data"]["preprocess"] = {"mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0]}
+    text = copy.deepcopy(TEXT)
+    text["evaluate"]["latency"] = {"warmup": 20, "iterations": 200, "batch_sizes": [1, 16]}
+    det = copy.deepcopy(DETECTOR)
+    det["evaluate"]["latency"] = {"warmup": 20, "iterations": 200, "batch_sizes": [1, 32]}
+    img_mods = [ROOT / "bench/routes/routes_factory.py", ROOT / "configs/efficientnet_lite0_factory.py"]
+    return {"resnet50": (resnet, img_mods), "efficientnet": (effnet, img_mods),
+            "detector": (det, [ROOT / "tests/models/digit_detector.py"]),
+            "text": (text, [ROOT / "tests/models/text_encoder.py", ROOT / "tests/models/text_data.py"])}
+
+
+def _sh(argv: list[str], cwd: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{cwd}:{ROOT}", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} in {cwd} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+
+
+def make(name: str, work: Path) -> None:
+    config, modules = _configs()[name]
+    root = work / name
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "configs").mkdir(parents=True)
+    for m in modules:
+        shutil.copy(m, root / m.name)
+    (root / "configs" / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump({"config": "configs/model.yaml"}))
+    sys.path.insert(0, str(root))
+    if name == "resnet50":
+        import torch
+        from routes_factory import resnet50  # type: ignore[import-not-found]
+
+        torch.save(resnet50().state_dict(), root / "weights.pt")
+    elif name == "efficientnet":
+        from efficientnet_lite0_factory import save_checkpoint
+
+        save_checkpoint(str(root / "weights.pt"))
+    elif name == "detector":
+        from digit_detector import train  # type: ignore[import-not-found]
+
+        train(str(root / "weights.pt"))
+    elif name == "text":
+        import torch
+        from text_encoder import make as make_text  # type: ignore[import-not-found]
+
+        torch.manual_seed(0)
+        torch.save(make_text().state_dict(), root / "weights.pt")
+    trtpipe = str(Path(sys.executable).parent / "trtpipe")
+    t0 = time.monotonic()
+    for stage in ("prepare", "export", "validate", "calibrate"):
+        _sh([trtpipe, stage, "-q"], root)
+    (root / "artifacts/prepare/calib.npz").unlink()  # the GPU reads calibrate's cache, not the samples
+    print(f"{name}: prepare .. calibrate in {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "build" / "routes")
+    ap.add_argument("--only", default="resnet50,efficientnet,detector,text")
+    a = ap.parse_args()
+    for name in [n.strip() for n in a.only.split(",") if n.strip()]:
+        make(name, a.work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
