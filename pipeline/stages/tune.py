@@ -4,12 +4,16 @@ Inputs (each checked as its producer wrote it): the FP32 ONNX validate passed; c
 outputs made from that ONNX (`ranges.json` amax per tensor, `calibrate.json`, and on a GPU
 `calibration.cache`); prepare's `eval.npz`. Config: `tune:` (see pipeline.config.TuneConfig).
 
-1. The FP32 ONNX runs on every evaluation sample (onnxruntime): the reference. The budget
-   (:mod:`pipeline.tuning.budget`) is resolved against it: a task metric of
-   `evaluate.metrics` or an agreement statistic, `@output` for one output.
-2. The samples are split deterministically (`tune.seed`): a permutation of the evaluation
+1. The samples are split deterministically (`tune.seed`): a permutation of the evaluation
    set whose first `tune.search_samples` are the search samples, whose first
    `tune.sensitivity_samples` the sensitivity samples; the final check uses all of them.
+2. The FP32 ONNX runs on every evaluation sample (onnxruntime), batch by batch: the
+   reference. Its outputs go to a temporary `.npz` beside `out_dir` (removed when the stage
+   ends, however it ends), read back by rows whenever a candidate is checked on the full set,
+   chunk by chunk (:mod:`pipeline.tuning.fullset`); the search and sensitivity samples' rows
+   stay in memory. The budget (:mod:`pipeline.tuning.budget`) is resolved on the search
+   samples' outputs: a task metric of `evaluate.metrics` or an agreement statistic,
+   `@output` for one output.
 3. The quantizable layers (:mod:`pipeline.tuning.layers`) come from the fully quantized Q/DQ
    model's placement; a layer reading a tensor calibrate left without a range is always float.
 4. Candidates are measured by `tune.backend`: the onnxruntime Q/DQ simulation with the
@@ -122,6 +126,36 @@ def _forced_float(onnx_path: Path, excluded: dict[str, str], op_types: list[str]
     return out
 
 
+def _sample_sets(cfg: Config, onnx_path: Path, samples: Any, reference: Path, search_idx: np.ndarray,
+                 sens_idx: np.ndarray, threads: Optional[int]) -> tuple[Any, dict[str, Any]]:
+    """The budget and the three sample sets. The FP32 ONNX runs once over the evaluation set,
+    batch by batch, its outputs written to `reference` (an .npz the full set reads back by rows)
+    and the search subset's rows kept; the budget is resolved on those."""
+    from ..data.npz_rows import npz_shapes
+    from ..onnx_utils import ort_session
+    from ..tuning.budget import Budget
+    from ..tuning.fullset import StreamedSet, chunk_rows, write_reference
+    from ..tuning.search import SampleSet
+
+    session = ort_session(onnx_path, threads=threads)
+    names = [o.name for o in session.get_outputs()]
+    bs = cfg.evaluate.batch_size
+    fp32 = write_reference(session, samples.x, bs, reference, search_idx)
+    del session
+
+    def subset(idx: np.ndarray, rows: np.ndarray) -> SampleSet:
+        return SampleSet({k: v[idx] for k, v in samples.x.items()}, None if samples.y is None else samples.y[idx],
+                         {k: v[rows] for k, v in fp32.items()}, index=idx)
+
+    search = subset(search_idx, np.arange(len(search_idx)))
+    sensitivity = subset(sens_idx, np.searchsorted(search_idx, sens_idx))  # a subset of the search samples
+    sensitivity.index = None  # measured on its own, never sliced out of a full run
+    budget = Budget.resolve(cfg, names, search.fp32, search.y, search.x)
+    shapes = {k: shape for k, (shape, _) in npz_shapes(reference).items()}
+    full = StreamedSet(dict(samples.x), samples.y, reference, names, chunk_rows(shapes, samples.x, bs))
+    return budget, {"full": full, "search": search, "sensitivity": sensitivity}
+
+
 def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir: Path, *,
          calib_data: Optional[Path] = None, progress: bool = True, threads: Optional[int] = None,
          backend: str = "onnxruntime") -> TuneReport:
@@ -129,15 +163,14 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
     from calibration.qdq import quantize_qdq
 
     from ..data import load_samples
-    from ..onnx_utils import ort_session, run_batched
     from ..provenance import sha256_of
     from ..reports import CalibrateReport, read_report
-    from ..tuning.budget import Budget
+    from ..tuning.fullset import scratch_dir
     from ..tuning.layers import find_layers, layer_precisions
     from ..tuning.methods import minmax_alternatives, overrides, tuned_amax, write_tuned_cache
     from ..tuning.ort_candidates import OrtCandidates
     from ..tuning.plot import plot_frontier
-    from ..tuning.search import SampleSet, Tuner, frontier
+    from ..tuning.search import Tuner, frontier
 
     assert cfg.tune is not None
     t = cfg.tune
@@ -151,24 +184,11 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{calib_dir / 'ranges.json'}: not the calibrate stage's ranges ({e}); re-run calibrate") from None
 
-    fp32_session = ort_session(onnx_path, threads=threads)
-    output_names = [o.name for o in fp32_session.get_outputs()]
-    fp32 = run_batched(fp32_session, samples.x, cfg.evaluate.batch_size)
-    del fp32_session
-    budget = Budget.resolve(cfg, output_names, fp32, samples.y, samples.x)
     search_idx, sens_idx = _split(n, t.search_samples, t.sensitivity_samples, t.seed)
-
-    def subset(idx: Optional[np.ndarray]) -> SampleSet:
-        if idx is None:
-            return SampleSet(dict(samples.x), samples.y, fp32)
-        return SampleSet({k: v[idx] for k, v in samples.x.items()}, None if samples.y is None else samples.y[idx],
-                         {k: v[idx] for k, v in fp32.items()}, index=idx)
-
-    sets = {"full": subset(None), "search": subset(search_idx), "sensitivity": subset(sens_idx)}
-    sets["sensitivity"].index = None  # measured on its own, never sliced out of a full run
     forced = _forced_float(onnx_path, dict(cal.excluded), list(t.op_types))
 
-    with staging_dir(out_dir) as tmp:
+    with staging_dir(out_dir) as tmp, scratch_dir(out_dir) as scratch:
+        budget, sets = _sample_sets(cfg, onnx_path, samples, scratch / "fp32.npz", search_idx, sens_idx, threads)
         placement = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=sorted(forced))
         layers = find_layers(onnx_path, placement, list(t.op_types), {k: v[:1] for k, v in samples.x.items()}, forced)
         always = [layer.name for layer in layers if layer.forced_float]

@@ -3,9 +3,10 @@
 A *candidate* is a set of kept layers; a runner (:mod:`.ort_candidates` on a CPU,
 :mod:`.trt_candidates` on a GPU) gives its outputs and its cost, and the budget
 (:mod:`.budget`) its metric against the FP32 model's outputs on the same samples. Three
-sample sets: the *full* evaluation set (the final check), the *search* subset (a seeded
-`tune.search_samples` of it, where the search runs) and the *sensitivity* subset (the
-first `tune.sensitivity_samples` of the search subset).
+sample sets: the *full* evaluation set (the final check; the stage measures it chunk by
+chunk, :mod:`.fullset`), the *search* subset (a seeded `tune.search_samples` of it, where
+the search runs) and the *sensitivity* subset (the first `tune.sensitivity_samples` of the
+search subset), both held in memory with their FP32 outputs.
 
 Every strategy first measures full INT8 and all layers kept, on the full set: when full
 INT8 meets the budget nothing is kept; when even keeping every layer does not, the budget
@@ -39,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -67,13 +68,27 @@ class SampleSet:
         """This set's rows of outputs over the full set."""
         return {k: v[self.index] for k, v in outputs.items()} if self.index is not None else dict(outputs)
 
+    def fp32_value(self, budget: Budget) -> float:
+        """The budget's metric of the FP32 model itself on this set."""
+        return budget.measure(self.fp32, self.fp32, self.y, self.x)
+
+    def score(self, budget: Budget, run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]],
+              sqnr_output: Optional[str] = None, sub: Optional["SampleSet"] = None) -> tuple[float, float, Optional[float]]:
+        """(the budget's metric, the output SQNR, the budget's metric on `sub`'s rows: a subset
+        whose `index` points into this set; None without one) of the outputs `run` gives on this set.
+        The full evaluation set is measured chunk by chunk instead (:class:`.fullset.StreamedSet`)."""
+        outputs = run(self.x)
+        metric = budget.measure(outputs, self.fp32, self.y, self.x)
+        sub_metric = None if sub is None else budget.measure(sub.take(outputs), sub.fp32, sub.y, sub.x)
+        return metric, sqnr_db(outputs, self.fp32, sqnr_output), sub_metric
+
 
 @dataclass
 class Tuner:
     layers: list[Layer]
     budget: Budget
     runner: Any
-    sets: dict[str, SampleSet]  # full, search, sensitivity
+    sets: dict[str, Any]  # full (a SampleSet, or a fullset.StreamedSet), search, sensitivity (SampleSets)
     max_candidates: int
     max_seconds: float
     sqnr_output: Optional[str] = None
@@ -90,7 +105,7 @@ class Tuner:
 
     def __post_init__(self) -> None:
         for s in self.sets.values():
-            s.fp32_metric = self.budget.measure(s.fp32, s.fp32, s.y, s.x)
+            s.fp32_metric = s.fp32_value(self.budget)
             s.threshold = self.budget.threshold(s.fp32_metric)
         if self.progress:
             from ..log import progress_bar
@@ -133,16 +148,14 @@ class Tuner:
         if self._bar is not None:
             self._bar.set_postfix_str(f"{phase}, {len(key[0])} kept", refresh=False)
         s = self.sets[on]
-        outputs = self.runner.run(key[0], s.x, key[1]) if key[1] else self.runner.run(key[0], s.x)
-        metric = self.budget.measure(outputs, s.fp32, s.y, s.x)
+        sub = self.sets["search"] if on == "full" and c["metric"] is None else None
+        metric, sq, sub_metric = s.score(self.budget, self._run_of(key), self.sqnr_output, sub)
         if math.isnan(c["sqnr_db"]):
-            c["sqnr_db"] = sqnr_db(outputs, s.fp32, self.sqnr_output)
+            c["sqnr_db"] = sq
         if on == "full":
             c["metric_full"], c["meets_full"] = metric, self.budget.meets(metric, s.threshold)
-            if c["metric"] is None:
-                sub = self.sets["search"]
-                m = self.budget.measure(sub.take(outputs), sub.fp32, sub.y, sub.x)
-                c["metric"], c["meets"] = m, self.budget.meets(m, sub.threshold)
+            if sub is not None:
+                c["metric"], c["meets"] = sub_metric, self.budget.meets(sub_metric, sub.threshold)
         elif on == "search":
             c["metric"], c["meets"] = metric, self.budget.meets(metric, s.threshold)
         else:
@@ -152,6 +165,11 @@ class Tuner:
         if self._bar is not None:
             self._bar.update(1)
         return c
+
+    def _run_of(self, key: tuple[frozenset, frozenset]) -> Callable[[dict[str, Any]], Mapping[str, np.ndarray]]:
+        """The runner's outputs of the candidate `key` on some inputs (the full set calls it per chunk)."""
+        kept, minmax = key
+        return (lambda x: self.runner.run(kept, x, minmax)) if minmax else (lambda x: self.runner.run(kept, x))
 
     def ok(self, c: dict[str, Any], on: str) -> bool:
         return bool(c["meets_full"] if on == "full" else c["meets"])
