@@ -186,3 +186,49 @@ def test_a_damaged_index_or_a_stream_asked_of_other_data_is_one_line(prepared, t
     with pytest.raises((ConfigError, PipelineError), match="stream: true streams image folders only") as e:
         load_config(None, params, quiet=True)
     assert "\n" not in str(e.value)
+
+
+def test_tune_on_a_streamed_split_gives_the_numbers_of_the_held_one(prepared, digit_pngs, tmp_path, monkeypatch):
+    """tune on the in-memory split (its full set one chunk) and on the streamed one (chunks of one
+    batch): the same tune.json; the streamed split is decoded a chunk at a time, never whole."""
+    from pipeline.data.stream import ImageStream
+    from pipeline.stages import calibrate, export, tune, validate
+    from pipeline.tuning import fullset
+
+    def whole(self, *a, **k):
+        raise AssertionError("tune decoded a whole streamed split into one array")
+
+    slices: list[int] = []
+    real_slice = ImageStream._slice
+
+    def spy(self, start, stop):
+        slices.append(stop - start)
+        return real_slice(self, start, stop)
+
+    monkeypatch.setattr(ImageStream, "__array__", whole)
+    monkeypatch.setattr(ImageStream, "_slice", spy)
+    reports = {}
+    for stream in (False, True):
+        _, prep = prepared[stream]
+        cfg = _cfg(tmp_path, digit_pngs, stream, tune={"budget": {"metric": "top1_agreement", "min": 1.0}})
+        d = tmp_path / f"run-{stream}"
+        export.run(cfg, prep / "model.pt", d / "export")
+        validate.run(cfg, prep / "model.pt", d / "export" / "model.onnx", prep / "eval.npz", d / "validate")
+        calibrate.run(cfg, d / "export" / "model.onnx", prep / "calib.npz", d / "calibrate",
+                      validation=d / "validate" / "validate.json", progress=False)
+        if stream:
+            slices.clear()
+            monkeypatch.setattr(fullset, "CHUNK_BYTES", 1)
+        tune.run(cfg, d / "export" / "model.onnx", d / "calibrate", prep / "eval.npz", d / "tune",
+                 validation=d / "validate" / "validate.json", progress=False)
+        reports[stream] = json.loads((d / "tune" / "tune.json").read_text())
+    held, streamed = reports[False], reports[True]
+    bs = prepared[True][0].evaluate.batch_size
+    assert slices and max(slices) == bs < streamed["samples"]["full"] and len(held["candidates"]) > 2
+    for k in ("budget", "samples", "layers", "sensitivity", "chosen", "kept", "frontier", "reference_points"):
+        assert streamed[k] == held[k], k
+    drop = ("seconds", "sqnr_db")  # sqnr_db: a sum over chunks (float rounding); the rest is counted
+    assert [{k: v for k, v in c.items() if k not in drop} for c in streamed["candidates"]] == \
+        [{k: v for k, v in c.items() if k not in drop} for c in held["candidates"]]
+    for a, b in zip(streamed["candidates"], held["candidates"]):
+        assert a["sqnr_db"] == b["sqnr_db"] or a["sqnr_db"] == pytest.approx(b["sqnr_db"], rel=1e-9)
