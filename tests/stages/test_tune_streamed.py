@@ -215,3 +215,85 @@ def test_the_fp32_reference_is_a_temporary_npz_beside_the_output_removed_also_on
         _tune(det, BUDGETS["snr"], "tune-fails")
     assert calls == [BATCH] * 3  # in the middle of the first full pass
     assert not written[1].exists() and _scratch_left(det) == [] and not (det / "artifacts/tune-fails").exists()
+
+
+def test_engine_candidates_run_per_chunk_are_built_and_timed_once(tmp_path: Path) -> None:
+    """TrtCandidates (its own run, timing and cost code; a stand-in build and engine) called chunk by
+    chunk on the full set: no candidate is rebuilt between chunks, each is timed once per latency
+    batch size, and no engine call sees more than a chunk of the full set."""
+    import collections
+
+    from pipeline.backends import tensorrt_backend
+    from pipeline.backends.base import BuildResult
+    from pipeline.data.npz_writer import NpzWriter
+    from pipeline.runtime import trt_runner
+    from pipeline.tuning.budget import Budget
+    from pipeline.tuning.fullset import StreamedSet
+    from pipeline.tuning.layers import Layer
+    from pipeline.tuning.search import SampleSet, Tuner
+    from pipeline.tuning.trt_candidates import TrtCandidates
+    from tests._digits_run import digits_config
+
+    layers = [Layer(f"l{i}", "Conv", i, (f"l{i}",), 1000) for i in range(4)]
+    noise = {"l0": 1e-6, "l1": 1e-1, "l2": 1e-6, "l3": 1e-6}  # l1: the layer INT8 breaks
+    built: list[list[str]] = []
+    timed: list[tuple[tuple[str, ...], int]] = []
+    rows: list[int] = []
+
+    class Engine:  # stand-in TrtRunner: the input plus a fixed error per INT8 layer
+        def __init__(self, path: Path) -> None:
+            self.kept = tuple(json.loads(Path(path).read_text()))
+            self.output_names, self.profiles = ["y"], []
+
+        def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            v = feed["input"].astype(np.float64)
+            rows.append(len(v))
+            for i, layer in enumerate(layers):
+                if layer.name not in self.kept:
+                    v = v + np.sqrt(noise[layer.name]) * np.sin(7.0 * (i + 1) * feed["input"])
+            return {"y": v.astype(np.float32)}
+
+        def time(self, batch: dict[str, np.ndarray], warmup: int, iterations: int, mode: Any = None) -> dict[str, Any]:
+            timed.append((self.kept, len(batch["input"])))
+            return {"times_ms": [1.0 + len(self.kept)]}
+
+        def close(self) -> None:
+            pass
+
+    def build(self: Any, req: Any) -> BuildResult:
+        pins = req.config.build.layer_precisions
+        kept = [layer.name for layer in layers if any(layer.name in p for p in pins)]
+        (req.out_dir / "model.engine").write_text(json.dumps(kept))
+        built.append(kept)
+        return BuildResult("model.engine")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tensorrt_backend.TensorRTBackend, "build", build)
+    mp.setattr(trt_runner, "TrtRunner", Engine)
+    n, chunk = 200, 16
+    x = np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32)
+    with NpzWriter(tmp_path / "fp32.npz", ["y"]) as w:
+        w.add("y", x)
+        w.close()
+    idx = np.sort(np.random.default_rng(1).permutation(n)[:48])
+    sets = {"full": StreamedSet({"input": x}, None, tmp_path / "fp32.npz", ["y"], chunk),
+            "search": SampleSet({"input": x[idx]}, None, {"y": x[idx]}, index=idx),
+            "sensitivity": SampleSet({"input": x[idx]}, None, {"y": x[idx]})}
+    cfg = digits_config(tmp_path, evaluate={"batch_size": chunk})
+    cands = TrtCandidates(cfg, tmp_path / "model.onnx", tmp_path, layers, "fp16", progress=False)
+    cands._route = ("implicit", "stand-in")
+    try:
+        budget = Budget("snr_db", "min", 30.0, "agreement", True, "snr_db", None)
+        tuner = Tuner(layers, budget, cands, sets, 100, 60.0, None, False)
+        chosen, _ = tuner.run("sensitivity")
+    finally:
+        cands.close()
+        mp.undo()
+    assert chosen["kept"] == ["l1"] and chosen["meets_full"]
+    full = [c for c in tuner.candidates if c["metric_full"] is not None]
+    assert len(full) >= 3 and all(c["latency_ms"] == {"b1": 1.0 + len(c["kept"]), "b32": 1.0 + len(c["kept"])}
+                                  for c in full)
+    assert all(a != b for a, b in zip(built, built[1:]))  # never rebuilt between the chunks of one pass
+    assert set(collections.Counter(timed).values()) == {1}  # once per candidate and latency batch size
+    assert {len(k) for k in built} >= {0, 1, 3, 4} and len({k for k, _ in timed}) == len({tuple(k) for k in built})
+    assert max(rows) == chunk and rows.count(chunk) >= len(full) * n // chunk
