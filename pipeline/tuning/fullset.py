@@ -23,11 +23,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..metrics import AGREEMENT_ROWS
 from .budget import Budget, BudgetSum
 
 Outputs = Mapping[str, np.ndarray]
 CHUNK_BYTES = 64 << 20  # a chunk's outputs (as float64 sums) and inputs
-CHUNK_MAX_ROWS = 8 * 2048  # as evaluate's chunks (pipeline.stages.evaluate)
+CHUNK_MAX_ROWS = 8 * AGREEMENT_ROWS  # as evaluate's chunks (pipeline.stages.evaluate.EVAL_CHUNK_MAX_ROWS)
 
 
 def chunk_rows(output_shapes: Mapping[str, tuple[int, ...]], x: Mapping[str, Any], batch_size: int) -> int:
