@@ -10,6 +10,10 @@
   an internal assertion (`chooseHigherPrecision ... dt1 == kFLOAT || dt1 == kHALF`); with the
   Gemm weights in float (`gemm_weights_in_float`, their inputs still through Q/DQ) it built,
   and the engine matched onnxruntime's simulation of that ONNX (cosine 1.0 on every output).
+* Q/DQ on MatMul weights inside a transformer: TensorRT 8.6.0 stopped building a BERT-style
+  encoder's Q/DQ ONNX on another internal assertion (`convertMyelinWeightsToFp32 ...
+  params.weights.type() != DataType::kINT8`, H100); the build then retries with those MatMul
+  weights in float (`weights_in_float(model, ("MatMul", "Gemm"))`); not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -108,10 +112,10 @@ def dequantized(dq: Any, inits: Mapping[str, Any]) -> Any:
     return ((q - zero) * scale).astype(np.float32)
 
 
-def gemm_weights_in_float(model: Any) -> list[str]:
-    """Edit `model` in place: every Gemm whose weight is a DequantizeLinear of an int8 initializer gets
-    the dequantized float weight instead (the same values onnxruntime's DequantizeLinear gives);
-    returns the Gemm nodes' names."""
+def weights_in_float(model: Any, op_types: tuple[str, ...] = ("Gemm",)) -> list[str]:
+    """Edit `model` in place: every `op_types` node (Gemm: its weight input; MatMul: either input) that reads a
+    DequantizeLinear of an int8 initializer reads the dequantized float weight instead (the same values
+    onnxruntime's DequantizeLinear gives); returns those nodes' names."""
     from onnx import numpy_helper
 
     g = model.graph
@@ -123,15 +127,21 @@ def gemm_weights_in_float(model: Any) -> list[str]:
             readers[t] = readers.get(t, 0) + 1
     changed, drop = [], set()
     for n in g.node:
-        d = producer.get(n.input[1]) if n.op_type == "Gemm" and len(n.input) > 1 else None
-        if d is None or d.op_type != "DequantizeLinear" or d.input[0] not in inits:
+        if n.op_type not in op_types:
             continue
-        name = f"{n.name}_weight_float"
-        g.initializer.append(numpy_helper.from_array(dequantized(d, inits), name))
-        n.input[1] = name
-        changed.append(n.name)
-        if readers.get(d.output[0], 0) == 1:
-            drop.add(d.name)
+        slots = [1] if n.op_type == "Gemm" else list(range(len(n.input)))
+        for k in slots:
+            d = producer.get(n.input[k]) if k < len(n.input) else None
+            if d is None or d.op_type != "DequantizeLinear" or d.input[0] not in inits:
+                continue
+            name = f"{n.name}_input{k}_float"
+            g.initializer.append(numpy_helper.from_array(dequantized(d, inits), name))
+            n.input[k] = name
+            if n.name not in changed:
+                changed.append(n.name)
+            readers[d.output[0]] -= 1
+            if readers[d.output[0]] == 0:
+                drop.add(d.name)
     if drop:
         kept = [n for n in g.node if n.name not in drop]
         del g.node[:]
@@ -143,4 +153,10 @@ def gemm_weights_in_float(model: Any) -> list[str]:
     return changed
 
 
-__all__ = ["float_conv_activation_q", "quantize_before_activation", "dequantized", "gemm_weights_in_float"]
+def gemm_weights_in_float(model: Any) -> list[str]:
+    """`weights_in_float` of the Gemm nodes (the detector's heads on 8.6.0, above)."""
+    return weights_in_float(model, ("Gemm",))
+
+
+__all__ = ["float_conv_activation_q", "quantize_before_activation", "dequantized", "gemm_weights_in_float",
+           "weights_in_float"]

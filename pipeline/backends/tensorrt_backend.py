@@ -134,47 +134,53 @@ class TensorRTBackend(Backend):
         try:
             return self._build_once(req)
         except BackendError as e:
-            retry = self._gemm_float_retry(req, e)
+            retry = self._weights_float_retry(req, e)
             if retry is None:
                 raise
-            req2, note = retry
+            req2, key, note = retry
             _log(note, warning=True)
             res = self._build_once(req2)
             res.details["notes"].append(note)
-            res.details["qdq_edit"]["gemm_weights_in_float"] = {"note": note, "onnx": str(req2.qdq_onnx),
-                                                                "sha256": sha256_file(Path(req2.qdq_onnx))}
+            res.details["qdq_edit"][key] = {"note": note, "onnx": str(req2.qdq_onnx),
+                                            "sha256": sha256_file(Path(req2.qdq_onnx))}
             return res
 
-    def _gemm_float_retry(self, req: BuildRequest, error: Exception) -> Optional[tuple[BuildRequest, str]]:
-        """An explicit INT8 build that weakly typed TensorRT (8.x) stopped on its chooseHigherPrecision
-        assertion, with Q/DQ on Gemm weights: the same Q/DQ ONNX with those Gemm weights in float
-        (calibration.qdq_patterns), written beside the engine, and the note that says so; else None."""
+    # TensorRT 8.x internal assertions on Q/DQ weights (calibration/qdq_patterns.py), and what is rebuilt in float
+    WEIGHT_ASSERTIONS = {"chooseHigherPrecision": ("Gemm",), "convertMyelinWeightsToFp32": ("MatMul", "Gemm")}
+
+    def _weights_float_retry(self, req: BuildRequest, error: Exception) -> Optional[tuple[BuildRequest, str, str]]:
+        """An explicit INT8 build that weakly typed TensorRT (8.x) stopped on one of WEIGHT_ASSERTIONS, with
+        Q/DQ on those nodes' weights: the same Q/DQ ONNX with those weights in float (calibration.qdq_patterns),
+        written beside the engine; (request, build.json qdq_edit key, note), else None."""
         from dataclasses import replace
 
-        if req.precision != "int8" or req.qdq_onnx is not None or "chooseHigherPrecision" not in str(error):
+        hit = next((k for k in self.WEIGHT_ASSERTIONS if k in str(error)), None)
+        if req.precision != "int8" or req.qdq_onnx is not None or hit is None:
             return None
         trt = require_tensorrt()
         api = trt_api(trt)
         if api.typed_builds or resolve_int8_route(api, req.config.build.int8_route)[0] != "explicit":
             return None
-        from calibration.qdq_patterns import gemm_weights_in_float
+        from calibration.qdq_patterns import weights_in_float
 
         from ..onnx_utils import load_onnx
 
         src = self._onnx_for(req, True)
         model = load_onnx(src, check=False)
-        gemms = gemm_weights_in_float(model)
-        if not gemms:
+        ops = self.WEIGHT_ASSERTIONS[hit]
+        nodes = weights_in_float(model, ops)
+        if not nodes:
             return None
         import onnx
 
-        out = Path(req.out_dir) / f"{src.stem}.gemm_float.onnx"
+        kind = ops[0].lower()
+        out = Path(req.out_dir) / f"{src.stem}.{kind}_float.onnx"
         Path(req.out_dir).mkdir(parents=True, exist_ok=True)
         onnx.save(model, str(out))
-        note = (f"TensorRT {trt.__version__} could not build the Q/DQ on the weights of {len(gemms)} Gemm node(s) "
-                f"(chooseHigherPrecision assertion); built {out.name} instead: the same Q/DQ ONNX with those "
-                f"weights in float, their inputs still INT8 ({', '.join(gemms[:3])}{' ...' if len(gemms) > 3 else ''})")
-        return replace(req, qdq_onnx=out), note
+        note = (f"TensorRT {trt.__version__} could not build the Q/DQ on the weights of {len(nodes)} "
+                f"{'/'.join(ops)} node(s) ({hit} assertion); built {out.name} instead: the same Q/DQ ONNX with those "
+                f"weights in float, their inputs still INT8 ({', '.join(nodes[:3])}{' ...' if len(nodes) > 3 else ''})")
+        return replace(req, qdq_onnx=out), f"{kind}_weights_in_float", note
 
     def _build_once(self, req: BuildRequest) -> BuildResult:
         trt = require_tensorrt()
@@ -554,8 +560,14 @@ class TensorRTBackend(Backend):
         else:
             shapes = {t.name: [c.batch_size, *[int(d) for d in t.shape[1:]]] for t in inputs}
             if any(d < 0 for s in shapes.values() for d in s):
-                raise DataError("the calibration profile needs the calibration samples to fix the dynamic axes: "
-                                "pass --calib-data")
+                # TensorRT reads the cache and does not calibrate: the calibration profile needs valid shapes only,
+                # the build profile's opt shapes (batch: calibration.batch_size within the profile)
+                first = config_profiles(onnx_inputs(req.onnx_path), cfg.build, req.onnx_path)[0]
+                if any(t.name not in first for t in inputs):
+                    raise DataError("the calibration profile needs the calibration samples to fix the dynamic axes: "
+                                    "pass --calib-data")
+                shapes = {t.name: [min(max(c.batch_size, first[t.name]["min"][0]), first[t.name]["max"][0]),
+                                   *first[t.name]["opt"][1:]] for t in inputs}
         cal = make_calibrator(cfg.build.int8_calibrator, batches, out_dir / CACHE_FILE, batch_size=c.batch_size,
                               read_cache_from=read_from, memory=self.memory, progress=self.progress, log=_log,
                               dtypes=dtypes, num_batches=num_batches)

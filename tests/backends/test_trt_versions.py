@@ -677,3 +677,89 @@ def test_implicit_build_from_the_stage_cache_needs_no_calibration_samples(env, t
     with pytest.raises(DataError, match="calib.npz: calibration data not found") as e:
         TensorRTBackend(progress=False).build(req)
     assert "\n" not in str(e.value)
+
+
+def _qdq_matmul(path: Path) -> Path:
+    """input [N, 16] -> Q/DQ -> MatMul (int8 weights [16, 8], per output column, axis 1) -> out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.integers(-127, 127, size=(16, 8)).astype(np.int8), "Wq"),
+             numpy_helper.from_array(np.linspace(0.001, 0.004, 8).astype(np.float32), "s_w"),
+             numpy_helper.from_array(np.zeros(8, np.int8), "z_w"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "s_x"),
+             numpy_helper.from_array(np.array(0, np.int8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "s_x", "z"], ["xq"], name="/q_x"),
+             helper.make_node("DequantizeLinear", ["xq", "s_x", "z"], ["xdq"], name="/dq_x"),
+             helper.make_node("DequantizeLinear", ["Wq", "s_w", "z_w"], ["w"], name="/dq_w", axis=1),
+             helper.make_node("MatMul", ["xdq", "w"], ["out"], name="/attn/q/MatMul")]
+    graph = helper.make_graph(nodes, "mm", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _refuse_matmul_weight_qdq(path: str) -> str | None:
+    """What TensorRT 8.6.0 did with a BERT-style encoder's Q/DQ ONNX on an H100
+    (bench/results/h100_2026-12-07c/routes_run/r/routes/text/routes.log)."""
+    import onnx
+
+    g = onnx.load(path).graph
+    dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in {i.name for i in g.initializer}}
+    if any(n.op_type == "MatMul" and set(n.input) & dq for n in g.node):
+        return ("2: [graphOptimizer.cpp::convertMyelinWeightsToFp32::7903] Error Code 2: Internal Error (Assertion "
+                "params.weights.type() != DataType::kINT8 failed. )")
+    return None
+
+
+def test_explicit_matmul_weight_assertion_on_86_builds_with_those_weights_in_float(env):
+    """8.6 stops on Q/DQ MatMul weights inside a Myelin graph: the build writes the same Q/DQ ONNX with those
+    weights in float, builds that and says so; onnxruntime computes the same outputs from both."""
+    import onnx
+
+    from calibration.ort_session import make_session
+
+    original = _qdq_matmul(env.calib / "model.qdq.onnx")
+    rec, res, out = env.build(V86, "int8", fail_build=_refuse_matmul_weight_qdq, int8_route="explicit")
+    edited = out / "model.qdq.matmul_float.onnx"
+    assert rec.parsed["path"] == str(edited) and "convertMyelinWeightsToFp32" in rec.build_errors[0]
+    note = res.details["notes"][-1]
+    assert "1 MatMul/Gemm node(s) (convertMyelinWeightsToFp32 assertion)" in note and "/attn/q/MatMul" in note
+    assert res.details["qdq_edit"]["matmul_weights_in_float"]["onnx"] == str(edited)
+    x = {"input": np.random.default_rng(5).normal(size=(7, 16)).astype(np.float32)}
+    a, b = (make_session(str(p)).run(None, x)[0] for p in (original, edited))
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    g = onnx.load(str(edited)).graph
+    assert [n.op_type for n in g.node] == ["QuantizeLinear", "DequantizeLinear", "MatMul"]  # the input still INT8
+
+
+def test_implicit_build_from_the_cache_with_a_dynamic_sequence_takes_the_profiles_opt_shape(env, tmp_path):
+    """A dynamic sequence axis and no calibration samples: TensorRT reads the cache and does not calibrate, so
+    the calibration profile is the build profile's opt shape (batch: calibration.batch_size)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from calibration.cache import write_cache
+    from pipeline.backends.base import BuildRequest
+    from pipeline.backends.tensorrt_backend import TensorRTBackend
+
+    trt = install(env.monkeypatch, V86)
+    path = tmp_path / "seq.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["tokens"], ["out"], name="/relu/Relu")], "seq",
+                              [helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["batch", "seq"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq"])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    calib = tmp_path / "cal"
+    calib.mkdir()
+    write_cache(calib / "calibration.cache", {"tokens": np.float32(0.05), "out": np.float32(0.05)}, V86,
+                "EntropyCalibration2")
+    cfg = Config.model_validate({
+        "model": {"name": "seq", "arch": "seq", "inputs": [{"name": "tokens", "shape": ["seq"]}]},
+        "calibration": {"num_samples": 8, "batch_size": 4},
+        "build": {"backend": "tensorrt", "timing_cache": None, "int8_route": "implicit", "calibration_source": "cache",
+                  "profiles": [{"batch": [1, 4, 8], "seq": [2, 6, 10]}]}})
+    req = BuildRequest("int8", path, tmp_path / "out", cfg, calib_dir=calib, calib_data=tmp_path / "absent.npz")
+    res = TensorRTBackend(progress=False).build(req)
+    assert trt._rec.calibration_profile == {"tokens": ([4, 6],) * 3}
+    assert trt._rec.calibration["cache_read"] is True and res.calibration["route"] == "implicit"
