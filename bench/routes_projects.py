@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 IMAGES = {  # ResNet-50 and EfficientNet-Lite0 on the same crops (routes_factory)
     "data": {"source": "factory", "path": "routes_factory:eval_crops", "calibration_path": "routes_factory:calib_crops"},
@@ -38,18 +35,17 @@ IMAGES = {  # ResNet-50 and EfficientNet-Lite0 on the same crops (routes_factory
 def _configs() -> dict[str, tuple[dict[str, Any], list[Path]]]:
     from tests.test_any_model import DETECTOR, TEXT
 
-    resnet = copy.deepcopy(IMAGES)
-    resnet["model"] = {"name": "resnet50", "source": "factory", "arch": "routes_factory:resnet50",
-                       "checkpoint": "weights.pt", "num_classes": 1000,
-                       "inputs": [{"name": "input", "shape": [3, 224, 224], "dtype": "float32"}],
-                       "outputs": [{"name": "logits"}]}
-    resnet["data"]["preprocess"] = {"mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4]}
-    effnet = copy.deepcopy(IMAGES)
-    effnet["model"] = {"name": "efficientnet-lite0", "source": "factory", "arch": "efficientnet_lite0_factory:make",
-                       "checkpoint": "weights.pt", "num_classes": 1000,
-                       "inputs": [{"name": "input", "shape": [3, 224, 224], "dtype": "float32"}],
-                       "outputs": [{"name": "logits"}]}
-    effnet["data"]["preprocess"] = {"mean": [127.0, 127.0, 127.0], "std": [128.0, 128.0, 128.0]}
+    def image_model(name: str, arch: str, mean: float | list[float], std: float | list[float]) -> dict[str, Any]:
+        cfg = copy.deepcopy(IMAGES)
+        cfg["model"] = {"name": name, "source": "factory", "arch": arch, "checkpoint": "weights.pt", "num_classes": 1000,
+                        "inputs": [{"name": "input", "shape": [3, 224, 224], "dtype": "float32"}],
+                        "outputs": [{"name": "logits"}]}
+        cfg["data"]["preprocess"] = {"mean": mean if isinstance(mean, list) else [mean] * 3,
+                                     "std": std if isinstance(std, list) else [std] * 3}
+        return cfg
+
+    resnet = image_model("resnet50", "routes_factory:resnet50", [123.7, 116.3, 103.5], [58.4, 57.1, 57.4])
+    effnet = image_model("efficientnet-lite0", "efficientnet_lite0_factory:make", 127.0, 128.0)
     text = copy.deepcopy(TEXT)
     text["evaluate"]["latency"] = {"warmup": 20, "iterations": 200, "batch_sizes": [1, 16]}
     det = copy.deepcopy(DETECTOR)
@@ -60,22 +56,12 @@ def _configs() -> dict[str, tuple[dict[str, Any], list[Path]]]:
             "text": (text, [ROOT / "tests/models/text_encoder.py", ROOT / "tests/models/text_data.py"])}
 
 
-def _sh(argv: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{cwd}:{ROOT}", "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} in {cwd} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-
-
 def make(name: str, work: Path) -> None:
+    from any_model_dvc import _project, _sh
+
     config, modules = _configs()[name]
     root = work / name
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "configs").mkdir(parents=True)
-    for m in modules:
-        shutil.copy(m, root / m.name)
-    (root / "configs" / "model.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (root / "params.yaml").write_text(yaml.safe_dump({"config": "configs/model.yaml"}))
+    _project(root, config, modules)
     sys.path.insert(0, str(root))
     if name == "resnet50":
         import torch
@@ -99,7 +85,7 @@ def make(name: str, work: Path) -> None:
     trtpipe = str(Path(sys.executable).parent / "trtpipe")
     t0 = time.monotonic()
     for stage in ("prepare", "export", "validate", "calibrate"):
-        _sh([trtpipe, stage, "-q"], root)
+        _sh(trtpipe, stage, "-q", cwd=root)
     (root / "artifacts/prepare/calib.npz").unlink()  # the GPU reads calibrate's cache, not the samples
     print(f"{name}: prepare .. calibrate in {time.monotonic() - t0:.0f} s", flush=True)
 

@@ -88,7 +88,6 @@ def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path, model: 
     returns what build.json records about it (file, sha256, Cast nodes, FP16 initializers).
     The one FP16 writer: the onnxruntime backend's fp16 variant is this file too. `model`: the
     ONNX at `onnx_path` already loaded (it is converted in place)."""
-    import onnx
     from onnxruntime.transformers import float16
 
     from ..onnx_utils import load_onnx
@@ -96,22 +95,32 @@ def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path, model: 
 
     model = fold_identities(model if model is not None else load_onnx(onnx_path))
     before = {n.name for n in model.graph.node}
+    half, info = _to_fp16(model, list(float16.DEFAULT_OP_BLOCK_LIST), keep, out, f"{onnx_path}: the float16 converter "
+                          "cannot convert the model")
+    return {**info, "converter": CONVERTER,
+            "added_casts": [n.name for n in half.graph.node if n.op_type == "Cast" and n.name not in before]}
+
+
+def _to_fp16(model: Any, block: list[str], keep: Mapping[str, str], out: Path, fails: str) -> tuple[Any, dict[str, Any]]:
+    """`model` through onnxruntime's float16 converter (keep_io_types, the op types `block` and the nodes `keep`
+    left in FP32), FP32 -> FP16 -> FP32 round trips collapsed, saved to `out`; (the model, build.json's record)."""
+    import onnx
+    from onnxruntime.transformers import float16
+
     try:
         with warnings.catch_warnings(record=True) as caught:  # weights beyond fp16's range, clamped
             warnings.simplefilter("always")
-            half = float16.convert_float_to_float16(
-                model, keep_io_types=True, op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST), node_block_list=list(keep))
+            half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                                    node_block_list=list(keep))
     except Exception as e:
-        raise ModelError(f"{onnx_path}: the float16 converter cannot convert the model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ModelError(f"{fails} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     round_trips = collapse_round_trips(half)
     onnx.save(half, str(out))
     to = Counter(a.i for n in half.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
     clamped = [str(w.message) for w in caught if "truncated" in str(w.message)]
-    return {
+    return half, {
         "file": out.name,
         "sha256": sha256_file(out),
-        "converter": CONVERTER,
         "kept_fp32_nodes": len(keep),
         "casts_to_fp16": to.get(onnx.TensorProto.FLOAT16, 0),
         "casts_to_fp32": to.get(onnx.TensorProto.FLOAT, 0),
@@ -119,7 +128,6 @@ def write_fp16_onnx(onnx_path: Path, keep: Mapping[str, str], out: Path, model: 
         "fp32_fp16_fp32_round_trips_removed": round_trips,
         "weights_clamped_to_fp16_range": len(clamped),
         "examples": clamped[:3],
-        "added_casts": [n.name for n in half.graph.node if n.op_type == "Cast" and n.name not in before],
     }
 
 
@@ -127,11 +135,10 @@ def write_int8_typed_onnx(qdq_path: Path, keep: Mapping[str, str], out: Path) ->
     """Write the typed INT8 ONNX of the Q/DQ ONNX at `qdq_path` to `out`: what a strongly typed
     TensorRT builds for `build.int8_float_fallback: fp16` (on 8.6 the FP16 flag does it). The
     float parts (every node that is not a QuantizeLinear/DequantizeLinear: the layers left out of
-    INT8, tune's kept layers, Softmax, residual Adds...; all of them for tune's candidate that keeps every
-    layer) in FP16 by the same converter as the typed FP16 ONNX, `keep`'s nodes in FP32 (they leave FP16's range, or tune kept them in FP32); the
-    Q/DQ pairs keep their FP32 scales (opset < 19 has no FP16 scales) between Casts. Returns what
+    INT8, tune's kept layers, Softmax, residual Adds...; all of them for tune's candidate that keeps
+    every layer) in FP16 by the same converter as the typed FP16 ONNX, `keep`'s nodes in FP32 (they
+    leave FP16's range, or tune kept them in FP32); the Q/DQ pairs keep their FP32 scales (opset < 19 has no FP16 scales) between Casts. Returns what
     build.json records (file, sha256, Casts, FP16 initializers, Q/DQ counts)."""
-    import onnx
     from onnxruntime.transformers import float16
 
     from ..onnx_utils import load_onnx
@@ -139,35 +146,13 @@ def write_int8_typed_onnx(qdq_path: Path, keep: Mapping[str, str], out: Path) ->
     model = load_onnx(qdq_path)
     qdq = Counter(n.op_type for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | {"QuantizeLinear", "DequantizeLinear"})
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
-                                                    node_block_list=list(keep))
-    except Exception as e:
-        raise ModelError(f"{qdq_path}: the float16 converter cannot convert the Q/DQ model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    round_trips = collapse_round_trips(half)
-    onnx.save(half, str(out))
-    to = Counter(a.i for n in half.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
+    half, info = _to_fp16(model, block, keep, out, f"{qdq_path}: the float16 converter cannot convert the Q/DQ model")
     after = Counter(n.op_type for n in half.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     if after != qdq:
         raise ModelError(f"{qdq_path}: the float16 converter changed the Q/DQ nodes ({dict(qdq)} -> {dict(after)}); "
                          "build with build.int8_float_fallback: fp32")
-    return {
-        "file": out.name,
-        "sha256": sha256_file(out),
-        "from": str(qdq_path),
-        "converter": CONVERTER + ", QuantizeLinear/DequantizeLinear blocked (FP32 scales)",
-        "kept_fp32_nodes": len(keep),
-        "quantize_linear": qdq.get("QuantizeLinear", 0),
-        "dequantize_linear": qdq.get("DequantizeLinear", 0),
-        "casts_to_fp16": to.get(onnx.TensorProto.FLOAT16, 0),
-        "casts_to_fp32": to.get(onnx.TensorProto.FLOAT, 0),
-        "fp16_initializers": sum(1 for i in half.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16),
-        "fp32_fp16_fp32_round_trips_removed": round_trips,
-        "weights_clamped_to_fp16_range": sum(1 for w in caught if "truncated" in str(w.message)),
-    }
+    return {**info, "from": str(qdq_path), "converter": CONVERTER + ", QuantizeLinear/DequantizeLinear blocked (FP32 scales)",
+            "quantize_linear": qdq.get("QuantizeLinear", 0), "dequantize_linear": qdq.get("DequantizeLinear", 0)}
 
 
 def plan_int8_typed(onnx_path: Path, qdq_path: Path, cfg: Any, out_dir: Path, calib_dir: Optional[Path],
