@@ -24,3 +24,16 @@ def load_model(path: Union[str, Path]) -> Any:
     except Exception as e:
         first = (str(e).splitlines() or [""])[0][:200]
         raise CalibrationError(f"{path}: not a readable ONNX model ({type(e).__name__}: {first}); re-run export") from None
+
+
+def save_model(model: Any, path: Union[str, Path]) -> None:
+    """Write the ModelProto `model` to `path`; past protobuf's 2 GiB limit its weights go beside it
+    (`<name>.data`), as onnxruntime and TensorRT's parser read them."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() < 1_800_000_000:
+        onnx.save_model(model, str(path))
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")

@@ -47,6 +47,7 @@ import numpy as np
 from calibration.algorithms import amax_to_scale
 from calibration.collect import QUANTIZABLE_OP_TYPES
 from calibration.errors import CalibrationError
+from calibration.onnx_io import save_model
 from calibration.ptq import apply_bias_corrections, bias_corrections
 from calibration.qdq_insert import drop_unused_initializers, insert_qdq
 from calibration.qdq_placement import PLACEMENTS, GraphIndex, Placement, name_nodes, plan_placement
@@ -139,7 +140,7 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
         apply_bias_corrections(model, corrections)
         drop_unused_initializers(model)
     _check(model, onnx_path)
-    _save(model, out_path)
+    save_model(model, out_path)
     summary = placement_summary(plan, index, scales, groups, op_types=op_types, per_channel=per_channel)
     summary.update(q_nodes=counts.q_nodes, dq_nodes=counts.dq_nodes, renamed_nodes=renamed)
     if bias_means is not None:
@@ -230,16 +231,6 @@ def _check(model: Any, onnx_path: Path) -> None:
     except Exception as e:
         raise CalibrationError(f"{onnx_path}: the Q/DQ model fails onnx's checker "
                                f"({str(e).splitlines()[0][:300]})") from None
-
-
-def _save(model: Any, out_path: Path) -> None:
-    import onnx
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < 1_800_000_000:
-        onnx.save_model(model, str(out_path))
-    else:  # > 2 GiB protobuf limit: weights beside the model
-        onnx.save_model(model, str(out_path), save_as_external_data=True, location=out_path.name + ".data")
 
 
 def read_qdq_scales(model_or_path: Any) -> dict[str, dict[str, Any]]:

@@ -171,12 +171,12 @@ class TensorRTBackend(Backend):
         nodes = weights_in_float(model, ops)
         if not nodes:
             return None
-        import onnx
+        from calibration.onnx_io import save_model
 
         kind = ops[0].lower()
         out = Path(req.out_dir) / f"{src.stem}.{kind}_float.onnx"
         Path(req.out_dir).mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(out))
+        save_model(model, out)
         note = (f"TensorRT {trt.__version__} could not build the Q/DQ on the weights of {len(nodes)} "
                 f"{'/'.join(ops)} node(s) ({hit} assertion); built {out.name} instead: the same Q/DQ ONNX with those "
                 f"weights in float, their inputs still INT8 ({', '.join(nodes[:3])}{' ...' if len(nodes) > 3 else ''})")
@@ -410,10 +410,10 @@ class TensorRTBackend(Backend):
                    "or build INT8 with build.int8_route: auto (implicit on this TensorRT)")
             _log(msg, warning=True)
             return onnx_path, {"warning": {"note": f"warning: {msg}"}}
-        import onnx
+        from calibration.onnx_io import save_model
 
         out = Path(out_dir) / f"{onnx_path.stem}.preact_q.onnx"
-        onnx.save(model, str(out))
+        save_model(model, out)
         msg = (f"{onnx_path.name} quantizes {len(found)} tensor(s) right after a float Conv's Clip/Relu (first: "
                f"{found[0]}), a pattern TensorRT 8.6.0 built into wrong outputs (docs/results.md); built {out.name} "
                f"instead: the same Q/DQ with a Q/DQ of the same scale before the activation of {len(edited)} Conv(s), "

@@ -105,6 +105,8 @@ def _to_fp16(model: Any, block: list[str], keep: Mapping[str, str], out: Path, f
     """`model` through onnxruntime's float16 converter (keep_io_types, the op types `block` and the nodes `keep`
     left in FP32), FP32 -> FP16 -> FP32 round trips collapsed, saved to `out`; (the model, build.json's record)."""
     import onnx
+
+    from calibration.onnx_io import save_model
     from onnxruntime.transformers import float16
 
     try:
@@ -115,7 +117,7 @@ def _to_fp16(model: Any, block: list[str], keep: Mapping[str, str], out: Path, f
     except Exception as e:
         raise ModelError(f"{fails} ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     round_trips = collapse_round_trips(half)
-    onnx.save(half, str(out))
+    save_model(half, out)
     to = Counter(a.i for n in half.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
     clamped = [str(w.message) for w in caught if "truncated" in str(w.message)]
     return half, {
