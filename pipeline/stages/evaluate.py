@@ -23,11 +23,12 @@ import numpy as np
 from ..backends import get_backend
 from ..config import Config, split_agreement_key
 from ..data import load_samples
+from ..data.chunks import chunk_rows
 from ..data.npz_rows import npz_row_chunks, npz_shapes
 from ..errors import ArtifactError, DataError
 from ..fileio import claim_file, json_report_of, not_a_folder
 from ..latency import summarize
-from ..metrics import (AGREEMENT_ROWS, AgreementSum, TaskMetric, check_metric_specs, merge_task_metrics, metric_specs,
+from ..metrics import (AgreementSum, TaskMetric, check_metric_specs, merge_task_metrics, metric_specs,
                        resolve_metrics)
 from ..profiles import fits, max_batch
 from ..reports import BuildReport, EvalReport, LatencyRow, LatencyStats, read_report, write_report
@@ -87,17 +88,6 @@ def measure_latency(runner: Runner, x: dict[str, np.ndarray], cfg: Config,
                 gpu=LatencyStats(**summarize(res["gpu_times_ms"], bs)) if res.get("gpu_times_ms") else None,
                 warmup=lat.warmup, method=res["method"]))
     return rows
-
-
-EVAL_CHUNK_BYTES = 64 << 20  # outputs of one chunk of evaluation samples (each of: variant, fp32, PyTorch)
-EVAL_CHUNK_MAX_ROWS = 8 * AGREEMENT_ROWS
-
-
-def _chunk_rows(ref_shapes: dict[str, tuple[tuple[int, ...], np.dtype]], names: list[str], bs: int) -> int:
-    """Samples per chunk: outputs of about EVAL_CHUNK_BYTES, a whole number of batches."""
-    per_sample = sum(int(np.prod(ref_shapes[n][0][1:], dtype=np.int64)) * 8 for n in names) or 1  # float64 sums
-    rows = max(bs, min(EVAL_CHUNK_MAX_ROWS, EVAL_CHUNK_BYTES // per_sample))
-    return max(bs, rows // bs * bs)
 
 
 Scores = tuple[dict[str, float], dict[str, Optional[str]], dict[str, float], dict[str, dict[str, Any]],
@@ -211,7 +201,7 @@ def run(
             raise ProvenanceError(f"{fp32_dir}: is not the fp32 build of the same ONNX as {build_dir}; re-run build@fp32")
         fp32_sha, rbs = ref_info.sha256, _batch_limit(ref_info, cfg.evaluate.batch_size)
     skipped: list[dict[str, Any]] = []
-    rows = _chunk_rows(ref_shapes, runner.output_names, bs)
+    rows = chunk_rows({n: ref_shapes[n][0] for n in runner.output_names}, samples.x, bs)  # outputs and inputs
     with runner, (ref_runner if ref_runner is not None else nullcontext()):
         scores = _score_streamed(runner, ref_runner, samples, reference, metrics_fns, bs, rbs, rows)
         latency = measure_latency(runner, samples.x, cfg, skipped)

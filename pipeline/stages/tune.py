@@ -134,7 +134,8 @@ def _sample_sets(cfg: Config, onnx_path: Path, samples: Any, reference: Path, se
     from ..data.npz_rows import npz_shapes
     from ..onnx_utils import ort_session
     from ..tuning.budget import Budget
-    from ..tuning.fullset import StreamedSet, chunk_rows, write_reference
+    from ..data.chunks import chunk_rows
+    from ..tuning.fullset import StreamedSet, write_reference
     from ..tuning.search import SampleSet
 
     session = ort_session(onnx_path, threads=threads)

@@ -9,7 +9,7 @@ per chunk; it keeps its session or engine per candidate), the FP32 rows read bac
 `.npz` (:func:`pipeline.data.npz_rows.npz_row_chunks`), the budget's metric and the SQNR summed
 over chunks (:class:`.budget.BudgetSum`), and the candidate's rows of the search subset gathered
 as they pass. A chunk is a whole number of batches whose outputs and inputs take about
-`CHUNK_BYTES`; nothing of the evaluation set's size is held, except by a user metric
+`pipeline.data.chunks.CHUNK_BYTES` (evaluate's chunks too); nothing of the evaluation set's size is held, except by a user metric
 (`module:function`, called once on whole arrays) that the budget reads.
 """
 
@@ -23,21 +23,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..metrics import AGREEMENT_ROWS
 from .budget import Budget, BudgetSum
 
 Outputs = Mapping[str, np.ndarray]
-CHUNK_BYTES = 64 << 20  # a chunk's outputs (as float64 sums) and inputs
-CHUNK_MAX_ROWS = 8 * AGREEMENT_ROWS  # as evaluate's chunks (pipeline.stages.evaluate.EVAL_CHUNK_MAX_ROWS)
-
-
-def chunk_rows(output_shapes: Mapping[str, tuple[int, ...]], x: Mapping[str, Any], batch_size: int) -> int:
-    """Samples per chunk: about CHUNK_BYTES of outputs (counted as float64, as the sums read them)
-    and inputs, a whole number of batches (at least one)."""
-    per_sample = sum(int(np.prod(s[1:], dtype=np.int64)) * 8 for s in output_shapes.values())
-    per_sample += sum(int(np.prod(np.shape(v)[1:], dtype=np.int64)) * np.dtype(v.dtype).itemsize for v in x.values())
-    rows = max(batch_size, min(CHUNK_MAX_ROWS, CHUNK_BYTES // max(per_sample, 1)))
-    return max(batch_size, rows // batch_size * batch_size)
 
 
 class RowGather:

@@ -193,7 +193,7 @@ def test_tune_on_a_streamed_split_gives_the_numbers_of_the_held_one(prepared, di
     batch): the same tune.json; the streamed split is decoded a chunk at a time, never whole."""
     from pipeline.data.stream import ImageStream
     from pipeline.stages import calibrate, export, tune, validate
-    from pipeline.tuning import fullset
+    from pipeline.data import chunks
 
     def whole(self, *a, **k):
         raise AssertionError("tune decoded a whole streamed split into one array")
@@ -218,7 +218,7 @@ def test_tune_on_a_streamed_split_gives_the_numbers_of_the_held_one(prepared, di
                       validation=d / "validate" / "validate.json", progress=False)
         if stream:
             slices.clear()
-            monkeypatch.setattr(fullset, "CHUNK_BYTES", 1)
+            monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
         tune.run(cfg, d / "export" / "model.onnx", d / "calibrate", prep / "eval.npz", d / "tune",
                  validation=d / "validate" / "validate.json", progress=False)
         reports[stream] = json.loads((d / "tune" / "tune.json").read_text())

@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.data import chunks
 from pipeline.data.npz_rows import npz_row_chunks, npz_shapes
 from pipeline.errors import ArtifactError, DataError
 from pipeline.stages import evaluate
 from tests._digits_run import digits_config
 
 EX = "pipeline.examples.task_metrics"
+PER_SAMPLE = 10 * 8 + 64 * 4  # a digit's bytes in a chunk: 10 logits (as float64 sums) and its 8x8 float32 input
 
 
 def _run(cfg, d: Path, precision: str, out: Path, reference: Path | None = None):
@@ -35,7 +37,7 @@ def test_many_chunks_give_the_numbers_of_one_pass(clean: Path, tmp_path: Path, m
         return real_predict(runner, x, bs)
 
     monkeypatch.setattr(evaluate, "predict", predict)
-    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BYTES", 64 * 10 * 8)  # 64 samples of 10 logits per chunk
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 64 * PER_SAMPLE)  # 64 samples (10 logits, an 8x8 image) per chunk
     many = _run(cfg, clean, "int8", tmp_path / "many.json")
     n = one.samples
     assert n > 300 and max(seen) == 64 and sum(seen) == 2 * n  # the variant and fp32, 64 samples at a time
@@ -49,7 +51,7 @@ def test_many_chunks_give_the_numbers_of_one_pass(clean: Path, tmp_path: Path, m
 
 def test_streamed_numbers_match_an_independent_whole_array_computation(clean: Path, tmp_path: Path, monkeypatch) -> None:
     cfg = digits_config(tmp_path, evaluate={"metrics": ["top1"]})
-    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BYTES", 32 * 10 * 8)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 32 * PER_SAMPLE)
     r = _run(cfg, clean, "int8", tmp_path / "int8.json")
     # The independent reference: the whole arrays, numpy only, no trtpipe metric code.
     import onnxruntime as ort
@@ -91,7 +93,7 @@ def test_a_user_metric_is_called_once_on_the_whole_arrays_while_the_rest_streams
 
     monkeypatch.setattr(tm, "embedding_similarity", spy)
     streamed = _run(digits_config(tmp_path, evaluate={"metrics": ["top1"]}), clean, "int8", tmp_path / "s.json")
-    monkeypatch.setattr(evaluate, "EVAL_CHUNK_BYTES", 64 * 10 * 8)  # 64 samples a chunk
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 64 * PER_SAMPLE)  # 64 samples a chunk
     cfg = digits_config(tmp_path, evaluate={"metrics": ["top1", f"{EX}:embedding_retrieval", f"{EX}:embedding_similarity"]})
     user = _run(cfg, clean, "int8", tmp_path / "u.json")
     n = user.samples

@@ -116,7 +116,7 @@ def _scratch_left(root: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("which", list(BUDGETS))
 def test_chunks_of_a_batch_give_the_numbers_of_one_chunk(det: Path, which: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.tuning import fullset
+    from pipeline.data import chunks
 
     whole = _Rows(monkeypatch)
     one = _tune(det, BUDGETS[which], f"tune-{which}-one")
@@ -124,7 +124,7 @@ def test_chunks_of_a_batch_give_the_numbers_of_one_chunk(det: Path, which: str, 
     assert n > 300 and one["samples"]["search"] == 128
     assert n in whole.seen["runner"] and n in whole.seen["BudgetSum.add"]  # small outputs: the full set is one chunk
     rows = _Rows(monkeypatch)
-    monkeypatch.setattr(fullset, "CHUNK_BYTES", 1)  # a chunk of one batch
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)  # a chunk of one batch
     many = _tune(det, BUDGETS[which], f"tune-{which}-many")
     # the full set goes a batch at a time (at least full INT8 and all kept); whole arrays: the search subsets only
     assert max(rows.seen["runner"]) <= 128 and rows.seen["runner"].count(BATCH) >= 2 * (n // BATCH)
@@ -155,9 +155,9 @@ def test_full_set_metrics_are_numpys_from_onnxruntime_outputs(det: Path, monkeyp
     full-INT8 candidate's SNR on the search subset (its rows gathered as the chunks passed), and the
     FP32 top-1 of the full set, each computed here with numpy from onnxruntime's outputs."""
     from pipeline.stages.tune import _split
-    from pipeline.tuning import fullset
+    from pipeline.data import chunks
 
-    monkeypatch.setattr(fullset, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
     rep = _tune(det, BUDGETS["snr"], "tune-numpy")
     top1 = _tune(det, BUDGETS["top1"], "tune-numpy-top1")
     with np.load(det / "artifacts/prepare/eval.npz") as z:
@@ -183,6 +183,7 @@ def test_the_fp32_reference_is_a_temporary_npz_beside_the_output_removed_also_on
         det: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.data.npz_rows import npz_shapes
     from pipeline.errors import PipelineError
+    from pipeline.data import chunks
     from pipeline.tuning import fullset, ort_candidates
 
     written: list[Path] = []
@@ -210,7 +211,7 @@ def test_the_fp32_reference_is_a_temporary_npz_beside_the_output_removed_also_on
         return real_run(self, kept, x, *a)
 
     monkeypatch.setattr(ort_candidates.OrtCandidates, "run", failing)
-    monkeypatch.setattr(fullset, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
     with pytest.raises(PipelineError, match="a candidate failed mid-pass"):
         _tune(det, BUDGETS["snr"], "tune-fails")
     assert calls == [BATCH] * 3  # in the middle of the first full pass
