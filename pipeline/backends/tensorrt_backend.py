@@ -442,10 +442,13 @@ class TensorRTBackend(Backend):
         (trt_typed.typed_layer_pins); on any other precision a one-line refusal naming what to use."""
         if fp16 is not None:
             return fp16.pins
+        if req.typed_onnx is not None and req.typed_onnx.get("layer_precisions") is not None:
+            return req.typed_onnx["layer_precisions"]  # the typed INT8 ONNX: fp32 pins kept in FP32 with Casts
         raise ConfigError(
             f"build.layer_precisions cannot pin layers of a strongly typed TensorRT {api.version} {req.precision} "
-            "build: the types come from the ONNX; for int8 use tune's result (build.int8_from_tune: true, Q/DQ "
-            "removed on the kept layers) or calibration.exclude, for fp32 remove it (pin fp32 nodes in the fp16 "
+            "build: the types come from the ONNX; for int8 they apply to the typed INT8 ONNX of "
+            "build.int8_float_fallback: fp16 (the default), else use tune's result (build.int8_from_tune: true, Q/DQ "
+            "removed on the kept layers) or calibration.exclude; for fp32 remove it (pin fp32 nodes in the fp16 "
             "variant)")
 
     @staticmethod

@@ -167,13 +167,16 @@ def plan_int8_typed(onnx_path: Path, qdq_path: Path, cfg: Any, out_dir: Path, ca
     from .fp16 import keep_fp32_nodes
 
     maxima, maxima_from = _maxima(Path(onnx_path), cfg, calib_dir, calib_data)
-    keep = keep_fp32_nodes(Path(onnx_path), cfg.build.fp16, maxima, where=maxima_from, model=load_onnx(onnx_path))
+    model = load_onnx(onnx_path)
+    keep = keep_fp32_nodes(Path(onnx_path), cfg.build.fp16, maxima, where=maxima_from, model=model)
     for node, why in (keep_fp32 or {}).items():
         keep.setdefault(node, why)
+    pins = (typed_layer_pins([n.name for n in model.graph.node], cfg.build.layer_precisions, keep, "int8")
+            if cfg.build.layer_precisions else None)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     out = Path(out_dir) / INT8_ONNX
     info = write_int8_typed_onnx(Path(qdq_path), keep, out)
-    return {**info, "path": str(out), "maxima_from": maxima_from, "keep_fp32": dict(keep)}
+    return {**info, "path": str(out), "maxima_from": maxima_from, "keep_fp32": dict(keep), "layer_precisions": pins}
 
 
 FP16_ROUTES = ("typed", "flag")
@@ -228,22 +231,24 @@ def _maxima(onnx_path: Path, cfg: Any, calib_dir: Optional[Path],
                        "--calib-dir (run `trtpipe calibrate` first), or set build.fp16.range_check: false")
 
 
-def typed_layer_pins(nodes: list[str], patterns: Mapping[str, str], keep: dict[str, str]) -> dict[str, Any]:
+def typed_layer_pins(nodes: list[str], patterns: Mapping[str, str], keep: dict[str, str],
+                     variant: str = "fp16") -> dict[str, Any]:
     """build.layer_precisions on the typed route, over the ONNX's node names: the fp32 pins join
-    `keep` (FP32 with Casts around them in the FP16 ONNX); fp16 pins are FP16 already. A pin to
-    fp16 of a node the variant keeps in FP32 is refused."""
+    `keep` (FP32 with Casts around them in the typed FP16 or INT8 ONNX); fp16 pins are FP16 already
+    (an INT8 layer stays INT8: its Q/DQ decide). A pin to fp16 of a node the variant keeps in FP32 is
+    refused."""
     from .trt_layers import match_layer_precisions
 
     assign, matched = match_layer_precisions(nodes, patterns)
     clash = [n for n, p in assign.items() if p == "fp16" and n in keep]
     if clash:
-        raise ConfigError(f"build.layer_precisions pins {clash[0]!r} to fp16, but the fp16 variant keeps it in FP32 "
-                          f"({keep[clash[0]]}); remove that pin")
+        raise ConfigError(f"build.layer_precisions pins {clash[0]!r} to fp16, but the {variant} variant keeps it in "
+                          f"FP32 ({keep[clash[0]]}); remove that pin")
     for n, p in assign.items():
         if p == "fp32":
             keep.setdefault(n, "build.layer_precisions: fp32")
     return {"matched": matched, "pinned": assign, "skipped": [],
-            "applied_as": "typed ONNX: fp32 pins kept in FP32 with Casts; fp16 pins are FP16 in the FP16 ONNX"}
+            "applied_as": f"typed ONNX: fp32 pins kept in FP32 with Casts; fp16 pins are FP16 in the typed {variant} ONNX"}
 
 
 def plan_fp16(onnx_path: Path, cfg: Any, out_dir: Path, route: tuple[str, str], calib_dir: Optional[Path] = None,

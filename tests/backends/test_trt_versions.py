@@ -763,3 +763,25 @@ def test_implicit_build_from_the_cache_with_a_dynamic_sequence_takes_the_profile
     res = TensorRTBackend(progress=False).build(req)
     assert trt._rec.calibration_profile == {"tokens": ([4, 6],) * 3}
     assert trt._rec.calibration["cache_read"] is True and res.calibration["route"] == "implicit"
+
+
+@pytest.mark.slow
+def test_layer_precisions_on_a_strongly_typed_int8_build_are_casts_in_the_typed_onnx(tmp_path, tmp_path_factory,
+                                                                                    monkeypatch):
+    """build.layer_precisions on 11 (int8, fp16 fallback): the fp32 pins stay FP32 in model.int8.onnx, which is
+    built with no refusal and no layer precision set on the network; build.json says how they were applied."""
+    import onnx
+
+    from tests._digits_run import digits_base
+
+    base = digits_base(tmp_path_factory)
+    convs = [n.name for n in onnx.load(str(base / "export" / "model.onnx")).graph.node if n.op_type == "Conv"]
+    pin = convs[0]
+    rec, report, out, _ = _stage_build(tmp_path, tmp_path_factory, monkeypatch, V11, int8_route="explicit",
+                                       layer_precisions={pin: "fp32"})
+    half = onnx.shape_inference.infer_shapes(onnx.load(str(out / "model.int8.onnx")))
+    kinds = {v.name: v.type.tensor_type.elem_type for v in half.graph.value_info}
+    node = next(n for n in half.graph.node if n.name == pin)
+    assert kinds[node.output[0]] == onnx.TensorProto.FLOAT
+    assert report.details["typed_onnx"]["keep_fp32"][pin] == "build.layer_precisions: fp32"
+    assert report.details["layer_precisions"]["pinned"] == {pin: "fp32"} and rec.layer_precision == {}
