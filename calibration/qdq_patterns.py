@@ -8,7 +8,7 @@
   built right (bench/explicit_probes.py, docs/results.md). Not known for TensorRT >= 10.
 * Q/DQ on Gemm weights: TensorRT 8.6.0 stopped building the three-head detector's Q/DQ ONNX on
   an internal assertion (`chooseHigherPrecision ... dt1 == kFLOAT || dt1 == kHALF`); with the
-  Gemm weights in float (`gemm_weights_in_float`, their inputs still through Q/DQ) it built,
+  Gemm weights in float (`weights_in_float`, their inputs still through Q/DQ) it built,
   and the engine matched onnxruntime's simulation of that ONNX (cosine 1.0 on every output).
 * Q/DQ on MatMul weights inside a transformer: TensorRT 8.6.0 stopped building a BERT-style
   encoder's Q/DQ ONNX on another internal assertion (`convertMyelinWeightsToFp32 ...
@@ -143,20 +143,13 @@ def weights_in_float(model: Any, op_types: tuple[str, ...] = ("Gemm",)) -> list[
             if readers[d.output[0]] == 0:
                 drop.add(d.name)
     if drop:
+        from calibration.qdq_insert import drop_unused_initializers
+
         kept = [n for n in g.node if n.name not in drop]
         del g.node[:]
         g.node.extend(kept)
-        used = {t for n in g.node for t in n.input}
-        unused = [i for i in g.initializer if i.name not in used]
-        for i in unused:
-            g.initializer.remove(i)
+        drop_unused_initializers(model)  # the int8 weights and scales only the dropped DequantizeLinears read
     return changed
 
 
-def gemm_weights_in_float(model: Any) -> list[str]:
-    """`weights_in_float` of the Gemm nodes (the detector's heads on 8.6.0, above)."""
-    return weights_in_float(model, ("Gemm",))
-
-
-__all__ = ["float_conv_activation_q", "quantize_before_activation", "dequantized", "gemm_weights_in_float",
-           "weights_in_float"]
+__all__ = ["float_conv_activation_q", "quantize_before_activation", "dequantized", "weights_in_float"]
