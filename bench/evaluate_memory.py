@@ -20,6 +20,7 @@ inputs: its peak RSS, and whether its report's statistics and reference.npz are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import yaml
@@ -82,6 +84,20 @@ def crops(n: int) -> np.ndarray:
     return out
 
 
+@contextlib.contextmanager
+def worktree_at(rev: str, path: Path) -> Iterator[tuple[str, Path]]:
+    """A git worktree of this repository at `rev` (its short hash, fixed now: HEAD may move while a
+    bench runs) in `path`, removed on the way out: the "before" code a bench runs side by side."""
+    short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                           text=True).stdout.strip()
+    subprocess.run(["git", "worktree", "add", "-f", "--detach", str(path), short], cwd=ROOT, check=True,
+                   capture_output=True)
+    try:
+        yield short, path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/trtpipe_evaluate_memory"))
@@ -126,15 +142,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))  # this checkout's pipeline/ and calibration/ for the checks below
     validate_runs = {"streamed": {"peak_rss_mb": json.loads((work / "timings-validate.json").read_text())["peak_rss_mb"]}}
     if a.before:
-        a.before = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, check=True, capture_output=True,
-                                  text=True).stdout.strip()  # fixed now: HEAD may move while this runs
-        tree = work / "before"
-        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(tree), a.before], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
+        with worktree_at(a.before, work / "before") as (a.before, tree):
             trtpipe("validate", "--out", "validate-before", "--timings", "timings-validate-before.json", code=tree)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
         new_rep = json.loads((work / "artifacts" / "validate" / "validate.json").read_text())
         old_rep = json.loads((work / "validate-before" / "validate.json").read_text())
         from pipeline.data.npz_rows import npz_row_chunks  # chunk by chunk: this process stays small (see above)

@@ -19,6 +19,7 @@ the evaluation set shows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from evaluate_memory import MODEL  # noqa: E402  (the same model; its crops() makes the same images)
+from evaluate_memory import MODEL, worktree_at  # noqa: E402  (the same model; its crops() makes the same images)
 
 
 def _config(budget_db: float) -> dict:
@@ -117,17 +118,12 @@ def main() -> None:
     from pipeline.data.npz_rows import npz_shapes
 
     codes = {"chunked": ROOT}
-    tree = None
-    if a.before:
-        a.before = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, check=True, capture_output=True,
-                                  text=True).stdout.strip()  # fixed now: HEAD may move while this runs
-        tree = work / "before"
-        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(tree), a.before], cwd=ROOT, check=True,
-                       capture_output=True)
-        codes[f"before ({a.before})"] = tree
     result: dict = {"cpu": cpu_summary(), "python": platform.python_version(), "budget": f"snr_db >= {a.snr_db:g}",
                     "projects": []}
-    try:
+    with contextlib.ExitStack() as stack:
+        if a.before:
+            a.before, tree = stack.enter_context(worktree_at(a.before, work / "before"))
+            codes[f"before ({a.before})"] = tree
         for samples in a.samples:
             project = work / f"n{samples}"
             _project(project, samples, a.snr_db)
@@ -143,9 +139,6 @@ def main() -> None:
             if len(reports) == 2:
                 row["same_numbers"] = _same_numbers(*reports)
             result["projects"].append(row)
-    finally:
-        if tree is not None:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
     import resource
 
     result["bench_process_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
