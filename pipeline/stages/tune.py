@@ -131,10 +131,10 @@ def _sample_sets(cfg: Config, onnx_path: Path, samples: Any, reference: Path, se
     """The budget and the three sample sets. The FP32 ONNX runs once over the evaluation set,
     batch by batch, its outputs written to `reference` (an .npz the full set reads back by rows)
     and the search subset's rows kept; the budget is resolved on those."""
+    from ..data.chunks import chunk_rows
     from ..data.npz_rows import npz_shapes
     from ..onnx_utils import ort_session
     from ..tuning.budget import Budget
-    from ..data.chunks import chunk_rows
     from ..tuning.fullset import StreamedSet, write_reference
     from ..tuning.search import SampleSet
 
