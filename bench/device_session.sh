@@ -171,6 +171,7 @@ PY
       V="$OUT/routes/$NAME"; mkdir -p "$V"
       run() {  # run VARIANT PRECISION overrides...
         local var=$1 prec=$2; shift 2
+        case ",${ROUTES_VARIANTS:-$var}," in *",$var,"*) ;; *) return 0 ;; esac  # ROUTES_VARIANTS=a,b: only those
         params "p-$var.yaml" override=true build.backend=tensorrt "$@"
         PYTHONPATH="$ROOT:/tmp/routes/$NAME:$KIT_PATH" "$KITPY" -m pipeline build -q --precision "$prec" --params "p-$var.yaml" \
           --out "artifacts/build/$var" && \
