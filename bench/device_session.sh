@@ -191,6 +191,11 @@ PY
       } 2>&1 | grep -v "TensorRT WARNING" | tee "$V/routes.log" | grep -E "^\[|error" | tail -20
       cd "$ROOT"
     done ;;
+  calibgpu)  # calibration with the forward on the GPU against onnxruntime's (bench/calibration_gpu.py): the fixture's
+             # ResNet-18 and images and a ResNet-50 made with python3 (torch, skimage), calibrated with the kit
+    torchpy bench/calibration_gpu.py make /tmp/cg --fixture "$ROOT/.fixture" > "$OUT/calibration_gpu_make.log" 2>&1
+    kitpy bench/calibration_gpu.py run /tmp/cg --fixture "$ROOT/.fixture" --out "$OUT/calibration_gpu.json" ${1:+--cases "$1"} \
+      2>&1 | grep -v "TensorRT WARNING" | tee "$OUT/calibration_gpu.log" | tail -40 ;;
   fleet)  # the registry pulled by `dvc pull` into a fresh clone here (bench/fleet_dvc.sh, carried as build/pulled):
           # every version loads and runs on this GPU; on a stand-in compute capability it is refused in one line
     kitpy - build/pulled/artifacts/registry 2>&1 <<'PY' | tee "$OUT/fleet.log"

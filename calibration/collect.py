@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -218,6 +218,8 @@ class CollectStats:
     kernel: str = ""
     device: str = "cpu"
     device_note: str = ""
+    forward: str = "onnxruntime"
+    forward_details: dict[str, Any] = field(default_factory=dict)
 
 
 def available_cores() -> int:
@@ -259,6 +261,25 @@ def sentinel_reason(lo: float, hi: float, sentinel_abs: float, batch: int) -> st
     return f"carries {what} in batch {batch} (a mask sentinel): kept in higher precision"
 
 
+class OrtForward:
+    """The default calibration forward: an onnxruntime CPU session of the augmented model."""
+
+    name = "onnxruntime"
+    reuses_buffers = False
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[Any]:
+        return self._session.run(list(names), dict(feeds))
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "cpu"}
+
+    def close(self) -> None:
+        self._session = None
+
+
 class ActivationCollector:
     """One augmented onnxruntime session; batches stream into per-tensor histograms.
 
@@ -284,6 +305,13 @@ class ActivationCollector:
     ``ort_options``: extra onnxruntime SessionOptions attributes, or config entries for
     keys with a dot (``"session.intra_op.allow_spinning": "1"`` turns spinning back on).
 
+    ``forward``: who runs the model, a factory called with the augmented ONNX (every fetched
+    tensor a graph output) that returns an object with ``run(names, feeds) -> list of arrays``,
+    ``close()``, ``name`` and ``describe() -> dict``, such as trtpipe's TensorRT FP32 engine on
+    a GPU (``pipeline.backends.trt_forward``); default: onnxruntime on the CPU. A forward whose
+    ``reuses_buffers`` is true hands out arrays it overwrites on the next run, so it cannot be
+    pipelined.
+
     Tensors left out of calibration (kept in higher precision) are in :attr:`excluded`
     (name -> reason): those the ``exclude`` globs (fnmatch) match, and those whose values
     reach +-Inf or ``|x| >= sentinel_abs`` in some batch (mask sentinels; their largest
@@ -299,7 +327,8 @@ class ActivationCollector:
                  source: str = "calibration data", device: str = "auto", kernel: str = "auto",
                  histogram_threads: Optional[int] = None, sentinel_abs: Optional[float] = DEFAULT_SENTINEL_ABS,
                  exclude: Sequence[str] = (), derive: bool = True,
-                 ort_options: Optional[Mapping[str, Any]] = None) -> None:
+                 ort_options: Optional[Mapping[str, Any]] = None,
+                 forward: Optional[Callable[[Any], Any]] = None) -> None:
         from calibration.gpu_histogram import resolve_device
         from calibration.kernels import CpuKernel
         from calibration.onnx_io import load_model
@@ -367,8 +396,18 @@ class ActivationCollector:
         self.histogram_threads = max(1, int(histogram_threads if histogram_threads is not None else cores))
         self.stats.intra_op_threads = int(threads or 0)
         self.stats.histogram_threads = self.histogram_threads
-        self._session = self._make_session(augment(model, exposed, types), threads, optimize, ort_options or {})
+        augmented = augment(model, exposed, types)
         del model
+        if forward is None:
+            self._session = OrtForward(self._make_session(augmented, threads, optimize, ort_options or {}))
+        else:
+            self._session = forward(augmented)
+            if self.pipeline and getattr(self._session, "reuses_buffers", False):
+                raise CalibrationError(f"{self.onnx_path}: the {self._session.name} forward reuses its output "
+                                       "buffers, so it cannot be pipelined; collect with pipeline=False")
+            self.stats.intra_op_threads = 0
+        self.stats.forward = str(getattr(self._session, "name", "custom"))
+        del augmented
         self.stats.seconds_session = time.perf_counter() - start
 
     def _make_session(self, model: Any, threads: Optional[int], optimize: bool, extra: Mapping[str, Any]) -> Any:
@@ -400,12 +439,15 @@ class ActivationCollector:
         return f"batch {index} (samples {first}..{first + size - 1} of {self.source})"
 
     def close(self) -> None:
-        """Release the onnxruntime session and the memory it holds (its arena keeps a batch
-        of activations); the histograms and everything else stay."""
+        """Release the forward (onnxruntime's session, or the engine) and the memory it holds
+        (a batch of activations); the histograms and everything else stay."""
+        if self._session is not None:
+            self.stats.forward_details = dict(self._session.describe())
+            self._session.close()
         self._session = None
 
     def _run(self, feeds: dict[str, np.ndarray], where: str) -> tuple[list[Any], float]:
-        """onnxruntime on one batch; returns the exposed values and the seconds it took."""
+        """The forward on one batch; returns the exposed values and the seconds it took."""
         if self._session is None:
             raise CalibrationError(f"{self.onnx_path}: this collector is closed; make a new one to add batches")
         t0 = time.perf_counter()
@@ -413,7 +455,7 @@ class ActivationCollector:
             values = self._session.run(self._outputs, feeds)
         except Exception as e:
             msg = str(e).strip().splitlines()[0][:300]
-            raise CalibrationError(f"{self.onnx_path}: onnxruntime failed on {where}: {msg}") from None
+            raise CalibrationError(f"{self.onnx_path}: {self.stats.forward} failed on {where}: {msg}") from None
         return values, time.perf_counter() - t0
 
     def _binner(self) -> Any:

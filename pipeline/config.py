@@ -300,6 +300,10 @@ class CalibrationConfig(_Strict):
     tensorrt_version: Optional[str] = Field(
         None, pattern=r"^\d+\.\d+(\.\d+)*$", description="the TensorRT the cache is written for "
         "(default: the installed one, else 8.6.0)")
+    forward: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="who runs the FP32 model whose activations are binned: onnxruntime on the CPU, or "
+        "tensorrt (an FP32 engine with every calibrated tensor an output, on the GPU; needs TensorRT and a GPU). "
+        "auto: onnxruntime")
 
 
 class ProfileConfig(_Strict):

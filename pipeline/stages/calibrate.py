@@ -54,6 +54,7 @@ from calibration.ptq import clip_amax_bounds, input_means
 from calibration.qdq import bias_correction_inputs, quantize_qdq
 from calibration.rules import get_rules, ranges_under
 
+from ..backends.trt_forward import resolve_forward
 from ..config import Config
 from ..data import calibration_batches, calibration_indices, load_samples
 from ..fileio import (CACHE_FILE, CALIBRATE_REPORT, MAXIMA_FILE, QDQ_FILE, RANGES_FILE, claim_dir, sha256_model,
@@ -130,10 +131,13 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
     batches = calibration_batches(samples.x, indices, c.batch_size, str(calib_data))
     trt_target, trt_why = target_tensorrt(cfg)
 
+    forward, forward_why = resolve_forward(c.forward, what=str(onnx_path))
+
     t_collect = time.perf_counter()
     collector = collect_histograms(onnx_path, batches, total=num_batches, progress=progress,
                                    num_bins=c.num_bins, growth=rules.growth, threads=threads,
-                                   source=str(calib_data), exclude=c.exclude, sentinel_abs=c.sentinel_abs)
+                                   source=str(calib_data), exclude=c.exclude, sentinel_abs=c.sentinel_abs,
+                                   forward=forward)
     t_search = time.perf_counter()
     bounds = _clip_bounds(onnx_path) if c.clip_aware else {}
     amax, range_from, search_ms = ranges_under(rules, collector.histograms, c.method, collector.node_ops,
@@ -200,6 +204,8 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
             collect={"pipelined": collector.stats.pipelined, "intra_op_threads": collector.stats.intra_op_threads,
                      "histogram_threads": collector.stats.histogram_threads, "kernel": collector.stats.kernel,
                      "device": collector.stats.device, "device_note": collector.stats.device_note,
+                     "forward": collector.stats.forward, "forward_why": forward_why,
+                     "forward_details": collector.stats.forward_details,
                      "excluded_max_abs": dict(collector.excluded_max_abs)},
             seconds={
                 "total": round(t_end - start, 3),
