@@ -90,19 +90,28 @@ def code_deps(*modules: str, entry: str = "pipeline.cli") -> list[str]:
     command-line `entry` module and what it imports at module level (its other commands'
     lazy imports are not the stage's)."""
     seen: set[Path] = set()
+    walked: dict[Path, bool] = {}  # file -> whether its function-level imports were followed too
     todo = list(modules)
     entry_file = _module_file(entry)
     if entry_file is not None:
         seen.add(entry_file)
+        walked[entry_file] = False
         todo.extend(_imports(entry_file, module_level=True))
     while todo:
         name = todo.pop()
         parts = name.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__
+        for i in range(1, len(parts) + 1):
             f = _module_file(".".join(parts[:i]))
-            if f is not None and f not in seen:
-                seen.add(f)
-                todo.extend(_imports(f))
+            if f is None:
+                continue
+            # importing a.b.c runs the bodies of a/__init__ and a/b/__init__, not their functions: a package
+            # passed through counts with its module-level imports; a module named itself, with all of them
+            full = i == len(parts)
+            if f in walked and (walked[f] or not full):
+                continue
+            seen.add(f)
+            walked[f] = full
+            todo.extend(_imports(f, module_level=not full))
     return sorted(p.relative_to(ROOT).as_posix() for p in seen)
 
 

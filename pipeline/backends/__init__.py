@@ -10,18 +10,10 @@ __all__ = ["Backend", "BuildRequest", "BuildResult", "Runner", "get_backend", "r
 
 
 def tensorrt_usable() -> tuple[bool, str]:
-    """Whether TensorRT imports and a CUDA GPU is visible, and why not."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as e:  # ImportError or a broken install (missing libnvinfer)
-        return False, f"tensorrt does not import ({type(e).__name__}: {e})"
-    from ..runtime.cuda_device import gpu_count
+    """Whether TensorRT imports and a CUDA GPU is visible, and why not (runtime.trt_common)."""
+    from ..runtime.trt_common import tensorrt_usable as usable
 
-    try:
-        n = gpu_count()
-    except Exception as e:
-        return False, f"no usable CUDA driver ({e})"
-    return (n > 0, "" if n else "no CUDA GPU visible")
+    return usable()
 
 
 def resolve_backend_name(name: str) -> str:

@@ -57,8 +57,7 @@ def resolve_forward(choice: str, *, what: str = "calibration") -> tuple[Optional
         raise ConfigError(f"calibration.forward: {choice!r} is not one of {', '.join(FORWARDS)}")
     if choice in ("auto", "onnxruntime"):
         return None, f"calibration.forward: {choice}: onnxruntime FP32 on the CPU"
-    from . import tensorrt_usable
-    from ..runtime.trt_common import installed_version
+    from ..runtime.trt_common import installed_version, tensorrt_usable
 
     ok, why = tensorrt_usable()
     if not ok:

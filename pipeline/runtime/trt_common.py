@@ -39,6 +39,21 @@ def installed_version() -> Any:
     return str(trt.__version__)
 
 
+def tensorrt_usable() -> tuple[bool, str]:
+    """Whether TensorRT imports and a CUDA GPU is visible, and why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # ImportError or a broken install (missing libnvinfer)
+        return False, f"tensorrt does not import ({type(e).__name__}: {e})"
+    from .cuda_device import gpu_count
+
+    try:
+        n = gpu_count()
+    except Exception as e:
+        return False, f"no usable CUDA driver ({e})"
+    return (n > 0, "" if n else "no CUDA GPU visible")
+
+
 def trt_version(trt: Any = None) -> tuple[int, int, int]:
     trt = trt or require_tensorrt()
     return trt_version_parts(str(trt.__version__))

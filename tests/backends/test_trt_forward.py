@@ -43,7 +43,7 @@ def test_resolve_forward(monkeypatch):
 
     assert trt_forward.resolve_forward("auto")[0] is None
     assert trt_forward.resolve_forward("onnxruntime")[0] is None
-    monkeypatch.setattr("pipeline.backends.tensorrt_usable", lambda: (False, "tensorrt does not import"))
+    monkeypatch.setattr("pipeline.runtime.trt_common.tensorrt_usable", lambda: (False, "tensorrt does not import"))
     with pytest.raises(PipelineError, match="calibration.forward: tensorrt needs TensorRT") as e:
         trt_forward.resolve_forward("tensorrt")
     assert "\n" not in str(e.value) and "calibration.forward: onnxruntime" in str(e.value)
