@@ -131,7 +131,9 @@ def _vs_cache(amax: dict[str, float], cache_file: Path, onnx_path: Path) -> dict
 
 
 def run(folder: Path, out: Path, fixture: Path, cases: list[str]) -> None:
-    results: dict[str, Any] = {"host": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+    from bench.calibration_speed import _cpu_name
+
+    results: dict[str, Any] = {"host": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
                                "batches": f"{BATCHES} x {BATCH}", "rules": "tensorrt", "method": "entropy", "cases": {}}
     try:
         from pipeline.runtime.cuda_device import device_info
@@ -186,16 +188,6 @@ def run(folder: Path, out: Path, fixture: Path, cases: list[str]) -> None:
         out.write_text(json.dumps(results, indent=1))
     print(json.dumps({c: {f: (r.get("seconds", {}).get("total"), r.get("vs_onnxruntime"), r.get("vs_tensorrt_cache"))
                           for f, r in rows.items()} for c, rows in results["cases"].items()}, indent=1))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:
