@@ -118,7 +118,41 @@ def run(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, valida
 
 def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, progress: bool = True,
               threads: Optional[int] = None) -> CalibrateReport:
-    """The stage's work, without its input checks (benchmarks call it on any ONNX)."""
+    """The stage's work, without its input checks (benchmarks call it on any ONNX). With
+    calibration.smooth_quant the ranges and the Q/DQ model are those of the smoothed FP32 model
+    (calibration.smooth), written to a temporary folder first."""
+    import shutil
+    import tempfile
+
+    if not cfg.calibration.smooth_quant:
+        return _calibrate(cfg, Path(onnx_path), Path(onnx_path), None, calib_data, out_dir, progress, threads)
+    tmp = Path(tempfile.mkdtemp(prefix="trtpipe-smooth-"))
+    try:
+        t0 = time.perf_counter()
+        smoothed, smoothing = _smooth(cfg, Path(onnx_path), Path(calib_data), tmp, threads)
+        smoothing["seconds"] = round(time.perf_counter() - t0, 3)
+        return _calibrate(cfg, Path(onnx_path), smoothed, smoothing, calib_data, out_dir, progress, threads)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _smooth(cfg: Config, onnx_path: Path, calib_data: Path, tmp: Path, threads: Optional[int]) -> tuple[Path, dict[str, Any]]:
+    """(the ONNX to calibrate, what SmoothQuant did): the migration strength (or none) whose INT8 model
+    has the smallest output error on the calibration batches (calibration.smooth.search)."""
+    from calibration import smooth
+
+    c = cfg.calibration
+    samples = load_samples(calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
+    indices = calibration_indices(len(samples), c.num_samples, c.seed)
+    return smooth.search(onnx_path, lambda: calibration_batches(samples.x, indices, c.batch_size, str(calib_data)), tmp,
+                         method=c.method, rules=c.rules, percentile=c.percentile, threads=threads,
+                         collect_options={"num_bins": c.num_bins, "exclude": c.exclude,
+                                          "sentinel_abs": c.sentinel_abs, "threads": threads})
+
+
+def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Optional[dict[str, Any]], calib_data: Path,
+               out_dir: Path, progress: bool, threads: Optional[int]) -> CalibrateReport:
+    """Calibrate ``model_path`` (the exported ``onnx_path``, or its smoothed copy) into ``out_dir``."""
     from ..provenance import sha256_of
 
     start = time.perf_counter()
@@ -134,12 +168,12 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
     forward, forward_why = resolve_forward(c.forward, what=str(onnx_path))
 
     t_collect = time.perf_counter()
-    collector = collect_histograms(onnx_path, batches, total=num_batches, progress=progress,
+    collector = collect_histograms(model_path, batches, total=num_batches, progress=progress,
                                    num_bins=c.num_bins, growth=rules.growth, threads=threads,
                                    source=str(calib_data), exclude=c.exclude, sentinel_abs=c.sentinel_abs,
                                    forward=forward)
     t_search = time.perf_counter()
-    bounds = _clip_bounds(onnx_path) if c.clip_aware else {}
+    bounds = _clip_bounds(model_path) if c.clip_aware else {}
     amax, range_from, search_ms = ranges_under(rules, collector.histograms, c.method, collector.node_ops,
                                                c.percentile, bounds=bounds)
     t_write = time.perf_counter()
@@ -147,8 +181,8 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
     if c.bias_correction:
         from calibration.onnx_io import load_model
 
-        means = input_means(load_model(onnx_path), calibration_batches(samples.x, indices, c.batch_size, str(calib_data)),
-                            bias_correction_inputs(onnx_path), threads=threads)
+        means = input_means(load_model(model_path), calibration_batches(samples.x, indices, c.batch_size, str(calib_data)),
+                            bias_correction_inputs(model_path), threads=threads)
     t_means = time.perf_counter()
     excluded = dict(collector.excluded)
     if not collector.histograms:
@@ -170,7 +204,8 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
             tensors[name]["clip_bound"] = bounds[name]
     settings = {"method": c.method, **rules.describe(), "percentile": c.percentile if c.method == "percentile" else None,
                 "num_bins": c.num_bins, "batch_size": c.batch_size, "seed": c.seed, "exclude": list(c.exclude),
-                "sentinel_abs": c.sentinel_abs, "clip_aware": c.clip_aware, "bias_correction": c.bias_correction}
+                "sentinel_abs": c.sentinel_abs, "clip_aware": c.clip_aware, "bias_correction": c.bias_correction,
+                "smooth_quant": c.smooth_quant}
     n_check = min(CHECK_SAMPLES, c.batch_size)
     first = {k: np.ascontiguousarray(v[indices[:n_check]]) for k, v in samples.x.items()}
     reference = {n: v[:n_check] for n, v in collector.first_outputs.items()}
@@ -178,12 +213,12 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
 
     with staging_dir(out_dir) as tmp:
         write_json(tmp / RANGES_FILE, {"schema": 1, **settings, "tensors": tensors, "excluded": excluded})
-        write_cache(tmp / CACHE_FILE, scales, trt_target, algorithm)
+        write_cache(tmp / CACHE_FILE, _exported_only(scales, onnx_path) if smoothing else scales, trt_target, algorithm)
         maxima = {n: (m if np.isfinite(m) else None) for n, m in collector.maxima().items()}
         write_report(tmp / MAXIMA_FILE, TensorMaxima(onnx_sha256=sha256_of(onnx_path), samples=collector.stats.samples,
                                                      tensors=maxima))
         t_qdq = time.perf_counter()
-        qdq = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=_consumers(onnx_path, excluded),
+        qdq = quantize_qdq(model_path, tmp / QDQ_FILE, amax, exclude_nodes=_consumers(model_path, excluded),
                            bias_means=means)
         check = _qdq_check(tmp / QDQ_FILE, first, reference)
         t_end = time.perf_counter()
@@ -200,7 +235,8 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
                    "EntropyCalibration2 so that IInt8EntropyCalibrator2 reads and uses them as they are"},
             qdq={"file": QDQ_FILE, **{k: v for k, v in qdq.items() if k not in ("activations", "bias_corrected")},
                  "bias_corrected_nodes": None if means is None else len(qdq.get("bias_corrected", {})),
-                 "activations": len(qdq["activations"]), "check_first_samples": check},
+                 "activations": len(qdq["activations"]), "check_first_samples": check,
+                 **({} if smoothing is None else {"smooth_quant": smoothing})},
             collect={"pipelined": collector.stats.pipelined, "intra_op_threads": collector.stats.intra_op_threads,
                      "histogram_threads": collector.stats.histogram_threads, "kernel": collector.stats.kernel,
                      "device": collector.stats.device, "device_note": collector.stats.device_note,
@@ -227,6 +263,16 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
         )
         write_report(tmp / CALIBRATE_REPORT, report)
     return report
+
+
+def _exported_only(scales: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
+    """The scales of tensors the exported ONNX has (TensorRT's calibrator reads the exported model; the
+    smoothed inputs exist only in the Q/DQ ONNX)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    known = {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    return {k: v for k, v in scales.items() if k in known}
 
 
 def _clip_bounds(onnx_path: Path) -> dict[str, float]:
