@@ -149,12 +149,16 @@ class TrtForward:
                 t_build = time.perf_counter()
                 blob = self._build(trt, onnx_file, shapes)
                 self.details["build_seconds"] = round(time.perf_counter() - t_build, 3)
-                if engine is None:  # past 2 GiB: not cached, run from the temporary file
+                if engine is not None:
+                    try:
+                        write_bytes(engine, blob)
+                    except OSError as e:  # a cache folder we cannot write: run uncached
+                        self.details["engine_cache_note"] = f"not cached ({type(e).__name__}: {e}); set TRTPIPE_CACHE_DIR"
+                        engine, key = None, None
+                if engine is None:  # past 2 GiB, or no writable cache: run from the temporary file
                     engine = Path(tmp) / "calibration.engine"
                     write_bytes(engine, blob)
                     self._runner = TrtRunner(engine)
-                else:
-                    write_bytes(engine, blob)
             self.details["engine"] = {"cached": False, "file": str(engine) if key else None, "bytes": len(blob)}
         if self._runner is None:
             try:
