@@ -259,6 +259,7 @@ class TuneLayer(_Part):
     nodes: list[str]  # the node and its fused epilogue (BN, Relu/Clip, swish, the residual Add), ONNX names
     macs: int  # multiply-accumulates per sample (from the shapes of one real sample)
     forced_float: Optional[str] = None  # why the layer is never INT8 (an input left out of calibration)
+    out_elements: int = 0  # output elements per sample: what an INT8 <-> float boundary after it reformats
 
 
 class LayerSensitivity(_Part):

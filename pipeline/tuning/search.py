@@ -26,6 +26,10 @@ cannot be met, and the best point found is reported.
    without it (this finds the planted layer alone where the order is imperfect);
 4. the result is checked on the full set; if the search samples were too lenient, steps 2
    and 3 run again with every candidate measured on the full set, from where they stopped.
+5. with `tune.objective: cost`, contiguity: the short INT8 runs (at most MAX_GAP layers) between
+   two float layers are kept too, shortest first, while that makes the result cheaper and the
+   budget holds on the full set (the cost counts each INT8 <-> float reformat: `.cost`, or is
+   the engine's measured latency): fewer, longer float regions (`fill_gaps`).
 `bisect` is Polygraphy's `debug precision --mode bisect --direction forward`: the
 shortest prefix of the layers in graph order kept float, by bisection, no pruning.
 `first_last` is the common heuristic: the first and the last layer kept.
@@ -46,6 +50,10 @@ import numpy as np
 
 from .budget import Budget, sqnr_db
 from .layers import Layer
+
+
+#: Longest INT8 run between float layers that fill_gaps tries keeping (objective: cost).
+MAX_GAP = 4
 
 
 class OutOfBudget(Exception):
@@ -280,12 +288,51 @@ class Tuner:
         kept = self.prune(order[:k2], rank, "full") if prune else order[:k2]
         return self.measure(kept, "verify", "full")
 
+    # -- contiguity (objective: cost) ---------------------------------------------------------------
+    def fill_gaps(self, start: dict[str, Any], max_gap: int = MAX_GAP) -> dict[str, Any]:
+        """Keep the short INT8 runs between two float layers too, shortest first, while that makes the
+        candidate cheaper (the cost counts each INT8 <-> float reformat, or is a measured latency) and
+        the budget still holds on the full set: fewer, longer float regions."""
+        order = [x.name for x in sorted(self.layers, key=lambda x: x.index)]
+        forced = {x.name for x in self.layers if x.forced_float is not None}
+        current = start
+        tried: set[frozenset] = set()
+        while True:
+            floaty = set(current["kept"]) | forced
+            runs, run = [], []
+            seen_float = False
+            for name in order:
+                if name in floaty:
+                    if run and seen_float and len(run) <= max_gap:
+                        runs.append(run)
+                    run, seen_float = [], True
+                else:
+                    run.append(name)
+            better = None
+            for run in sorted(runs, key=len):
+                trial = sorted(set(current["kept"]) | set(run))
+                if frozenset(trial) in tried:
+                    continue
+                tried.add(frozenset(trial))
+                c = self.measure(trial, "contiguous", "full")
+                if c["meets_full"] and _num(c["cost"]) < _num(current["cost"]):
+                    better = c
+                    for name in run:
+                        self.why.setdefault(name, []).append(
+                            f"kept with its neighbours: the INT8 run of {len(run)} between float layers cost more "
+                            f"than keeping it (cost {_num(current['cost']):.6g} -> {_num(c['cost']):.6g})")
+                    break
+            if better is None:
+                return current
+            current = better
+
     # -- strategies -----------------------------------------------------------------------------
     def run(self, strategy: str, table: Optional[list[dict[str, Any]]] = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """(the chosen candidate, the sensitivity table). A `table` given (measured by another
         runner: the CPU simulation when engines measure the search) orders the search."""
         names = [layer.name for layer in self.searchable]
         table = list(table or [])
+        found: Optional[dict[str, Any]] = None
         self.minmax_layers |= {r["layer"] for r in table if r.get("method") == "minmax"}
         try:
             base = self.measure([], "full_int8", "full", minmax=())
@@ -298,9 +345,9 @@ class Tuner:
             elif strategy == "sensitivity":
                 table = table or self.sensitivity()
                 rank = {r["layer"]: r["rank"] for r in table}
-                self._prefix_search([r["layer"] for r in table], rank, prune=True, phase="search")
+                found = self._prefix_search([r["layer"] for r in table], rank, prune=True, phase="search")
             elif strategy == "bisect":
-                self._prefix_search(names, {n: i for i, n in enumerate(names)}, prune=False, phase="bisect")
+                found = self._prefix_search(names, {n: i for i, n in enumerate(names)}, prune=False, phase="bisect")
             elif strategy == "first_last":
                 kept = list(dict.fromkeys([names[0], names[-1]]))
                 for name in kept:
@@ -309,6 +356,8 @@ class Tuner:
                     self.stop_reason = "the first/last heuristic does not meet the budget"
             else:
                 raise ValueError(f"unknown strategy {strategy!r}")
+            if self.objective == "cost" and found is not None and found["meets_full"]:
+                self.fill_gaps(found)  # the search's result, made contiguous where that is cheaper
         except OutOfBudget as e:
             self.stop_reason = f"stopped early: {e}"
         finally:

@@ -436,3 +436,38 @@ def test_budgets_that_cannot_be_measured_are_refused_naming_the_key(tmp_path: Pa
     assert b.kind == "task" and b.measure(ref, ref, y) == pytest.approx(fp32_top1)
     assert b.threshold(fp32_top1) == pytest.approx(fp32_top1 - 2.0)
     assert not b.meets(float("nan"), 0.0) and b.meets(fp32_top1 - 2.0, b.threshold(fp32_top1))
+
+
+def test_cost_objective_keeps_float_regions_contiguous_when_reformats_cost_more() -> None:
+    """Two planted layers (l2, l5) must stay float. With reformats that cost more than the MACs the INT8
+    run between them (l3, l4) saves, objective cost keeps l2..l5 as one region; when reformats are cheap
+    it keeps just the two. Costs checked against the formula worked out by hand."""
+    from pipeline.tuning.cost import REFORMAT_MAC_COST, boundaries
+    from pipeline.tuning.layers import Layer
+
+    noise = {f"l{i}": 1e-6 for i in range(8)}
+    noise.update(l2=1e-1, l5=1e-1)
+
+    def run(out_elements: int) -> dict:
+        t = _tuner(noise, 30.0)
+        t.layers = [Layer(x.name, x.op_type, x.index, x.nodes, 10 ** 6 * (x.index + 1), None, out_elements)
+                    for x in t.layers]
+        t.runner.layers = t.layers
+        t.objective = "cost"
+        chosen, _ = t.run("sensitivity")
+        return chosen
+
+    def by_hand(kept: set, out_elements: int) -> float:
+        macs = sum(10 ** 6 * (i + 1) * (1.0 if f"l{i}" in kept else 0.5) for i in range(8))
+        flips = sum(1 for i in range(7) if (f"l{i}" in kept) != (f"l{i + 1}" in kept))
+        return round((macs + flips * out_elements * REFORMAT_MAC_COST) / 1e9, 6)
+
+    # 8000-element reformats: the two that keeping l3 and l4 saves (7.1M MAC) outweigh their 4.5M extra MACs, and
+    # the one region (34.1M) is cheaper than all-float FP16 (36M), which is cheaper than the scattered pair (36.7M)
+    wide = run(8000)
+    assert wide["kept"] == ["l2", "l3", "l4", "l5"] and wide["meets_full"]
+    assert wide["cost"] == by_hand({"l2", "l3", "l4", "l5"}, 8000)
+    assert wide["cost"] < by_hand(set(noise), 8000) < by_hand({"l2", "l5"}, 8000)
+    narrow = run(1)  # 2 reformats of 1 element (886 MAC) < the 4.5M MACs of keeping l3 and l4
+    assert narrow["kept"] == ["l2", "l5"] and narrow["cost"] == by_hand({"l2", "l5"}, 1)
+    assert [b.name for b in boundaries(_tuner(noise, 30.0).layers, ["l2", "l5"])] == ["l1", "l2", "l4", "l5"]
