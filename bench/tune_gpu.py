@@ -79,7 +79,8 @@ def _eval_set(bundle: Path) -> tuple[np.ndarray, np.ndarray]:
 def _layers(tune: dict[str, Any]) -> list[Any]:
     from pipeline.tuning.layers import Layer
 
-    return [Layer(d["name"], d["op_type"], d["index"], tuple(d["nodes"]), d["macs"], d.get("forced_float"))
+    return [Layer(d["name"], d["op_type"], d["index"], tuple(d["nodes"]), d["macs"], d.get("forced_float"),
+                  d.get("out_elements", 0))
             for d in tune["layers"]]
 
 
