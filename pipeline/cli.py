@@ -120,7 +120,7 @@ def cmd_tune(a: argparse.Namespace) -> None:
     _timings(a, r)
     kept = ", ".join(k["layer"] for k in r.kept[:6]) + (" ..." if len(r.kept) > 6 else "")
     ch = r.reference_points["chosen"]
-    unit = "est. GMAC-fp16" if r.latency_kind == "estimate" else "ms"
+    unit = "est. ns/sample" if r.latency_kind == "estimate" else "ms"
     _print(r, a.json, f"tune: keeps {len(r.kept)} of {len(r.layers)} layers in {r.keep_precision}"
            f"{f' ({kept})' if kept else ''}; {r.budget['metric']} {ch['metric_full']:.6g} on {r.samples['full']} "
            f"samples ({r.budget['text']}); cost {ch['cost']:.4g} {unit} (full INT8 "

@@ -260,6 +260,8 @@ class TuneLayer(_Part):
     macs: int  # multiply-accumulates per sample (from the shapes of one real sample)
     forced_float: Optional[str] = None  # why the layer is never INT8 (an input left out of calibration)
     out_elements: int = 0  # output elements per sample: what an INT8 <-> float boundary after it reformats
+    in_elements: int = 0  # activation input elements per sample
+    weight_elements: int = 0
 
 
 class LayerSensitivity(_Part):
@@ -268,7 +270,7 @@ class LayerSensitivity(_Part):
 
     layer: str
     rank: int  # 1 = most sensitive
-    score: float  # error energy the layer adds alone (10^(-SQNR/10)), per GMAC of cost with objective cost; the order
+    score: float  # error energy the layer adds alone (10^(-SQNR/10)), per estimated ns of cost with objective cost; the order
     int8_alone_sqnr_db: float
     int8_alone_metric: float
     float_alone_sqnr_db: float
@@ -289,7 +291,7 @@ class TuneCandidate(_Part):
     metric_full: Optional[float] = None  # on the full evaluation set, where checked
     meets_full: Optional[bool] = None
     sqnr_db: float  # output SQNR against FP32 (the budget's output, else the worst) on the first samples measured
-    cost: float  # estimated compute (FP16-equivalent GMAC per sample) or measured latency (ms), see latency_kind
+    cost: float  # estimated time (roofline, ns per sample) or measured latency (ms), see latency_kind
     latency_ms: dict[str, float] = Field(default_factory=dict, description="measured TensorRT latency per batch (bN)")
     seconds: Optional[float] = None  # run-to-run noise: in the stage's timings file, never in the report on disk (NOISE)
 

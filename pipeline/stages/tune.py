@@ -258,7 +258,7 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
         points = {"full_int8": {**base, "label": "full INT8"}, "float": {**top, "label": float_label},
                   "chosen": {**chosen, "label": "chosen"}}
         front = frontier(tuner.candidates, budget.higher_better)
-        cost_label = ("estimated cost, FP16-equivalent GMAC per sample (an estimate, not a latency)"
+        cost_label = ("estimated cost, ns per sample (a roofline estimate, not a latency)"
                       if runner.latency_kind == "estimate" else f"TensorRT latency, {describe['unit']}")
         plot_frontier(tmp / "tune.png", model=cfg.model.name, candidates=tuner.candidates, frontier=front,
                       points=points, budget_text=budget.describe(), threshold_full=sets["full"].threshold,

@@ -42,10 +42,13 @@ class Layer:
     macs: int
     forced_float: Optional[str] = None  # never INT8, and why
     out_elements: int = 0  # elements per sample of its output (what an INT8 <-> float boundary after it reformats)
+    in_elements: int = 0  # elements per sample of its activation input
+    weight_elements: int = 0  # elements of its weight (second input)
 
     def as_report(self) -> dict[str, Any]:
         return {"name": self.name, "op_type": self.op_type, "index": self.index, "nodes": list(self.nodes),
-                "macs": int(self.macs), "forced_float": self.forced_float, "out_elements": int(self.out_elements)}
+                "macs": int(self.macs), "forced_float": self.forced_float, "out_elements": int(self.out_elements),
+                "in_elements": int(self.in_elements), "weight_elements": int(self.weight_elements)}
 
 
 def glob_escape(name: str) -> str:
@@ -120,11 +123,13 @@ def find_layers(onnx_path: Path, placement: Mapping[str, Any], op_types: Sequenc
                           "tune (check tune.op_types)")
     macs = _macs(model, index, weighted, sample)
     return [Layer(n.name, n.op_type, i, (n.name, *_epilogue(index, n, fused_add_of)), macs[n.name][0],
-                  forced_float.get(n.name), macs[n.name][1]) for i, n in enumerate(weighted)]
+                  forced_float.get(n.name), *macs[n.name][1:]) for i, n in enumerate(weighted)]
 
 
-def _macs(model: Any, index: Any, nodes: Sequence[Any], sample: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int]]:
-    """(multiply-accumulates, output elements) per sample of each node, from the shapes of one sample."""
+def _macs(model: Any, index: Any, nodes: Sequence[Any],
+          sample: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int, int, int]]:
+    """(multiply-accumulates, output, input and weight elements) per sample of each node, from the shapes
+    of one sample."""
     import onnx
 
     from calibration.ort_session import make_session
@@ -145,7 +150,7 @@ def _macs(model: Any, index: Any, nodes: Sequence[Any], sample: Mapping[str, np.
     feeds = {i.name: np.ascontiguousarray(sample[i.name][:1]) for i in sess.get_inputs()}
     shapes = {k: list(np.shape(v)) for k, v in zip(names, sess.run(None, feeds))}
     shapes.update(inits)
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, int, int]] = {}
     for n in nodes:
         a, w, y = (shapes.get(n.input[0]) or []), (shapes.get(n.input[1]) or []), (shapes.get(n.output[0]) or [])
         numel = int(np.prod(y)) if y else 0
@@ -159,5 +164,5 @@ def _macs(model: Any, index: Any, nodes: Sequence[Any], sample: Mapping[str, np.
             macs = numel * int(a[0] if trans_a else a[-1])
         else:  # MatMul
             macs = numel * int(a[-1]) if a else 0
-        out[n.name] = (int(macs), numel)
+        out[n.name] = (int(macs), numel, int(np.prod(a)) if a else 0, int(np.prod(w)) if w else 0)
     return out

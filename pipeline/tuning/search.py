@@ -18,7 +18,7 @@ cannot be met, and the best point found is reported.
    by the output's error energy the layer adds alone, 10^(-SQNR/10) (noise of independent
    layers adds up, to first order), ties by the gain of keeping it alone; with
    `tune.objective: cost`, by that energy per unit of cost that keeping the layer adds
-   (its MACs x the FP16-INT8 cost difference), and the result is the cheapest candidate
+   (the estimated time keeping it adds, `.cost`), and the result is the cheapest candidate
    that meets the budget rather than the one with the fewest layers kept;
 2. the shortest prefix of that order that meets the budget on the search samples, found by
    bisection (log2 N candidates, the metric being near-monotone in the prefix);
@@ -222,13 +222,12 @@ class Tuner:
                          "float_alone_metric": kept[key], "float_alone_gain": gain if gain == gain else -math.inf,
                          "_index": layer.index})
         if self.objective == "cost":  # error energy removed per unit of cost added by keeping the layer
-            from .cost import RELATIVE_MAC_COST
+            from .cost import layer_seconds
 
-            extra = {x.name: max(x.macs, 1) * (RELATIVE_MAC_COST.get(getattr(self.runner, "keep_precision", "fp16"),
-                                                                       1.0) - RELATIVE_MAC_COST["int8"])
-                     for x in self.searchable}
+            keep = getattr(self.runner, "keep_precision", "fp16")
+            extra = {x.name: layer_seconds(x, keep) - layer_seconds(x, "int8") for x in self.searchable}
             for r in rows:
-                r["score"] = r["score"] / max(extra[r["layer"]], 1e-9) * 1e9  # per FP16-equivalent GMAC
+                r["score"] = r["score"] / max(extra[r["layer"]] * 1e9, 1e-9)  # per estimated ns
         rows.sort(key=lambda r: (-r["score"], -r["float_alone_gain"], r["_index"]))
         for rank, r in enumerate(rows, 1):
             r["rank"] = rank
