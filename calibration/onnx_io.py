@@ -37,3 +37,20 @@ def save_model(model: Any, path: Union[str, Path]) -> None:
         onnx.save_model(model, str(path))
     else:
         onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def fresh_names(model: Any) -> Any:
+    """A function giving names no tensor, initializer or node of ``model`` has yet (``base``, else
+    ``base_1``, ``base_2``, ...); each name it gives is taken from then on."""
+    graph = model.graph
+    taken = ({i.name for i in graph.initializer} | {o for n in graph.node for o in [*n.input, *n.output]}
+             | {n.name for n in graph.node} | {i.name for i in graph.input} | {o.name for o in graph.output})
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    return fresh

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from calibration.errors import CalibrationError
+from calibration.onnx_io import fresh_names
 
 #: Ops whose output stays within any bound its (first) input keeps.
 _PASS_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "MaxPool",
@@ -254,15 +255,7 @@ def apply_bias_corrections(model: Any, corrections: Mapping[str, np.ndarray]) ->
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    used = {i.name for i in graph.initializer} | {o for n in graph.node for o in [*n.input, *n.output]}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        return name
-
+    fresh = fresh_names(model)
     written: dict[str, str] = {}
     position = {n.name: k for k, n in enumerate(graph.node)}
     adds: list[tuple[int, Any]] = []

@@ -122,20 +122,14 @@ def apply(model: Any, found: Mapping[str, Target], scales: Mapping[str, np.ndarr
     weights' rows are scaled by ``s``. Returns {tensor: {"consumers", "mul"}}."""
     from onnx import helper, numpy_helper
 
+    from calibration.onnx_io import fresh_names
+
     inits = _initializers(model)
     readers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    taken = {o for n in model.graph.node for o in n.output} | set(inits) | {n.name for n in model.graph.node}
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        taken.add(name)
-        return name
-
+    fresh = fresh_names(model)
     nodes = {n.name: n for n in model.graph.node}
     done: dict[str, Any] = {}
     for tensor, s in scales.items():
