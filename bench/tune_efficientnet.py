@@ -78,26 +78,18 @@ def _strategy(cfg: Any, strategy: str, A: Path, seconds: dict[str, float], objec
             "seconds": seconds.get(name)}  # tune.json keeps no wall time (its timings file does)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "trtpipe_tune_efficientnet",
-                    help="the pipeline's folder (about 600 MB: the crops as float32), outside the checkout")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tune_efficientnet_lite0_cpu.json")
-    ap.add_argument("--bundle", type=Path, default=ROOT / "build" / "tune_bundle")
-    ap.add_argument("--fresh", action="store_true", help="run every stage again")
-    a = ap.parse_args()
-    work = a.work.resolve()
-    out_path, bundle = a.out.resolve(), a.bundle.resolve()
-    _setup(work, a.fresh)
+def project(work: Path, fresh: bool, tune_too: bool = True) -> tuple[Any, Path, dict[str, float]]:
+    """The EfficientNet-Lite0 project in ``work`` up to calibrate (and tune with the config's settings):
+    (config, artifacts folder, seconds per stage); a stage whose report is there is reused unless ``fresh``.
+    Changes the working directory to ``work``."""
+    _setup(work, fresh)
     os.chdir(work)
     sys.path.insert(0, str(work))
 
     from pipeline.config import load_config
-    from pipeline.metrics import agreement
-    from pipeline.onnx_utils import ort_session, run_batched
-    from pipeline.stages import build, calibrate, export, prepare, tune, validate
+    from pipeline.stages import calibrate, export, prepare, tune, validate
 
-    from configs.efficientnet_lite0_factory import EVAL_CROPS, EVAL_SEED, crops_uint8, save_checkpoint, to_model_input
+    from configs.efficientnet_lite0_factory import save_checkpoint
 
     cfg = load_config(quiet=True)
     A = Path("artifacts")
@@ -115,13 +107,36 @@ def main() -> None:
                                                         A / "prepare/eval.npz", A / "tune")),
     ]
     for name, report, fn in steps:
-        if report.is_file() and not a.fresh:
+        if name == "tune" and not tune_too:
+            continue
+        if report.is_file() and not fresh:
             data = json.loads(report.read_text())
             seconds[name] = data["seconds"]["total"] if isinstance(data.get("seconds"), dict) else data.get("seconds")
             print(f"[bench] {name}: reused ({report})")
             continue
         _timed(seconds, name, fn)
+    return cfg, A, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "trtpipe_tune_efficientnet",
+                    help="the pipeline's folder (about 600 MB: the crops as float32), outside the checkout")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tune_efficientnet_lite0_cpu.json")
+    ap.add_argument("--bundle", type=Path, default=ROOT / "build" / "tune_bundle")
+    ap.add_argument("--fresh", action="store_true", help="run every stage again")
+    a = ap.parse_args()
+    out_path, bundle = a.out.resolve(), a.bundle.resolve()
+    cfg, A, seconds = project(a.work.resolve(), a.fresh)
+
+    from pipeline.metrics import agreement
+    from pipeline.onnx_utils import ort_session, run_batched
+    from pipeline.stages import build
+
+    from configs.efficientnet_lite0_factory import EVAL_CROPS, EVAL_SEED, crops_uint8, to_model_input
+
     rep = json.loads((A / "tune/tune.json").read_text())
+
 
     # The variants on all 256 crops, each against the FP32 ONNX in onnxruntime.
     with np.load(A / "prepare/eval.npz") as z:
