@@ -71,8 +71,10 @@ def _weight(init: Any, transposed: bool) -> np.ndarray:
 
 
 def channel_maxima(model: Any, batches: Iterable[Mapping[str, np.ndarray]], tensors: Sequence[str], *,
-                   threads: Optional[int] = None) -> dict[str, np.ndarray]:
-    """tensor -> per-channel max|x| over the last axis, from one onnxruntime FP32 forward."""
+                   threads: Optional[int] = None, sentinel_abs: float = 1e30) -> dict[str, np.ndarray]:
+    """tensor -> per-channel max|x| over the last axis, from one onnxruntime FP32 forward. A tensor
+    that reaches +-Inf or ``sentinel_abs`` (a mask, as calibration.sentinel_abs) is left out: the
+    calibration keeps it in higher precision anyway. NaN is an error."""
     from calibration.collect import augment
     from calibration.ort_session import make_session
 
@@ -82,19 +84,21 @@ def channel_maxima(model: Any, batches: Iterable[Mapping[str, np.ndarray]], tens
     session = make_session(augment(model, names), threads=threads, what="the model to smooth",
                            failure="onnxruntime cannot run it with the MatMul inputs exposed") if names else None
     maxima: dict[str, np.ndarray] = {}
+    seen: set[str] = set()
     for b, feeds in enumerate(batches):
         values = session.run(names, dict(feeds)) if session is not None else []
         for name, v in [*zip(names, values), *((n, feeds[n]) for n in fed)]:
             flat = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
-            if not np.isfinite(flat).all():
-                raise CalibrationError(f"calibration batch {b}: tensor {name!r} has NaN or Inf values; SmoothQuant "
-                                       "needs finite activations: check the calibration data, or turn "
-                                       "calibration.smooth_quant off")
+            if np.isnan(flat).any():
+                raise CalibrationError(f"calibration batch {b}: tensor {name!r} has NaN values; SmoothQuant needs "
+                                       "finite activations: check the calibration data (and that the FP32 model is "
+                                       "finite on it), or turn calibration.smooth_quant off")
             m = np.abs(flat).max(0)
             maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
-    if not maxima:
+            seen.add(name)
+    if not seen:
         raise CalibrationError("SmoothQuant: no calibration batch to measure the MatMul inputs on")
-    return maxima
+    return {n: m for n, m in maxima.items() if np.isfinite(m).all() and float(m.max()) < sentinel_abs}
 
 
 def scales_for(chmax: np.ndarray, weights: Sequence[np.ndarray], alpha: float) -> np.ndarray:
@@ -110,6 +114,8 @@ def plan(model: Any, found: Mapping[str, Target], maxima: Mapping[str, np.ndarra
     inits = _initializers(model)
     out: dict[str, np.ndarray] = {}
     for name, target in found.items():
+        if name not in maxima:  # a sentinel-carrying tensor (channel_maxima) or one calibration.exclude names
+            continue
         weights = [_weight(inits[w], t) for _, w, t in target.consumers]
         if any(w.shape[0] != maxima[name].shape[0] for w in weights):
             continue
@@ -189,6 +195,7 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
     ``rules``), quantized (Q/DQ) and run against FP32 on the same batches. ``batches()`` yields them
     anew each time; ``work`` is a folder for the candidates. Returns (the chosen ONNX: ``onnx_path``
     itself when no smoothing wins, report)."""
+    from fnmatch import fnmatchcase
     from pathlib import Path
 
     from calibration.collect import collect_histograms
@@ -201,7 +208,14 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
     found = targets(model)
     if not found:
         return onnx_path, {"tensors": 0, "alpha": None, "note": "no MatMul/Gemm with a weight initializer to smooth"}
-    maxima = channel_maxima(model, batches(), list(found), threads=threads)
+    options = dict(collect_options or {})
+    globs = options.get("exclude") or []
+    globs = [globs] if isinstance(globs, str) else list(globs)
+    left_out = {t: f"calibration.exclude {g!r}" for t in found for g in globs if fnmatchcase(t, g)}
+    maxima = channel_maxima(model, batches(), [t for t in found if t not in left_out], threads=threads,
+                            sentinel_abs=float(options.get("sentinel_abs") or 1e30))
+    left_out.update({t: "carries +-Inf or sentinel values (kept in higher precision)" for t in found
+                     if t not in left_out and t not in maxima})
     del model
     r = get_rules(rules)
     errors: dict[str, float] = {}
@@ -216,7 +230,7 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
             path = work / f"smoothed_{key}.onnx"
             save_model(m, path)
             del m
-        col = collect_histograms(path, batches(), progress=False, growth=r.growth, **dict(collect_options or {}))
+        col = collect_histograms(path, batches(), progress=False, growth=r.growth, **options)
         amax, _, _ = ranges_under(r, col.histograms, method, col.node_ops, percentile)
         skip = {n.name for n in load_model(path).graph.node if n.name and set(n.input) & set(col.excluded)}
         q = work / f"q_{key}.onnx"
@@ -229,7 +243,7 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
         if key != best and path != onnx_path:
             path.unlink(missing_ok=True)
     return paths[best], {"tensors": len(found), "alpha": None if best == "none" else float(best),
-                         "smoothed": smoothed.get(best, 0),
+                         "smoothed": smoothed.get(best, 0), "left_out": left_out,
                          "relative_output_error": {k: float(f"{v:.6g}") for k, v in errors.items()}}
 
 

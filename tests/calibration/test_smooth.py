@@ -126,7 +126,7 @@ def test_nan_activation_is_one_line(tmp_path):
     model = load_model(path)
     bad = _feeds(4)
     bad["x"][0, 0, 0] = np.nan
-    with pytest.raises(CalibrationError, match="NaN or Inf") as e:
+    with pytest.raises(CalibrationError, match="has NaN values") as e:
         smooth.channel_maxima(model, [bad], list(smooth.targets(model)))
     assert "\n" not in str(e.value)
 
@@ -159,3 +159,20 @@ def test_calibrate_stage_with_smooth_quant(tmp_path):
     assert sq["alpha"] is not None and sq["tensors"] == 2
     assert sq["relative_output_error"][str(sq["alpha"])] < sq["relative_output_error"]["none"]
     assert "smooth_quant" not in reports[False]["qdq"] and reports[True]["settings"]["smooth_quant"] is True
+
+
+def test_excluded_and_sentinel_tensors_are_not_smoothed(tmp_path):
+    """A tensor calibration.exclude names, or one carrying +-Inf (a mask), keeps its consumers as they
+    were: smoothing would hand the MatMul a new, calibrated input and bypass the exclusion."""
+    from calibration.onnx_io import load_model
+
+    path = _model(tmp_path / "m.onnx")
+    batches = [_feeds(16, seed=s) for s in range(4)]
+    chosen, report = smooth.search(path, lambda: iter(batches), tmp_path / "w1", method="minmax",
+                                   collect_options={"exclude": ["r"]})
+    assert report["left_out"] == {"r": "calibration.exclude 'r'"}
+    mm2 = next(n for n in load_model(chosen).graph.node if n.name == "/mm2")
+    assert mm2.input[0] == "r"  # not smoothed
+    inf = [{"x": np.where(np.arange(IN) == 0, np.inf, b["x"]).astype(np.float32)} for b in batches]
+    assert smooth.channel_maxima(load_model(path), inf, ["x"]) == {}  # x carries Inf: left out, not an error
+    assert set(smooth.channel_maxima(load_model(path), batches, ["x"])) == {"x"}
