@@ -64,7 +64,7 @@ def resolve_forward(choice: str, *, what: str = "calibration") -> tuple[Optional
         raise BackendError(f"calibration.forward: tensorrt needs TensorRT and an NVIDIA GPU ({why}); "
                            "set calibration.forward: onnxruntime (or auto) to calibrate on the CPU")
     return ((lambda model: TrtForward(model, what=what)),
-            f"calibration.forward: tensorrt (TensorRT {installed_version()} FP32 on {_gpu().get('name', 'the GPU')})")
+            f"calibration.forward: tensorrt (TensorRT {installed_version()} FP32 on {_gpu().get('gpu', 'the GPU')})")
 
 
 def _shape_key(feeds: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
@@ -91,7 +91,7 @@ class TrtForward:
     def _key(self, trt: Any, data: bytes, shapes: dict[str, list[int]]) -> str:
         gpu = _gpu()
         h = hashlib.sha256(data)
-        h.update(repr((shapes, str(trt.__version__), gpu.get("name"), gpu.get("compute_capability"),
+        h.update(repr((shapes, str(trt.__version__), gpu.get("gpu"), gpu.get("compute_capability"),
                        self._level)).encode())
         return h.hexdigest()[:32]
 
