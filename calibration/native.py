@@ -200,12 +200,14 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def cache_home() -> Path:
+    """trtpipe's per-user cache folder: ``$XDG_CACHE_HOME/trtpipe``, else ``~/.cache/trtpipe``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / "trtpipe"
+
+
 def _cache_dir() -> Path:
     explicit = os.environ.get("TRTPIPE_KERNEL_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "trtpipe"
+    return Path(explicit) if explicit else cache_home()
 
 
 def _compile(cc: str, out: Path, extra: list[str]) -> Optional[str]:

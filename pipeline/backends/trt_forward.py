@@ -36,11 +36,10 @@ WORKSPACE_MB = 4096
 
 
 def cache_dir() -> Path:
+    from calibration.native import cache_home
+
     explicit = os.environ.get("TRTPIPE_CACHE_DIR")
-    if explicit:
-        return Path(explicit) / "calibration-engines"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "trtpipe" / "calibration-engines"
+    return (Path(explicit) if explicit else cache_home()) / "calibration-engines"
 
 
 def _gpu() -> dict[str, Any]:
@@ -126,6 +125,8 @@ class TrtForward:
         return bytes(serialized)
 
     def _start(self, feeds: Mapping[str, np.ndarray]) -> None:
+        from google.protobuf.message import EncodeError
+
         from calibration.onnx_io import save_model
 
         from ..fileio import write_bytes
@@ -135,8 +136,11 @@ class TrtForward:
         trt = require_tensorrt()
         shapes = _shape_key(feeds)
         t0 = time.perf_counter()
-        data = self._model.SerializeToString() if self._model.ByteSize() < 1_800_000_000 else None
-        key = self._key(trt, data if data is not None else b"", shapes) if data is not None else None
+        try:  # serialized once: the cache key, and the file TensorRT parses
+            data: Optional[bytes] = self._model.SerializeToString()
+        except (EncodeError, ValueError):  # past protobuf's 2 GiB: external data, not cached
+            data = None
+        key = self._key(trt, data, shapes) if data is not None else None
         engine = self._cache / f"{key}.engine" if key else None
         self.details.update({"tensorrt": str(trt.__version__), "shapes": shapes, "outputs": len(self._model.graph.output),
                              "tf32": False})
@@ -145,7 +149,11 @@ class TrtForward:
         else:
             with tempfile.TemporaryDirectory(prefix="trtpipe-calib-") as tmp:
                 onnx_file = Path(tmp) / "calibration.onnx"
-                save_model(self._model, onnx_file)
+                if data is not None:
+                    onnx_file.write_bytes(data)
+                else:
+                    save_model(self._model, onnx_file)
+                del data
                 t_build = time.perf_counter()
                 blob = self._build(trt, onnx_file, shapes)
                 self.details["build_seconds"] = round(time.perf_counter() - t_build, 3)
