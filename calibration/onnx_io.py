@@ -54,3 +54,14 @@ def fresh_names(model: Any) -> Any:
         return name
 
     return fresh
+
+
+def consumers(path: Union[str, Path], tensors: Any) -> list[str]:
+    """The names of the nodes of the ONNX at ``path`` that read any of ``tensors`` (a tensor left out of
+    calibration: its readers stay float in the Q/DQ model); weights are not loaded."""
+    if not tensors:
+        return []
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sorted({n.name for n in model.graph.node if n.name and set(n.input) & set(tensors)})

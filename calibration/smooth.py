@@ -44,13 +44,12 @@ def _initializers(model: Any) -> dict[str, Any]:
     return {t.name: t for t in model.graph.initializer}
 
 
-def targets(model: Any, exclude_nodes: Iterable[str] = ()) -> dict[str, Target]:
+def targets(model: Any) -> dict[str, Target]:
     """tensor -> Target for every activation a MatMul/Gemm multiplies by a 2-D initializer."""
     inits = _initializers(model)
-    skip = set(exclude_nodes)
     out: dict[str, Target] = {}
     for n in model.graph.node:
-        if n.name in skip or n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
+        if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
             continue
         x, w = n.input[0], n.input[1]
         if x in inits or w not in inits or len(inits[w].dims) != 2:
@@ -162,13 +161,13 @@ def apply(model: Any, found: Mapping[str, Target], scales: Mapping[str, np.ndarr
     return done
 
 
-def _output_error(onnx_fp32: Any, onnx_q: Any, batches: Iterable[Mapping[str, np.ndarray]],
+def _output_error(ref: Any, onnx_q: Any, batches: Iterable[Mapping[str, np.ndarray]],
                   threads: Optional[int]) -> float:
     """The worst sample's relative L2 error of the Q/DQ model's float outputs against the FP32 model's (every
-    output's first axis is the sample): a strength that spoils a few inputs loses to one that does not."""
+    output's first axis is the sample): a strength that spoils a few inputs loses to one that does not.
+    ``ref``: the FP32 model's onnxruntime session."""
     from calibration.ort_session import make_session
 
-    ref = make_session(onnx_fp32, threads=threads, what="the FP32 model")
     q = make_session(onnx_q, mode="exact", threads=threads, what="the smoothed Q/DQ model")
     worst = 0.0
     for feeds in batches:
@@ -199,7 +198,8 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
     from pathlib import Path
 
     from calibration.collect import collect_histograms
-    from calibration.onnx_io import load_model, save_model
+    from calibration.onnx_io import consumers, load_model, save_model
+    from calibration.ort_session import make_session
     from calibration.qdq import quantize_qdq
     from calibration.rules import get_rules, ranges_under
 
@@ -218,6 +218,7 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
                      if t not in left_out and t not in maxima})
     del model
     r = get_rules(rules)
+    ref = make_session(onnx_path, threads=threads, what="the FP32 model")  # one session for every candidate
     errors: dict[str, float] = {}
     paths: dict[str, Path] = {}
     smoothed: dict[str, int] = {}
@@ -232,10 +233,9 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
             del m
         col = collect_histograms(path, batches(), progress=False, growth=r.growth, **options)
         amax, _, _ = ranges_under(r, col.histograms, method, col.node_ops, percentile)
-        skip = {n.name for n in load_model(path).graph.node if n.name and set(n.input) & set(col.excluded)}
         q = work / f"q_{key}.onnx"
-        quantize_qdq(path, q, amax, exclude_nodes=sorted(skip))
-        errors[key] = _output_error(onnx_path, q, batches(), threads)
+        quantize_qdq(path, q, amax, exclude_nodes=consumers(path, col.excluded))
+        errors[key] = _output_error(ref, q, batches(), threads)
         q.unlink(missing_ok=True)
         paths[key] = path
     best = min(errors, key=lambda k: (errors[k], k != "none"))

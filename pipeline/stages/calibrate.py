@@ -50,6 +50,7 @@ from calibration.algorithms import amax_to_scale
 from calibration.cache import METHOD_ALGORITHM, cache_header, scale_to_hex, write_cache
 from calibration.collect import collect_histograms
 from calibration.errors import CalibrationError
+from calibration.onnx_io import consumers
 from calibration.ptq import clip_amax_bounds, input_means
 from calibration.qdq import bias_correction_inputs, quantize_qdq
 from calibration.rules import get_rules, ranges_under
@@ -124,26 +125,31 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
     import shutil
     import tempfile
 
-    if not cfg.calibration.smooth_quant:
-        return _calibrate(cfg, Path(onnx_path), Path(onnx_path), None, calib_data, out_dir, progress, threads)
+    start = time.perf_counter()
+    c = cfg.calibration
+    samples = load_samples(calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
+    indices = calibration_indices(len(samples), c.num_samples, c.seed)
+    if not c.smooth_quant:
+        return _calibrate(cfg, Path(onnx_path), Path(onnx_path), None, calib_data, samples, indices, out_dir,
+                          progress, threads, start)
     tmp = Path(tempfile.mkdtemp(prefix="trtpipe-smooth-"))
     try:
         t0 = time.perf_counter()
-        smoothed, smoothing = _smooth(cfg, Path(onnx_path), Path(calib_data), tmp, threads)
+        smoothed, smoothing = _smooth(cfg, Path(onnx_path), Path(calib_data), samples, indices, tmp, threads)
         smoothing["seconds"] = round(time.perf_counter() - t0, 3)
-        return _calibrate(cfg, Path(onnx_path), smoothed, smoothing, calib_data, out_dir, progress, threads)
+        return _calibrate(cfg, Path(onnx_path), smoothed, smoothing, calib_data, samples, indices, out_dir,
+                          progress, threads, start)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _smooth(cfg: Config, onnx_path: Path, calib_data: Path, tmp: Path, threads: Optional[int]) -> tuple[Path, dict[str, Any]]:
+def _smooth(cfg: Config, onnx_path: Path, calib_data: Path, samples: Any, indices: np.ndarray, tmp: Path,
+            threads: Optional[int]) -> tuple[Path, dict[str, Any]]:
     """(the ONNX to calibrate, what SmoothQuant did): the migration strength (or none) whose INT8 model
     has the smallest output error on the calibration batches (calibration.smooth.search)."""
     from calibration import smooth
 
     c = cfg.calibration
-    samples = load_samples(calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
-    indices = calibration_indices(len(samples), c.num_samples, c.seed)
     return smooth.search(onnx_path, lambda: calibration_batches(samples.x, indices, c.batch_size, str(calib_data)), tmp,
                          method=c.method, rules=c.rules, percentile=c.percentile, threads=threads,
                          collect_options={"num_bins": c.num_bins, "exclude": c.exclude,
@@ -151,16 +157,14 @@ def _smooth(cfg: Config, onnx_path: Path, calib_data: Path, tmp: Path, threads: 
 
 
 def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Optional[dict[str, Any]], calib_data: Path,
-               out_dir: Path, progress: bool, threads: Optional[int]) -> CalibrateReport:
+               samples: Any, indices: np.ndarray, out_dir: Path, progress: bool, threads: Optional[int],
+               start: float) -> CalibrateReport:
     """Calibrate ``model_path`` (the exported ``onnx_path``, or its smoothed copy) into ``out_dir``."""
     from ..provenance import sha256_of
 
-    start = time.perf_counter()
     c = cfg.calibration
     rules = get_rules(c.rules)
     onnx_path, calib_data, out_dir = Path(onnx_path), Path(calib_data), Path(out_dir)
-    samples = load_samples(calib_data, cfg.model.inputs, cfg.data.labels_key, "calibration data")
-    indices = calibration_indices(len(samples), c.num_samples, c.seed)
     num_batches = len(indices) // c.batch_size
     batches = calibration_batches(samples.x, indices, c.batch_size, str(calib_data))
     trt_target, trt_why = target_tensorrt(cfg)
@@ -218,7 +222,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
         write_report(tmp / MAXIMA_FILE, TensorMaxima(onnx_sha256=sha256_of(onnx_path), samples=collector.stats.samples,
                                                      tensors=maxima))
         t_qdq = time.perf_counter()
-        qdq = quantize_qdq(model_path, tmp / QDQ_FILE, amax, exclude_nodes=_consumers(model_path, excluded),
+        qdq = quantize_qdq(model_path, tmp / QDQ_FILE, amax, exclude_nodes=consumers(model_path, excluded),
                            bias_means=means)
         check = _qdq_check(tmp / QDQ_FILE, first, reference)
         t_end = time.perf_counter()
@@ -280,16 +284,6 @@ def _clip_bounds(onnx_path: Path) -> dict[str, float]:
     from calibration.onnx_io import load_model
 
     return clip_amax_bounds(load_model(onnx_path))
-
-
-def _consumers(onnx_path: Path, tensors: Any) -> list[str]:
-    """The nodes that read a tensor left out of calibration: they stay in float in the Q/DQ model."""
-    if not tensors:
-        return []
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return sorted({n.name for n in model.graph.node if n.name and set(n.input) & set(tensors)})
 
 
 def _versions() -> dict[str, str]:
