@@ -175,8 +175,7 @@ class TensorRTBackend(Backend):
 
         kind = ops[0].lower()
         out = Path(req.out_dir) / f"{src.stem}.{kind}_float.onnx"
-        Path(req.out_dir).mkdir(parents=True, exist_ok=True)
-        save_model(model, out)
+        save_model(model, out)  # makes the folder
         note = (f"TensorRT {trt.__version__} could not build the Q/DQ on the weights of {len(nodes)} "
                 f"{'/'.join(ops)} node(s) ({hit} assertion); built {out.name} instead: the same Q/DQ ONNX with those "
                 f"weights in float, their inputs still INT8 ({', '.join(nodes[:3])}{' ...' if len(nodes) > 3 else ''})")

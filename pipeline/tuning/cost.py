@@ -28,8 +28,8 @@ BANDWIDTH = 3.35e12  # bytes per second, HBM3
 UNIT = "ns per sample (estimate: a roofline at H100/H200 peaks, plus reformats; not a measurement)"
 
 
-def _precision(layer: Layer, kept: set[str], keep_precision: str) -> str:
-    return keep_precision if layer.name in kept or layer.forced_float is not None else "int8"
+def _is_float(layer: Layer, kept: set[str]) -> bool:
+    return layer.name in kept or layer.forced_float is not None
 
 
 def layer_seconds(layer: Layer, precision: str) -> float:
@@ -43,7 +43,7 @@ def boundaries(layers: Iterable[Layer], kept: Iterable[str]) -> list[Layer]:
     branching graphs)."""
     kept = set(kept)
     seq = sorted(layers, key=lambda x: x.index)
-    floaty = [x.name in kept or x.forced_float is not None for x in seq]
+    floaty = [_is_float(x, kept) for x in seq]
     return [a for a, fa, fb in zip(seq, floaty, floaty[1:]) if fa != fb]
 
 
@@ -54,7 +54,7 @@ def reformat_seconds(layer: Layer, keep_precision: str) -> float:
 def estimated_cost(layers: Iterable[Layer], kept: Iterable[str], keep_precision: str) -> float:
     layers = list(layers)
     kept = set(kept)
-    total = sum(layer_seconds(x, _precision(x, kept, keep_precision)) for x in layers)
+    total = sum(layer_seconds(x, keep_precision if _is_float(x, kept) else "int8") for x in layers)
     total += sum(reformat_seconds(b, keep_precision) for b in boundaries(layers, kept))
     return round(total * 1e9, 6)
 

@@ -121,15 +121,14 @@ def find_layers(onnx_path: Path, placement: Mapping[str, Any], op_types: Sequenc
     if not weighted:
         raise ConfigError(f"{onnx_path}: no {'/'.join(op_types)} node takes a quantized input; there is nothing to "
                           "tune (check tune.op_types)")
-    macs = _macs(model, index, weighted, sample)
-    return [Layer(n.name, n.op_type, i, (n.name, *_epilogue(index, n, fused_add_of)), macs[n.name][0],
-                  forced_float.get(n.name), *macs[n.name][1:]) for i, n in enumerate(weighted)]
+    sizes = _sizes(model, index, weighted, sample)
+    return [Layer(n.name, n.op_type, i, (n.name, *_epilogue(index, n, fused_add_of)), forced_float=forced_float.get(n.name),
+                  **sizes[n.name]) for i, n in enumerate(weighted)]
 
 
-def _macs(model: Any, index: Any, nodes: Sequence[Any],
-          sample: Mapping[str, np.ndarray]) -> dict[str, tuple[int, int, int, int]]:
-    """(multiply-accumulates, output, input and weight elements) per sample of each node, from the shapes
-    of one sample."""
+def _sizes(model: Any, index: Any, nodes: Sequence[Any], sample: Mapping[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """{macs, out_elements, in_elements, weight_elements} per sample of each node (multiply-accumulates
+    and tensor elements), from the shapes of one sample."""
     import onnx
 
     from calibration.ort_session import make_session
@@ -150,7 +149,7 @@ def _macs(model: Any, index: Any, nodes: Sequence[Any],
     feeds = {i.name: np.ascontiguousarray(sample[i.name][:1]) for i in sess.get_inputs()}
     shapes = {k: list(np.shape(v)) for k, v in zip(names, sess.run(None, feeds))}
     shapes.update(inits)
-    out: dict[str, tuple[int, int, int, int]] = {}
+    out: dict[str, dict[str, int]] = {}
     for n in nodes:
         a, w, y = (shapes.get(n.input[0]) or []), (shapes.get(n.input[1]) or []), (shapes.get(n.output[0]) or [])
         numel = int(np.prod(y)) if y else 0
@@ -164,5 +163,6 @@ def _macs(model: Any, index: Any, nodes: Sequence[Any],
             macs = numel * int(a[0] if trans_a else a[-1])
         else:  # MatMul
             macs = numel * int(a[-1]) if a else 0
-        out[n.name] = (int(macs), numel, int(np.prod(a)) if a else 0, int(np.prod(w)) if w else 0)
+        out[n.name] = {"macs": int(macs), "out_elements": numel, "in_elements": int(np.prod(a)) if a else 0,
+                       "weight_elements": int(np.prod(w)) if w else 0}
     return out
