@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # PyTorch is pinned to the build this workplace's machines install from local disk.
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup repro test test-fast gpu-test bench mutation clean
+.PHONY: setup repro test test-fast gpu-test bench mutation ptx clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ test-fast: setup
 mutation: setup
 	$(BIN)/python -m pip install -q -e ".[mutation]"
 	PATH="$(abspath $(BIN)):$$PATH" nice -n 10 $(BIN)/python bench/mutation.py --jobs 2 --nice 0 --equivalent bench/mutation_equivalent --out bench/results/mutation.json --md bench/results/mutation.md $(MUTATION_ARGS)
+
+# The GPU binning kernels (pipeline/runtime/kernels/binning.cu) as PTX the driver compiles on first use:
+# compute_75 (Turing on), PTX ISA lowered to 7.0 (CUDA 11.0 drivers on) after ptxas accepts it. Needs nvcc.
+NVCC ?= nvcc
+PTXAS ?= $(dir $(shell command -v $(NVCC)))ptxas
+ptx: pipeline/runtime/kernels/binning.ptx
+
+pipeline/runtime/kernels/binning.ptx: pipeline/runtime/kernels/binning.cu
+	$(NVCC) -ptx -arch=compute_75 -o $@.tmp $<
+	sed -i 's/^\.version [0-9.]*$$/.version 7.0/' $@.tmp
+	$(PTXAS) -arch=sm_75 -o /dev/null $@.tmp
+	mv $@.tmp $@
 
 clean:
 	rm -rf $(VENV)

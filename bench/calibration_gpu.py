@@ -1,6 +1,7 @@
 """Calibration with the forward on the GPU (issue 21, item 3): the calibrate stage's collection and
 entropy search with ``calibration.forward`` onnxruntime (CPU) against tensorrt (an FP32 engine, every
-calibrated tensor an output; built cold, then read from the engine cache), side by side in one run,
+calibrated tensor an output; built cold, then read from the engine cache; its activations binned on
+the GPU where the engine leaves them, and once copied to the CPU and binned there), side by side in one run,
 each in a fresh process, with a plain FP32 forward of each (onnxruntime and TensorRT, no tensor
 exposed) over the same samples for the ratio.
 
@@ -70,8 +71,9 @@ def child(case: Path, forward: str, out: Path) -> None:
 
             factory = lambda model: TrtForward(model, what=str(case))  # noqa: E731
         rules = get_rules("tensorrt")
+        device = "cpu" if forward.endswith("_cpubins") else "auto"  # auto: the TensorRT forward bins on the GPU
         collector = collect_histograms(case / "model.onnx", batches, total=BATCHES, progress=False,
-                                       growth=rules.growth, forward=factory)
+                                       growth=rules.growth, forward=factory, device=device)
         t_search = time.perf_counter()
         amax, _, _ = ranges_under(rules, collector.histograms, "entropy", collector.node_ops, 99.99)
         s = collector.stats
@@ -79,7 +81,8 @@ def child(case: Path, forward: str, out: Path) -> None:
             "seconds": {"total": round(time.perf_counter() - t0, 3), "start": round(s.seconds_session, 3),
                         "inference": round(s.seconds_inference, 3), "histogram": round(s.seconds_histogram, 3),
                         "search": round(time.perf_counter() - t_search, 3)},
-            "samples": s.samples, "tensors": len(amax), "kernel": s.kernel, "histogram_threads": s.histogram_threads,
+            "samples": s.samples, "tensors": len(amax), "kernel": s.kernel, "device": s.device,
+            "device_note": s.device_note, "histogram_threads": s.histogram_threads,
             "forward_details": s.forward_details,
             "amax": {n: float(a) for n, a in amax.items()},
             "scales_hex": {n: scale_to_hex(amax_to_scale(a)) for n, a in amax.items()},
@@ -147,7 +150,8 @@ def run(folder: Path, out: Path, fixture: Path, cases: list[str]) -> None:
     engines = Path(tempfile.mkdtemp(prefix="calib-engines-"))
     for case in cases:
         rows: dict[str, Any] = {}
-        for forward in ("onnxruntime", "tensorrt_cold", "tensorrt_cached", "plain_onnxruntime", "plain_tensorrt"):
+        for forward in ("onnxruntime", "tensorrt_cold", "tensorrt_cached", "tensorrt_cached_cpubins",
+                        "plain_onnxruntime", "plain_tensorrt"):
             if forward.endswith("tensorrt") or forward.startswith("tensorrt"):
                 if "none" in str(results["host"].get("gpu")):
                     continue
@@ -166,7 +170,12 @@ def run(folder: Path, out: Path, fixture: Path, cases: list[str]) -> None:
                 rows[forward]["wall_seconds"] = round(wall, 3)
             print(f"[{case}] {forward}: {rows[forward].get('seconds')}", file=sys.stderr, flush=True)
         ort = rows.get("onnxruntime", {}).get("scales_hex")
-        for name in ("tensorrt_cold", "tensorrt_cached"):
+        gpu_bins, cpu_bins = rows.get("tensorrt_cached", {}), rows.get("tensorrt_cached_cpubins", {})
+        if "scales_hex" in gpu_bins and "scales_hex" in cpu_bins:  # the same engine's values, binned on GPU and CPU
+            gpu_bins["vs_cpu_binning"] = {
+                "tensors": len(cpu_bins["scales_hex"]),
+                "identical_scales": sum(gpu_bins["scales_hex"].get(n) == v for n, v in cpu_bins["scales_hex"].items())}
+        for name in ("tensorrt_cold", "tensorrt_cached", "tensorrt_cached_cpubins"):
             r = rows.get(name, {})
             if ort and "scales_hex" in r:
                 same = [n for n in ort if r["scales_hex"].get(n) == ort[n]]
@@ -186,7 +195,8 @@ def run(folder: Path, out: Path, fixture: Path, cases: list[str]) -> None:
         results["cases"][case] = rows
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
-    print(json.dumps({c: {f: (r.get("seconds", {}).get("total"), r.get("vs_onnxruntime"), r.get("vs_tensorrt_cache"))
+    print(json.dumps({c: {f: (r.get("seconds", {}).get("total"), r.get("vs_onnxruntime"), r.get("vs_tensorrt_cache"),
+                              r.get("vs_cpu_binning"))
                           for f, r in rows.items()} for c, rows in results["cases"].items()}, indent=1))
 
 

@@ -192,6 +192,16 @@ def derivable_tensors(model: Any, names: Sequence[str], keep: Sequence[str] = ()
     return derived
 
 
+def _on_device(value: Any) -> bool:
+    """A forward's device array (``pipeline.runtime.cuda_binning.DeviceTensor``): flat, with
+    ``size``, ``dtype`` and ``host()``; its binner knows where it lives."""
+    return hasattr(value, "host") and hasattr(value, "ptr")
+
+
+def _host(value: Any) -> Any:
+    return value.host() if _on_device(value) else value
+
+
 # -- the collector --------------------------------------------------------------------------
 #: Default ``sentinel_abs``: a tensor holding a value this large (or +-Inf) carries a mask
 #: sentinel (HF's torch.finfo(float32).min = -3.4e38), not a distribution to calibrate.
@@ -341,7 +351,12 @@ class ActivationCollector:
         self.sentinel_abs = float(sentinel_abs) if sentinel_abs is not None else float("inf")
         if not self.sentinel_abs > 0:
             raise CalibrationError(f"sentinel_abs must be > 0 (or None for Inf only), got {sentinel_abs!r}")
-        self._kernel, self.stats.device, self.stats.device_note = resolve_device(device, CpuKernel(kernel))
+        # A forward that bins where it leaves the activations (its ``binner``) takes "auto" and
+        # "cuda"; resolve_device decides for onnxruntime's forward (and for "cpu", any forward).
+        self._device, self._cpu_kernel = str(device), CpuKernel(kernel)
+        self._kernel, self.stats.device, self.stats.device_note = (
+            (self._cpu_kernel, "cpu", "") if forward is not None and self._device in ("auto", "cuda")
+            else resolve_device(device, self._cpu_kernel))
         self.stats.kernel = self._kernel.name
         model = load_model(self.onnx_path)
         initializers = {t.name for t in model.graph.initializer}
@@ -407,6 +422,11 @@ class ActivationCollector:
                                        "buffers, so it cannot be pipelined; collect with pipeline=False")
             self.stats.intra_op_threads = 0
         self.stats.forward = str(getattr(self._session, "name", "custom"))
+        self._device_binning = forward is not None and self._device in ("auto", "cuda") and hasattr(self._session,
+                                                                                                  "binner")
+        if forward is not None and self._device in ("auto", "cuda") and not self._device_binning:
+            self._kernel, self.stats.device, self.stats.device_note = resolve_device(device, self._cpu_kernel)
+            self.stats.kernel = self._kernel.name
         del augmented
         self.stats.seconds_session = time.perf_counter() - start
 
@@ -461,7 +481,15 @@ class ActivationCollector:
     def _binner(self) -> Any:
         from calibration.binning import BatchBinner
 
+        if self._device_binning and self._session is not None:
+            return self._session.binner(self._cpu_kernel, required=self._device == "cuda",
+                                        threads=self.histogram_threads)
         return BatchBinner(self._kernel, self.histogram_threads)
+
+    def _binned_by(self, binner: Any) -> None:
+        describe = getattr(binner, "describe", None)
+        if describe is not None:
+            self.stats.kernel, self.stats.device, self.stats.device_note = describe()
 
     def _bin(self, binner: Any, feeds: dict[str, np.ndarray], values: list[Any], where: str) -> None:
         """Add one batch to the histograms: the ranges of every fetched tensor first (a NaN
@@ -470,7 +498,7 @@ class ActivationCollector:
         t0 = time.perf_counter()
         index = self.stats.batches
         if not self.first_outputs:
-            self.first_outputs = {n: np.array(values[self._outputs.index(n)]) for n in self.output_names}
+            self.first_outputs = {n: np.array(_host(values[self._outputs.index(n)])) for n in self.output_names}
         arrays: dict[str, np.ndarray] = {n: self._flat(n, feeds[n], where) for n in self._fed}
         for i, name in enumerate(self._outputs):
             if name in self._sources:
@@ -483,7 +511,7 @@ class ActivationCollector:
             self.excluded_max_abs[name] = max(self.excluded_max_abs.get(name, 0.0), m)
         for name, (lo, hi) in ranges.items():
             if (np.isnan(lo) or np.isnan(hi)) and name not in self._max_only_set:
-                flat = arrays[name]
+                flat = _host(arrays[name])
                 n_nan, n_inf = int(np.count_nonzero(np.isnan(flat))), int(np.count_nonzero(np.isinf(flat)))
                 raise CalibrationError(
                     f"{where}: calibration batch for tensor {name!r} has {n_nan} NaN and {n_inf} Inf values out of "
@@ -526,11 +554,11 @@ class ActivationCollector:
 
     @staticmethod
     def _flat(name: str, value: Any, where: str) -> np.ndarray:
-        arr = np.asarray(value)
+        arr = value if _on_device(value) else np.asarray(value)
         if arr.dtype.kind not in "fiub":
             raise CalibrationError(f"{where}: calibration data for tensor {name!r} has dtype {arr.dtype}; histograms "
                                    "need real numbers: pass the activation as a float array")
-        return arr.reshape(-1)
+        return arr if _on_device(arr) else arr.reshape(-1)
 
     def _prepared(self, batch: Feeds, index: int, first: int) -> tuple[dict[str, np.ndarray], str]:
         feeds = self._feeds(batch)
@@ -548,15 +576,18 @@ class ActivationCollector:
     def add_batches(self, batches: Iterable[Feeds]) -> None:
         """All ``batches`` in order; pipelined (see the class) when ``pipeline=True``."""
         with self._binner() as binner:
-            if self.pipeline:
-                self._add_pipelined(binner, batches)
-                return
-            for batch in batches:
-                feeds, where = self._prepared(batch, self.stats.batches, self.stats.samples)
-                values, seconds = self._run(feeds, where)
-                self.stats.seconds_inference += seconds
-                self._bin(binner, feeds, values, where)
-                del values, feeds
+            try:
+                if self.pipeline:
+                    self._add_pipelined(binner, batches)
+                    return
+                for batch in batches:
+                    feeds, where = self._prepared(batch, self.stats.batches, self.stats.samples)
+                    values, seconds = self._run(feeds, where)
+                    self.stats.seconds_inference += seconds
+                    self._bin(binner, feeds, values, where)
+                    del values, feeds
+            finally:
+                self._binned_by(binner)
 
     def _add_pipelined(self, binner: Any, batches: Iterable[Feeds]) -> None:
         from concurrent.futures import ThreadPoolExecutor

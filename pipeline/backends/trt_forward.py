@@ -9,8 +9,10 @@ where TensorRT 11 allows nothing else, and one optimization profile fixed at the
 shapes (calibration batches all have one shape). Engines are kept in ``$TRTPIPE_CACHE_DIR/calibration-engines`` (default
 ``$XDG_CACHE_HOME/trtpipe`` or ``~/.cache/trtpipe``), keyed by the model's bytes, the shapes, the
 TensorRT version and the GPU, so calibrating the same model again (another method, more samples)
-skips the build. Outputs come back into pinned host buffers the engine reuses (``reuses_buffers``):
-the collector bins each batch before the next one runs.
+skips the build. With the collector's device binning (``binner``, calibration.device auto or cuda)
+the outputs stay on the GPU and are binned there (:mod:`pipeline.runtime.cuda_binning`, the same
+counts as the CPU kernels); otherwise they come back into pinned host buffers the engine reuses
+(``reuses_buffers``). Either way the collector bins each batch before the next one runs.
 
 `resolve_forward(choice)` turns ``calibration.forward`` into a factory for the collector (or None:
 onnxruntime) and says why.
@@ -84,6 +86,7 @@ class TrtForward:
         self._level = int(optimization_level)
         self._runner: Any = None
         self._shapes: Optional[dict[str, list[int]]] = None
+        self._on_device = False
         self.details: dict[str, Any] = {"device": "cuda"}
 
     # -- engine -------------------------------------------------------------------------------
@@ -190,11 +193,17 @@ class TrtForward:
             raise BackendError(f"{self._what}: a batch of shapes {_shape_key(feeds)} after batches of {self._shapes}; "
                                "the TensorRT calibration forward takes batches of one shape (calibrate drops the "
                                "last, partial batch)")
-        out = self._runner.infer(feeds, copy=False)
+        out = self._runner.infer_on_device(feeds) if self._on_device else self._runner.infer(feeds, copy=False)
         missing = [n for n in names if n not in out]
         if missing:
             raise BackendError(f"{self._what}: the calibration engine has no output {missing[:3]}")
         return [out[n] for n in names]
+
+    def binner(self, cpu_kernel: Any, *, required: bool = False, threads: int = 1) -> "DeviceBinning":
+        """The collector's binner for this forward: from now on `run` hands out the engine's
+        device buffers and they are binned on the GPU (see the module)."""
+        self._on_device = True
+        return DeviceBinning(self, cpu_kernel, required=required, threads=threads)
 
     def describe(self) -> dict[str, Any]:
         return dict(self.details)
@@ -204,3 +213,65 @@ class TrtForward:
             self._runner.close()
         self._runner = None
         self._model = None
+
+
+class DeviceBinning:
+    """The binner `TrtForward.binner` gives the collector: a `cuda_binning.CudaBinner` on the
+    engine's stream, made once the engine runs. Where its kernels do not load, the values are
+    copied to the host and binned there (``note`` says why), or, when ``required``
+    (calibration.device: cuda), a BackendError."""
+
+    def __init__(self, forward: TrtForward, cpu_kernel: Any, *, required: bool, threads: int) -> None:
+        self._forward, self._cpu, self._required, self._threads = forward, cpu_kernel, required, threads
+        self._binner: Any = None
+        self._host: Any = None
+        self.name, self.device = "cuda (PTX, edge tables)", "cuda"
+        self.note = "tensorrt forward: binned on the GPU, where the engine leaves the activations"
+
+    def _get(self) -> Any:
+        if self._binner is None and self._host is None:
+            try:
+                self._binner = self._forward._runner.device_binner(self._cpu)
+            except Exception as e:  # a driver that cannot JIT the PTX, cuda-python memory, ...
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                if self._required:
+                    raise BackendError(f"{self._forward._what}: calibration.device: cuda, but the GPU binning "
+                                       f"kernels did not load ({why}); use calibration.device: auto or cpu") from None
+                from calibration.binning import BatchBinner
+
+                self._host = BatchBinner(self._cpu, self._threads)
+                self.name, self.device = self._cpu.name, "cpu"
+                self.note = f"tensorrt forward: binned on the CPU (the GPU binning kernels did not load: {why})"
+        return self._binner
+
+    def ranges(self, arrays: Sequence[Any]) -> list[tuple[float, float]]:
+        from ..runtime.cuda_binning import host_values
+
+        binner = self._get()
+        if binner is not None:
+            return binner.ranges(arrays)
+        return self._host.ranges([host_values(a) for a in arrays])
+
+    def counts(self, jobs: list[tuple[Any, Any, bool]]) -> list[np.ndarray]:
+        from ..runtime.cuda_binning import host_values
+
+        binner = self._get()
+        if binner is not None:
+            return binner.counts(jobs)
+        host = [(host_values(x), plan, positive) for x, plan, positive in jobs]
+        jobs.clear()
+        return self._host.counts(host)
+
+    def describe(self) -> tuple[str, str, str]:
+        return self.name, self.device, self.note
+
+    def close(self) -> None:
+        for b in (self._binner, self._host):
+            if b is not None:
+                b.close()
+
+    def __enter__(self) -> "DeviceBinning":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -81,6 +81,17 @@ class Event:
         self.obj = obj
 
 
+class Kernels:
+    """Launchers of a loaded module's kernels: ``launch(name, grid, stream, args, shared_bytes)``
+    (a 1-D grid of ``block`` threads)."""
+
+    def __init__(self, launch: Callable[..., None], names: list[str]) -> None:
+        self._launch, self.names = launch, names
+
+    def launch(self, name: str, grid: int, block: int, stream: Stream, args: tuple, shared_bytes: int = 0) -> None:
+        self._launch(name, grid, block, stream, args, shared_bytes)
+
+
 class CudaGraph:
     """An instantiated CUDA graph: `launch(stream)` replays it; `close()` frees it."""
 
@@ -149,6 +160,15 @@ class CudaMemory(abc.ABC):
 
     def end_capture(self, stream: Stream) -> CudaGraph:
         return _graphs().end_capture(stream.handle)
+
+    def load_kernels(self, ptx: bytes, signatures: dict[str, str]) -> "Kernels":
+        """The kernels of a PTX module (JIT-compiled by the driver), by name: `signatures` maps each
+        name to its argument types in struct format ("P" pointer, "Q" uint64, "i" int32)."""
+        raise BackendError(f"{self.name}: launching CUDA kernels is implemented with pycuda only")
+
+    def memset_async(self, ptr: int, nbytes: int, stream: Stream) -> None:
+        """Zero `nbytes` of device memory at `ptr`, in stream order."""
+        raise BackendError(f"{self.name}: memset is implemented with pycuda only")
 
     def abort_capture(self, stream: Stream) -> None:
         """End a capture that failed half-way, discarding what it recorded."""
@@ -397,6 +417,26 @@ class PycudaMemory(CudaMemory):
 
     def destroy(self, obj: Any) -> None:
         """pycuda frees streams and events when they are collected."""
+
+    def load_kernels(self, ptx: bytes, signatures: dict[str, str]) -> Kernels:
+        with self.activate():
+            module = self._cuda.module_from_buffer(ptx)
+            functions = {}
+            for name, fmt in signatures.items():
+                f = module.get_function(name)
+                f.prepare(fmt)
+                functions[name] = f
+
+        def launch(name: str, grid: int, block: int, stream: Stream, args: tuple, shared_bytes: int) -> None:
+            functions[name].prepared_async_call((int(grid), 1), (int(block), 1, 1), stream.obj, *args,
+                                                shared_size=int(shared_bytes))
+
+        kernels = Kernels(launch, list(functions))
+        kernels.module = module  # type: ignore[attr-defined]  # kept alive with its functions
+        return kernels
+
+    def memset_async(self, ptr: int, nbytes: int, stream: Stream) -> None:
+        self._cuda.memset_d8_async(int(ptr), 0, int(nbytes), stream.obj)
 
     def close(self) -> None:
         ctx, self._ctx = getattr(self, "_ctx", None), None

@@ -289,6 +289,46 @@ class TrtRunner(Runner):
             self._run(key, timed=False)
             return {n: (self._views[n].copy() if copy else self._views[n]) for n in self.output_names}
 
+    def infer_on_device(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The outputs for `feeds` left on the GPU: a `cuda_binning.DeviceTensor` per output over
+        the runner's device buffer (valid until the next call), its `host()` a copy into the
+        pinned view on demand. The engine is enqueued, not waited for: work launched on
+        `device_binner`'s stream runs after it."""
+        from .cuda_binning import DeviceTensor
+
+        self._check_open()
+        with self._mem.activate():
+            self._mem.synchronize(self._stream)  # the pinned input views are rewritten next
+            key = self._prepare(feeds)
+            mem, s = self._mem, self._stream
+            for spec in self.specs:
+                if spec.is_input:
+                    mem.htod_async(self._dev[spec.name].ptr, self._views[spec.name], s)
+            self._enqueue()
+        out = {}
+        for spec in self.specs:
+            if not spec.is_input:
+                view = self._views[spec.name]
+                out[spec.name] = DeviceTensor(self._dev[spec.name].ptr, view.shape, view.dtype,
+                                              self._host_copy(spec.name))
+        del key
+        return out
+
+    def _host_copy(self, name: str) -> Callable[[], np.ndarray]:
+        def copy() -> np.ndarray:
+            with self._mem.activate():
+                self._mem.dtoh_async(self._views[name], self._dev[name].ptr, self._stream)
+                self._mem.synchronize(self._stream)
+            return self._views[name]
+        return copy
+
+    def device_binner(self, cpu_kernel: Any) -> Any:
+        """A `cuda_binning.CudaBinner` on this runner's stream (BackendError when its kernels do not load)."""
+        from .cuda_binning import CudaBinner
+
+        self._check_open()
+        return CudaBinner(self._mem, self._stream, cpu_kernel)
+
     def time(self, feeds: Mapping[str, np.ndarray], warmup: int, iterations: int,
              mode: Optional[str] = None) -> dict[str, Any]:
         """`gpu_times_ms`: CUDA events around the enqueue (or graph launch) alone;
