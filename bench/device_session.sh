@@ -8,6 +8,7 @@
 #            an ampere_plus FP32 engine, `artifacts pull` + load of the pulled engine, a Triton
 #            model repository, `trtpipe diagnose` for fp16 and int8
 #   effnet   bench/tune_gpu.py on build/tune_bundle (EfficientNet-Lite0): VARIANTS (comma list)
+#   bigeval  explicit INT8 vs onnxruntime's simulation on 1024 crops; explicit vs implicit latency interleaved
 #   detector the three-head detector (build/tune_detector): Q/DQ isolation of the explicit-route
 #            build failure (bench/explicit_isolate.py), then bench/device_detector.sh
 # usage: . /tmp/kit/env.sh; bench/device_session.sh PHASE OUT_DIR [args]
@@ -190,6 +191,15 @@ PY
       run int8_sim int8 build.backend=onnxruntime evaluate.latency.batch_sizes=[1] evaluate.latency.iterations=5
       } 2>&1 | grep -v "TensorRT WARNING" | tee "$V/routes.log" | grep -E "^\[|error" | tail -20
       cd "$ROOT"
+    done ;;
+  bigeval)  # explicit INT8 vs the Q/DQ simulation on BIGEVAL_N crops, explicit vs implicit latency interleaved
+            # (bench/routes_bigeval.py); $1: comma list of projects under /tmp/routes the routes phase built
+    [ -f /tmp/bigeval_crops.npy ] || torchpy bench/routes_bigeval.py crops /tmp/bigeval_crops.npy \
+      --project /tmp/routes/efficientnet --n "${BIGEVAL_N:-1024}" > "$OUT/bigeval_crops.log" 2>&1
+    for NAME in ${1//,/ }; do
+      PYTHONPATH="$ROOT:/tmp/routes/$NAME:$KIT_PATH" "$KITPY" bench/routes_bigeval.py run "/tmp/routes/$NAME" \
+        --crops /tmp/bigeval_crops.npy --out "$OUT/bigeval_$NAME.json" 2>&1 | grep -v "TensorRT WARNING" \
+        | tee "$OUT/bigeval_$NAME.log" | tail -30
     done ;;
   calibgpu)  # calibration with the forward on the GPU against onnxruntime's (bench/calibration_gpu.py): the fixture's
              # ResNet-18 and images and a ResNet-50 made with python3 (torch, skimage), calibrated with the kit
