@@ -217,7 +217,8 @@ class TrtForward:
 
 class DeviceBinning:
     """The binner `TrtForward.binner` gives the collector: a `cuda_binning.CudaBinner` on the
-    engine's stream, made once the engine runs. Where its kernels do not load, the values are
+    engine's stream, made once the engine runs and checked against the CPU kernel on edge values
+    (`CudaBinner.self_check`). Where its kernels do not load or the check fails, the values are
     copied to the host and binned there (``note`` says why), or, when ``required``
     (calibration.device: cuda), a BackendError."""
 
@@ -232,16 +233,21 @@ class DeviceBinning:
         if self._binner is None and self._host is None:
             try:
                 self._binner = self._forward._runner.device_binner(self._cpu)
-            except Exception as e:  # a driver that cannot JIT the PTX, cuda-python memory, ...
+                problem = self._binner.self_check()
+                if problem:
+                    self._binner.close()
+                    self._binner = None
+                    raise BackendError(f"its counts differ from the CPU kernel's ({problem})")
+            except Exception as e:  # a driver that cannot JIT the PTX, cuda-python memory, a failed check
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 if self._required:
-                    raise BackendError(f"{self._forward._what}: calibration.device: cuda, but the GPU binning "
-                                       f"kernels did not load ({why}); use calibration.device: auto or cpu") from None
+                    raise BackendError(f"{self._forward._what}: calibration.device: cuda, but binning on the GPU is "
+                                       f"unavailable ({why}); use calibration.device: auto or cpu") from None
                 from calibration.binning import BatchBinner
 
                 self._host = BatchBinner(self._cpu, self._threads)
                 self.name, self.device = self._cpu.name, "cpu"
-                self.note = f"tensorrt forward: binned on the CPU (the GPU binning kernels did not load: {why})"
+                self.note = f"tensorrt forward: binned on the CPU (binning on the GPU is unavailable: {why})"
         return self._binner
 
     def ranges(self, arrays: Sequence[Any]) -> list[tuple[float, float]]:

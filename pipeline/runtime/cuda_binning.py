@@ -187,6 +187,31 @@ class CudaBinner:
                     out[k] = view[offset:offset + n].copy()
         return out  # type: ignore[return-value]
 
+    def self_check(self) -> Optional[str]:
+        """:func:`calibration.gpu_histogram.self_check` through these kernels (values on and beside
+        bin edges, at zero and at the top, |x| and max(x, 0)): ``None`` when every count equals the
+        numpy kernel's, else what differed."""
+        from calibration.gpu_histogram import self_check
+
+        binner = self
+
+        class _Upload:  # self_check's ops interface: host values in, counts out
+            def counts(self, values: np.ndarray, width: float, num_bins: int, positive: bool = False) -> np.ndarray:
+                from calibration.histogram import BinPlan
+
+                values = np.ascontiguousarray(values, dtype=np.float32)
+                buf = binner._mem.alloc_device(max(values.nbytes, 4))
+                try:
+                    with binner._mem.activate():
+                        binner._mem.htod(buf.ptr, values)
+                    x = DeviceTensor(buf.ptr, values.shape, values.dtype, lambda: values)
+                    return binner.counts([(x, BinPlan(width, num_bins), positive)])[0]
+                finally:
+                    binner._mem.synchronize(binner._stream)
+                    buf.free()
+
+        return self_check(_Upload())
+
     def close(self) -> None:
         if self._buffers or self._tables:
             with self._mem.activate():

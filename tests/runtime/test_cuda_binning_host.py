@@ -26,10 +26,11 @@ class StandInDevice:
 
     name = "stand-in"
 
-    def __init__(self, kernels_fail: bool = False) -> None:
+    def __init__(self, kernels_fail: bool = False, side: str = "right") -> None:
         self.blocks: dict[int, np.ndarray] = {}
         self.next = 1 << 20
         self.kernels_fail = kernels_fail
+        self.side = side  # "left": a kernel that puts values on a bin edge in the bin below
         self.syncs = 0
 
     def _at(self, ptr: int, nbytes: int) -> np.ndarray:
@@ -95,7 +96,7 @@ class StandInDevice:
             table = self._f32(table_ptr, num_bins - 1)
             v = np.maximum(x, np.float32(0)) if positive else np.abs(x)
             counts = self._at(counts_ptr, 8 * num_bins).view(np.uint64)
-            counts += np.bincount(np.searchsorted(table, v, side="right"), minlength=num_bins).astype(np.uint64)
+            counts += np.bincount(np.searchsorted(table, v, side=self.side), minlength=num_bins).astype(np.uint64)
 
         return Kernels(launch, list(signatures))
 
@@ -157,7 +158,7 @@ class _DeviceForward:
     name = "stand-in device"
     reuses_buffers = True
 
-    def __init__(self, model, dev: StandInDevice):
+    def __init__(self, model, dev: "StandInDevice"):
         from calibration.ort_session import make_session
 
         self.session = make_session(model, level="disable")
@@ -188,8 +189,8 @@ class _DeviceForward:
         self.session = None
 
 
-@pytest.mark.parametrize("kernels_fail", [False, True])
-def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels_fail):
+@pytest.mark.parametrize("kernels_fail, side", [(False, "right"), (True, "right"), (False, "left")])
+def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels_fail, side):
     from calibration.collect import collect_histograms
     from tests.backends.test_trt_versions import _model
 
@@ -197,7 +198,7 @@ def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels
     x = np.random.default_rng(3).normal(size=(24, 3, 8, 8)).astype(np.float32)
     batches = [x[i:i + 8] for i in range(0, 24, 8)]
     plain = collect_histograms(onnx_path, iter(batches), progress=False, optimize=False, growth="double")
-    dev = StandInDevice(kernels_fail=kernels_fail)
+    dev = StandInDevice(kernels_fail=kernels_fail, side=side)
     on_dev = collect_histograms(onnx_path, iter(batches), progress=False, growth="double",
                                 forward=lambda m: _DeviceForward(m, dev))
     assert set(on_dev.histograms) == set(plain.histograms) and on_dev.derived
@@ -207,9 +208,9 @@ def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels
         assert np.array_equal(g.counts, h.counts), name
     for k, v in plain.first_outputs.items():
         assert np.array_equal(on_dev.first_outputs[k], v)
-    if kernels_fail:
-        assert on_dev.stats.device == "cpu" and "did not load" in on_dev.stats.device_note
-        assert "cannot JIT" in on_dev.stats.device_note
+    if kernels_fail or side == "left":  # not loaded, or failed the edge-value check: binned on the CPU
+        assert on_dev.stats.device == "cpu" and "binning on the GPU is unavailable" in on_dev.stats.device_note
+        assert ("cannot JIT" if kernels_fail else "counts differ from the CPU kernel's") in on_dev.stats.device_note
     else:
         assert on_dev.stats.device == "cuda" and "PTX" in on_dev.stats.kernel
 
@@ -220,7 +221,7 @@ def test_required_device_binning_that_cannot_load_is_one_line(tmp_path):
 
     onnx_path = _model(tmp_path / "model.onnx")
     x = np.random.default_rng(3).normal(size=(8, 3, 8, 8)).astype(np.float32)
-    with pytest.raises(BackendError, match="calibration.device: cuda, but the GPU binning kernels did not load") as e:
+    with pytest.raises(BackendError, match="calibration.device: cuda, but binning on the GPU is unavailable") as e:
         collect_histograms(onnx_path, iter([x]), progress=False, device="cuda",
                            forward=lambda m: _DeviceForward(m, StandInDevice(kernels_fail=True)))
     assert "\n" not in str(e.value)
