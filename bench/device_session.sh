@@ -43,6 +43,8 @@ case "$PHASE" in
   tests)
     kitpy -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rs --durations=15 \
       --junitxml="$OUT/gpu_trt.xml" 2>&1 | tee "$OUT/gpu_trt.log" | tail -40 ;;
+  pytest)  # $@: test files or node ids of tests/gpu, run with the kit
+    kitpy -m pytest -m gpu "$@" -q -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/gpu_pytest.log" | tail -15 ;;
   histo)
     env -u LD_LIBRARY_PATH TRTPIPE_FIXTURE_DIR="$ROOT/.fixture" PYTHONPATH="$ROOT:/tmp/site" timeout 240 python3 \
       -m pytest -m gpu tests/calibration/test_gpu_histogram.py -q -rs 2>&1 | tee "$OUT/gpu_calibration.log" | tail -8 ;;
