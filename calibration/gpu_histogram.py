@@ -219,7 +219,8 @@ def resolve_device(device: str, cpu_kernel: CpuKernel) -> tuple[Any, str, str]:
     if ops is None:
         if base == "cuda":
             raise CalibrationError(f"device 'cuda' asked for histograms, but no CUDA library can use a GPU here "
-                                   f"({why}); install torch or cupy with CUDA, or use device='cpu'")
+                                   f"({why}); install torch or cupy with CUDA, or bin on the CPU "
+                                   "(device='cpu'; calibration.device: cpu)")
         return cpu_kernel, "cpu", why
     return DeviceKernel(ops, cpu_kernel), "cuda", f"{ops.name} on CUDA"
 

@@ -309,6 +309,10 @@ class CalibrationConfig(_Strict):
         "auto", description="who runs the FP32 model whose activations are binned: onnxruntime on the CPU, or "
         "tensorrt (an FP32 engine with every calibrated tensor an output, on the GPU; needs TensorRT and a GPU). "
         "auto: onnxruntime")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the activations are binned (the same counts everywhere): auto bins where the "
+        "forward leaves them (the CPU after onnxruntime, the GPU after tensorrt); cpu always on the CPU; cuda on a "
+        "GPU (the tensorrt forward's kernels, else torch or CuPy), or a one-line error")
 
 
 class ProfileConfig(_Strict):

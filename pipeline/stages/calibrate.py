@@ -175,7 +175,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
     collector = collect_histograms(model_path, batches, total=num_batches, progress=progress,
                                    num_bins=c.num_bins, growth=rules.growth, threads=threads,
                                    source=str(calib_data), exclude=c.exclude, sentinel_abs=c.sentinel_abs,
-                                   forward=forward)
+                                   forward=forward, device=c.device)
     t_search = time.perf_counter()
     bounds = _clip_bounds(model_path) if c.clip_aware else {}
     amax, range_from, search_ms = ranges_under(rules, collector.histograms, c.method, collector.node_ops,

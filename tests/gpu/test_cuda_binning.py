@@ -85,9 +85,10 @@ def test_many_tensors_in_one_batch_nan_inf_empty_and_host_values(device):
     assert math.isnan(got[1][0]) and math.isnan(got[1][1])
     assert got[4] == abs_range(e) and got[5] == abs_range(h)
     plans = [BinPlan(4.5 / 2048, 2048), BinPlan(1e-42, 2048), BinPlan(0.01, 2048), BinPlan(0.02, 2048)]
-    counts = binner.counts([(put(a), plans[0], False), (put(a), plans[1], True), (put(e), plans[2], False),
+    tiny = a * np.float32(1e-40)  # subnormal values for the subnormal plan (binned on the host)
+    counts = binner.counts([(put(a), plans[0], False), (put(tiny), plans[1], True), (put(e), plans[2], False),
                             (h, plans[3], True)])
-    for got_c, arr, plan, positive in zip(counts, [a, a, e, h], plans, [False, True, False, True]):
+    for got_c, arr, plan, positive in zip(counts, [a, tiny, e, h], plans, [False, True, False, True]):
         assert np.array_equal(got_c, bin_counts_numpy(arr, plan.width, plan.num_bins, positive=positive))
 
 

@@ -202,3 +202,22 @@ def test_refuses_an_onnx_validate_did_not_pass(digits, tmp_path: Path):
     onnx.save(model, str(other))
     with pytest.raises(PipelineError, match=r"model\.onnx: the ONNX model is not the file validate wrote or checked.*re-run validate"):
         calibrate.run(_cfg(), other, digits.calib, tmp_path / "o", validation=digits.validation, progress=False)
+
+
+def test_calibration_device_picks_where_to_bin(digits, tmp_path: Path):
+    """calibration.device: cpu and the GPU code path's steps give the default's outputs bit for
+    bit; cuda where no CUDA library can use a GPU is one line naming what to set, and writes nothing."""
+    a = run(digits, tmp_path / "a", num_samples=64, batch_size=16)
+    b = run(digits, tmp_path / "b", num_samples=64, batch_size=16, device="cpu")
+    assert a.sha256 == b.sha256
+    report = json.loads((tmp_path / "b" / "calibrate.json").read_text())
+    assert report["collect"]["device"] == "cpu"
+    from calibration.gpu_histogram import cuda_ops
+
+    if cuda_ops()[0] is None:
+        with pytest.raises(PipelineError, match="device 'cuda'") as e:
+            run(digits, tmp_path / "c", num_samples=64, batch_size=16, device="cuda")
+        assert "\n" not in str(e.value) and "device='cpu'" in str(e.value)
+        assert not (tmp_path / "c").exists()
+    with pytest.raises(Exception, match="device"):
+        _cfg(device="gpu")
