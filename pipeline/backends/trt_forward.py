@@ -235,10 +235,11 @@ class DeviceBinning:
                 self._binner = self._forward._runner.device_binner(self._cpu)
                 problem = self._binner.self_check()
                 if problem:
-                    self._binner.close()
-                    self._binner = None
                     raise BackendError(f"its counts differ from the CPU kernel's ({problem})")
             except Exception as e:  # a driver that cannot JIT the PTX, cuda-python memory, a failed check
+                if self._binner is not None:  # made, but its check did not run through
+                    self._binner.close()
+                    self._binner = None
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 if self._required:
                     raise BackendError(f"{self._forward._what}: calibration.device: cuda, but binning on the GPU is "

@@ -299,7 +299,7 @@ class TrtRunner(Runner):
         self._check_open()
         with self._mem.activate():
             self._mem.synchronize(self._stream)  # the pinned input views are rewritten next
-            key = self._prepare(feeds)
+            self._prepare(feeds)
             mem, s = self._mem, self._stream
             for spec in self.specs:
                 if spec.is_input:
@@ -311,7 +311,6 @@ class TrtRunner(Runner):
                 view = self._views[spec.name]
                 out[spec.name] = DeviceTensor(self._dev[spec.name].ptr, view.shape, view.dtype,
                                               self._host_copy(spec.name))
-        del key
         return out
 
     def _host_copy(self, name: str) -> Callable[[], np.ndarray]:

@@ -26,11 +26,12 @@ class StandInDevice:
 
     name = "stand-in"
 
-    def __init__(self, kernels_fail: bool = False, side: str = "right") -> None:
+    def __init__(self, kernels_fail: bool = False, side: str = "right", launch_fails: bool = False) -> None:
         self.blocks: dict[int, np.ndarray] = {}
         self.next = 1 << 20
         self.kernels_fail = kernels_fail
         self.side = side  # "left": a kernel that puts values on a bin edge in the bin below
+        self.launch_fails = launch_fails  # every launch raises, as a driver error would
         self.syncs = 0
 
     def _at(self, ptr: int, nbytes: int) -> np.ndarray:
@@ -78,6 +79,8 @@ class StandInDevice:
         assert b".entry range_f32" in ptx and set(signatures) == {"range_f32", "bin_f32_shared", "bin_f32_global"}
 
         def launch(name, grid, block, stream, args, shared_bytes):
+            if self.launch_fails:
+                raise RuntimeError("cuLaunchKernel failed: too many resources requested for launch")
             assert block == BLOCK
             x = self._f32(args[0], args[1])
             owner = (np.arange(x.size) // BLOCK) % grid
@@ -189,8 +192,9 @@ class _DeviceForward:
         self.session = None
 
 
-@pytest.mark.parametrize("kernels_fail, side", [(False, "right"), (True, "right"), (False, "left")])
-def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels_fail, side):
+@pytest.mark.parametrize("kernels_fail, side, launch_fails", [(False, "right", False), (True, "right", False),
+                                                              (False, "left", False), (False, "right", True)])
+def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels_fail, side, launch_fails):
     from calibration.collect import collect_histograms
     from tests.backends.test_trt_versions import _model
 
@@ -198,7 +202,7 @@ def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels
     x = np.random.default_rng(3).normal(size=(24, 3, 8, 8)).astype(np.float32)
     batches = [x[i:i + 8] for i in range(0, 24, 8)]
     plain = collect_histograms(onnx_path, iter(batches), progress=False, optimize=False, growth="double")
-    dev = StandInDevice(kernels_fail=kernels_fail, side=side)
+    dev = StandInDevice(kernels_fail=kernels_fail, side=side, launch_fails=launch_fails)
     on_dev = collect_histograms(onnx_path, iter(batches), progress=False, growth="double",
                                 forward=lambda m: _DeviceForward(m, dev))
     assert set(on_dev.histograms) == set(plain.histograms) and on_dev.derived
@@ -208,9 +212,10 @@ def test_collector_bins_device_values_with_the_forwards_binner(tmp_path, kernels
         assert np.array_equal(g.counts, h.counts), name
     for k, v in plain.first_outputs.items():
         assert np.array_equal(on_dev.first_outputs[k], v)
-    if kernels_fail or side == "left":  # not loaded, or failed the edge-value check: binned on the CPU
+    if kernels_fail or side == "left" or launch_fails:  # not loaded, check failed or did not run: the CPU bins
         assert on_dev.stats.device == "cpu" and "binning on the GPU is unavailable" in on_dev.stats.device_note
-        assert ("cannot JIT" if kernels_fail else "counts differ from the CPU kernel's") in on_dev.stats.device_note
+        why = "cannot JIT" if kernels_fail else "too many resources" if launch_fails else "counts differ from the CPU"
+        assert why in on_dev.stats.device_note
     else:
         assert on_dev.stats.device == "cuda" and "PTX" in on_dev.stats.kernel
 
