@@ -6,8 +6,9 @@ At 128 samples one sample is 0.78 points, so the 0.5-point bound asked for equal
 (default 1024, the routes' crop generator with its evaluation seed, so the first 128 are the routes'
 own) are scored against the FP32 model in onnxruntime, for every variant the routes phase built
 (artifacts/build/<variant> of a bench/routes_projects.py project). The JSON gives per variant the
-agreement and cosine, and per pair the samples where exactly one of the two agrees with FP32. Latency:
-``rounds`` rounds, each timing every engine in turn (CUDA events around the enqueue, ``iterations`` runs
+agreement and cosine, and per pair the samples where exactly one of the two agrees with FP32. Latency
+of explicit against implicit INT8 and of typed against flag FP16 (LATENCY_PAIRS, where both were built):
+``rounds`` rounds, each timing the pair's engines in turn (CUDA events around the enqueue, ``iterations`` runs
 after ``warmup``) at each batch size, so clock and thermal drift fall on both alike; the ratio is of
 the medians over rounds.
 
@@ -29,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 EVAL_SEED = 1  # routes_factory.eval_crops
+#: Engines timed against each other (first / second), when both were built.
+LATENCY_PAIRS = (("int8_explicit", "int8_implicit"), ("fp16_typed", "fp16_flag"))
 
 
 def crops(out: Path, project: Path, n: int) -> None:
@@ -88,7 +91,7 @@ def run(project: Path, crops_file: Path, out: Path, rounds: int, iterations: int
                                        "agreeing": int(agree[variant].sum()), "cos_mean": float(c.mean()),
                                        "cos_min": float(c.min()), "seconds": round(time.perf_counter() - t1, 1)}
         print(f"[{project.name}] {variant}: {result['variants'][variant]}", file=sys.stderr, flush=True)
-        if info.backend == "tensorrt" and variant.startswith("int8"):
+        if info.backend == "tensorrt":
             runners[variant] = runner
         else:
             runner.close()
@@ -97,18 +100,19 @@ def run(project: Path, crops_file: Path, out: Path, rounds: int, iterations: int
             only_a, only_b = int((agree[a] & ~agree[b]).sum()), int((~agree[a] & agree[b]).sum())
             result["pairs"][f"{a} - {b}"] = {"points": round(100.0 * (only_a - only_b) / n, 3),
                                              f"only_{a}": only_a, f"only_{b}": only_b}
-    if len(runners) == 2:
+    for a, b in LATENCY_PAIRS:  # each pair timed in turn, round after round
+        if a not in runners or b not in runners:
+            continue
         for bs in (1, 32):
             feeds = {name: np.ascontiguousarray(np.resize(x, (bs, *x.shape[1:])))}
-            per: dict[str, list[float]] = {v: [] for v in runners}
+            per: dict[str, list[float]] = {a: [], b: []}
             for _ in range(rounds):
-                for v, r in runners.items():
-                    t = r.time(feeds, warmup, iterations, mode="plain")
+                for v in (a, b):
+                    t = runners[v].time(feeds, warmup, iterations, mode="plain")
                     per[v].append(float(np.median(t["gpu_times_ms"])))
             med = {v: float(np.median(m)) for v, m in per.items()}
-            result["latency"][f"b{bs}"] = {"rounds_median_ms": per, "median_ms": med,
-                                           "explicit_over_implicit": med["int8_explicit"] / med["int8_implicit"]}
-            print(f"[{project.name}] b{bs}: {med}", file=sys.stderr, flush=True)
+            result["latency"][f"{a} / {b} b{bs}"] = {"rounds_median_ms": per, "median_ms": med, "ratio": med[a] / med[b]}
+            print(f"[{project.name}] {a} / {b} b{bs}: {med}", file=sys.stderr, flush=True)
     for r in runners.values():
         r.close()
     result["latency_method"] = (f"{rounds} rounds x every engine in turn; each {warmup} warm-up and {iterations} timed "
