@@ -52,19 +52,10 @@ def _inputs(project: Path, u8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
 
-def _predict(runner: Any, name: str, x: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([runner.infer({name: x[i:i + batch]})[runner.output_names[0]]
-                           for i in range(0, len(x), batch)])
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
-
-
 def run(project: Path, crops_file: Path, out: Path, rounds: int, iterations: int, warmup: int) -> None:
     from calibration.ort_session import make_session
-    from pipeline.stages.evaluate import load_variant
+    from pipeline.metrics import agreement
+    from pipeline.stages.evaluate import load_variant, predict
 
     x = _inputs(project, np.load(crops_file))
     n = len(x)
@@ -84,12 +75,12 @@ def run(project: Path, crops_file: Path, out: Path, rounds: int, iterations: int
             continue
         t1 = time.perf_counter()
         runner, info = load_variant(build_dir)
-        y = _predict(runner, name, x, 32)
-        agree[variant] = y.argmax(1) == top_ref
-        c = _cos(y, ref)
-        result["variants"][variant] = {"backend": info.backend, "top1_agreement": float(agree[variant].mean()),
-                                       "agreeing": int(agree[variant].sum()), "cos_mean": float(c.mean()),
-                                       "cos_min": float(c.min()), "seconds": round(time.perf_counter() - t1, 1)}
+        y = predict(runner, {name: x}, 32)[runner.output_names[0]]
+        agree[variant] = y.argmax(1) == top_ref  # per sample: the pairs below need which ones
+        a = agreement(y, ref)  # NaN-safe: a non-finite output makes every statistic NaN
+        result["variants"][variant] = {"backend": info.backend, "top1_agreement": a["top1_agreement"],
+                                       "agreeing": int(agree[variant].sum()), "cos_mean": a["cosine"],
+                                       "cos_min": a["cosine_min"], "seconds": round(time.perf_counter() - t1, 1)}
         print(f"[{project.name}] {variant}: {result['variants'][variant]}", file=sys.stderr, flush=True)
         if info.backend == "tensorrt":
             runners[variant] = runner

@@ -352,11 +352,13 @@ class ActivationCollector:
         if not self.sentinel_abs > 0:
             raise CalibrationError(f"sentinel_abs must be > 0 (or None for Inf only), got {sentinel_abs!r}")
         # A forward that bins where it leaves the activations (its ``binner``) takes "auto" and
-        # "cuda"; resolve_device decides for onnxruntime's forward (and for "cpu", any forward).
+        # "cuda"; resolve_device decides for onnxruntime's forward (and for "cpu", any forward):
+        # here, or once the forward is made and has no binner.
         self._device, self._cpu_kernel = str(device), CpuKernel(kernel)
-        self._kernel, self.stats.device, self.stats.device_note = (
-            (self._cpu_kernel, "cpu", "") if forward is not None and self._device in ("auto", "cuda")
-            else resolve_device(device, self._cpu_kernel))
+        forward_may_bin = forward is not None and self._device in ("auto", "cuda")
+        self._kernel = self._cpu_kernel
+        if not forward_may_bin:
+            self._kernel, self.stats.device, self.stats.device_note = resolve_device(device, self._cpu_kernel)
         self.stats.kernel = self._kernel.name
         model = load_model(self.onnx_path)
         initializers = {t.name for t in model.graph.initializer}
@@ -422,9 +424,8 @@ class ActivationCollector:
                                        "buffers, so it cannot be pipelined; collect with pipeline=False")
             self.stats.intra_op_threads = 0
         self.stats.forward = str(getattr(self._session, "name", "custom"))
-        self._device_binning = forward is not None and self._device in ("auto", "cuda") and hasattr(self._session,
-                                                                                                  "binner")
-        if forward is not None and self._device in ("auto", "cuda") and not self._device_binning:
+        self._device_binning = forward_may_bin and hasattr(self._session, "binner")
+        if forward_may_bin and not self._device_binning:
             self._kernel, self.stats.device, self.stats.device_note = resolve_device(device, self._cpu_kernel)
             self.stats.kernel = self._kernel.name
         del augmented

@@ -224,9 +224,11 @@ class DeviceBinning:
 
     def __init__(self, forward: TrtForward, cpu_kernel: Any, *, required: bool, threads: int) -> None:
         self._forward, self._cpu, self._required, self._threads = forward, cpu_kernel, required, threads
+        from ..runtime.cuda_binning import CudaBinner
+
         self._binner: Any = None
         self._host: Any = None
-        self.name, self.device = "cuda (PTX, edge tables)", "cuda"
+        self.name, self.device = CudaBinner.name, "cuda"
         self.note = "tensorrt forward: binned on the GPU, where the engine leaves the activations"
 
     def _get(self) -> Any:

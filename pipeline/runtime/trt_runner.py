@@ -259,7 +259,9 @@ class TrtRunner(Runner):
             self._graphs[key] = graph
         return graph
 
-    def _run(self, key: tuple, timed: bool, graph: Optional[bool] = None) -> None:
+    def _run(self, key: tuple, timed: bool, graph: Optional[bool] = None, to_host: bool = True) -> None:
+        """Inputs to the device, the engine, and (``to_host``) the outputs back and a wait for them;
+        without ``to_host`` the work is only enqueued on the runner's stream."""
         mem, s = self._mem, self._stream
         for spec in self.specs:
             if spec.is_input:
@@ -275,6 +277,8 @@ class TrtRunner(Runner):
             self._enqueue()
         if timed:
             mem.record(self._events[1], s)
+        if not to_host:
+            return
         for spec in self.specs:
             if not spec.is_input:
                 mem.dtoh_async(self._views[spec.name], self._dev[spec.name].ptr, s)
@@ -299,12 +303,7 @@ class TrtRunner(Runner):
         self._check_open()
         with self._mem.activate():
             self._mem.synchronize(self._stream)  # the pinned input views are rewritten next
-            self._prepare(feeds)
-            mem, s = self._mem, self._stream
-            for spec in self.specs:
-                if spec.is_input:
-                    mem.htod_async(self._dev[spec.name].ptr, self._views[spec.name], s)
-            self._enqueue()
+            self._run(self._prepare(feeds), timed=False, graph=False, to_host=False)
         out = {}
         for spec in self.specs:
             if not spec.is_input:
