@@ -9,6 +9,7 @@
 #            model repository, `trtpipe diagnose` for fp16 and int8
 #   effnet   bench/tune_gpu.py on build/tune_bundle (EfficientNet-Lite0): VARIANTS (comma list)
 #   bigeval  explicit INT8 vs onnxruntime's simulation on 1024 crops; explicit vs implicit latency interleaved
+#   ptq      a project's PTQ before -> after (EfficientNet-Lite1, all-MiniLM-L6-v2) on engines, explicit route
 #   detector the three-head detector (build/tune_detector): Q/DQ isolation of the explicit-route
 #            build failure (bench/explicit_isolate.py), then bench/device_detector.sh
 # usage: . /tmp/kit/env.sh; bench/device_session.sh PHASE OUT_DIR [args]
@@ -196,13 +197,49 @@ PY
     done ;;
   bigeval)  # explicit INT8 vs the Q/DQ simulation on BIGEVAL_N crops, explicit vs implicit latency interleaved
             # (bench/routes_bigeval.py); $1: comma list of projects under /tmp/routes the routes phase built
-    [ -f /tmp/bigeval_crops.npy ] || torchpy bench/routes_bigeval.py crops /tmp/bigeval_crops.npy \
-      --project /tmp/routes/efficientnet --n "${BIGEVAL_N:-1024}" > "$OUT/bigeval_crops.log" 2>&1
     for NAME in ${1//,/ }; do
+      C=/tmp/bigeval_crops_$NAME.npy
+      [ -f "$C" ] || torchpy bench/routes_bigeval.py crops "$C" --project "/tmp/routes/$NAME" --n "${BIGEVAL_N:-1024}" \
+        >> "$OUT/bigeval_crops.log" 2>&1
       PYTHONPATH="$ROOT:/tmp/routes/$NAME:$KIT_PATH" "$KITPY" bench/routes_bigeval.py run "/tmp/routes/$NAME" \
-        --crops /tmp/bigeval_crops.npy --out "$OUT/bigeval_$NAME.json" 2>&1 | grep -v "TensorRT WARNING" \
+        --crops "$C" --out "$OUT/bigeval_$NAME.json" 2>&1 | grep -v "TensorRT WARNING" \
         | tee "$OUT/bigeval_$NAME.log" | tail -30
     done ;;
+  ptq)  # issue 21's before -> after on engines: $1 a bench/routes_projects.py project unpacked under /tmp/routes
+        # (efficientnet_lite1, minilm). "before" is calibrate's output as the project says; "after" is
+        # artifacts/calibrate_after (made on the CPU) or, where absent (minilm: its Q/DQ ONNX is 58 MB), calibrated
+        # here with PTQ_AFTER's overrides (then "before" too). Each built through the explicit route and evaluated
+        # beside fp32, fp16, implicit INT8 and onnxruntime's Q/DQ simulation of both
+    NAME=${1:?project}; cd "/tmp/routes/$NAME" || exit 1
+    V="$OUT/ptq/$NAME"; mkdir -p "$V"
+    mp() { PYTHONPATH="$ROOT:/tmp/routes/$NAME:$KIT_PATH" "$KITPY" -m pipeline "$@"; }
+    {
+    if [ ! -d artifacts/calibrate_after ]; then
+      params p-cal.yaml override=true build.backend=tensorrt
+      params p-after.yaml override=true build.backend=tensorrt ${PTQ_AFTER:?PTQ_AFTER: calibration overrides}
+      mp calibrate -q --params p-cal.yaml --json > "$V/calibrate.json"; echo "[$NAME] calibrate: rc $? at $(( $(date +%s) - t0 )) s"
+      mp calibrate -q --params p-after.yaml --out artifacts/calibrate_after --json > "$V/calibrate_after.json"
+      echo "[$NAME] calibrate ($PTQ_AFTER): rc $? at $(( $(date +%s) - t0 )) s"
+    fi
+    cp artifacts/calibrate/calibrate.json "$V/calibrate.json"; cp artifacts/calibrate_after/calibrate.json "$V/calibrate_after.json"
+    one() {  # one VARIANT PRECISION CALIB_DIR overrides...
+      local var=$1 prec=$2 cal=$3; shift 3
+      case ",${PTQ_VARIANTS:-$var}," in *",$var,"*) ;; *) return 0 ;; esac
+      params "p-$var.yaml" override=true build.backend=tensorrt "$@"
+      mp build -q --precision "$prec" --params "p-$var.yaml" --calib-dir "$cal" --out "artifacts/build/$var" && \
+      mp evaluate -q --precision "$prec" --params "p-$var.yaml" --build-dir "artifacts/build/$var" --out "$V/eval_$var.json"
+      echo "[$NAME] $var: rc $? at $(( $(date +%s) - t0 )) s"
+      cp "artifacts/build/$var/build.json" "$V/build_$var.json" 2>/dev/null
+    }
+    one fp32 fp32 artifacts/calibrate
+    one fp16_flag fp16 artifacts/calibrate build.fp16.source=flag
+    one int8_implicit int8 artifacts/calibrate build.int8_route=implicit build.calibration_source=cache
+    one int8_explicit int8 artifacts/calibrate build.int8_route=explicit
+    one int8_sim int8 artifacts/calibrate build.backend=onnxruntime evaluate.latency.batch_sizes=[1] evaluate.latency.iterations=5
+    one int8_explicit_after int8 artifacts/calibrate_after build.int8_route=explicit
+    one int8_sim_after int8 artifacts/calibrate_after build.backend=onnxruntime evaluate.latency.batch_sizes=[1] evaluate.latency.iterations=5
+    } 2>&1 | grep -v "TensorRT WARNING" | tee "$V/ptq.log" | grep -E "^\[|rror" | tail -30
+    cd "$ROOT" ;;
   calibgpu)  # calibration with the forward on the GPU against onnxruntime's (bench/calibration_gpu.py): the fixture's
              # ResNet-18 and images and a ResNet-50 made with python3 (torch, skimage), calibrated with the kit
     torchpy bench/calibration_gpu.py make /tmp/cg --fixture "$ROOT/.fixture" > "$OUT/calibration_gpu_make.log" 2>&1

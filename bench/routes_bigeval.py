@@ -5,7 +5,7 @@ agreement with FP32 within 0.5 points of the simulation, latency <= implicit).
 At 128 samples one sample is 0.78 points, so the 0.5-point bound asked for equality; here N crops
 (default 1024, the routes' crop generator with its evaluation seed, so the first 128 are the routes'
 own) are scored against the FP32 model in onnxruntime, for every variant the routes phase built
-(artifacts/build/<variant> of a bench/routes_projects.py project). The JSON gives per variant the
+(artifacts/build/<variant> of a bench/routes_projects.py project; the ptq phase's ``*_after`` too). The JSON gives per variant the
 agreement and cosine, and per pair the samples where exactly one of the two agrees with FP32. Latency
 of explicit against implicit INT8 and of typed against flag FP16 (LATENCY_PAIRS, where both were built):
 ``rounds`` rounds, each timing the pair's engines in turn (CUDA events around the enqueue, ``iterations`` runs
@@ -35,10 +35,14 @@ LATENCY_PAIRS = (("int8_explicit", "int8_implicit"), ("fp16_typed", "fp16_flag")
 
 
 def crops(out: Path, project: Path, n: int) -> None:
+    """``n`` crops at the project's input size (its configs/model.yaml), uint8 NHWC."""
+    import yaml
+
     sys.path.insert(0, str(project))
     from efficientnet_lite0_factory import crops_uint8
 
-    np.save(out, crops_uint8(n, EVAL_SEED))
+    cfg = yaml.safe_load((project / "configs" / "model.yaml").read_text())
+    np.save(out, crops_uint8(n, EVAL_SEED, int(cfg["model"]["inputs"][0]["shape"][-1])))
 
 
 def _inputs(project: Path, u8: np.ndarray) -> np.ndarray:
@@ -69,7 +73,8 @@ def run(project: Path, crops_file: Path, out: Path, rounds: int, iterations: int
                               "latency": {}}
     agree: dict[str, np.ndarray] = {}
     runners: dict[str, Any] = {}
-    for variant in ("int8_sim", "int8_explicit", "int8_implicit", "fp16_typed", "fp16_flag"):
+    for variant in ("int8_sim", "int8_explicit", "int8_implicit", "fp16_typed", "fp16_flag", "int8_sim_after",
+                    "int8_explicit_after"):
         build_dir = project / "artifacts" / "build" / variant
         if not (build_dir / "build.json").is_file():
             continue
@@ -86,7 +91,8 @@ def run(project: Path, crops_file: Path, out: Path, rounds: int, iterations: int
             runners[variant] = runner
         else:
             runner.close()
-    for a, b in (("int8_explicit", "int8_sim"), ("int8_implicit", "int8_sim"), ("int8_explicit", "int8_implicit")):
+    for a, b in (("int8_explicit", "int8_sim"), ("int8_implicit", "int8_sim"), ("int8_explicit", "int8_implicit"),
+                 ("int8_explicit_after", "int8_sim_after"), ("int8_explicit_after", "int8_explicit")):
         if a in agree and b in agree:
             only_a, only_b = int((agree[a] & ~agree[b]).sum()), int((~agree[a] & agree[b]).sum())
             result["pairs"][f"{a} - {b}"] = {"points": round(100.0 * (only_a - only_b) / n, 3),

@@ -1,7 +1,8 @@
 """Four projects for the side-by-side of TensorRT's routes (issue 20's GPU show), made on a CPU up to
 calibrate: ResNet-50 (seeded), EfficientNet-Lite0 (ImageNet weights), the three-head digit detector
 (trained here) and the BERT-style text encoder with two int64 inputs and a dynamic sequence axis
-(seeded; tests/models). Each runs `trtpipe prepare, export, validate, calibrate` with its own config
+(seeded; tests/models), EfficientNet-Lite1 (ImageNet weights, `--only efficientnet_lite1`) and all-MiniLM-L6-v2 with its real weights (`--only minilm`; MINILM_PKG,
+bench/routes/minilm_factory.py). Each runs `trtpipe prepare, export, validate, calibrate` with its own config
 (backend onnxruntime here); the GPU then builds and evaluates every route
 (`bench/device_session.sh routes`). `calib.npz` is not needed there: the implicit route reads
 calibrate's cache. Writes build/routes/<model>/ and build/routes.tgz parts of < 60 MB (carry limit).
@@ -32,6 +33,12 @@ IMAGES = {  # ResNet-50 and EfficientNet-Lite0 on the same crops (routes_factory
 }
 
 
+#: The PTQ a project is also calibrated with (issue 21's "after"; bench/device_session.sh ptq builds both):
+#: the best full-INT8 recipe measured on EfficientNet-Lite0 (docs/results.md) and SmoothQuant for the encoder.
+AFTER = {"efficientnet_lite1": {"calibration": {"method": "minmax", "bias_correction": True}},
+         "minilm": {"calibration": {"method": "minmax", "smooth_quant": True}}}
+
+
 def _configs() -> dict[str, tuple[dict[str, Any], list[Path]]]:
     from tests.test_any_model import DETECTOR, TEXT
 
@@ -50,10 +57,30 @@ def _configs() -> dict[str, tuple[dict[str, Any], list[Path]]]:
     text["evaluate"]["latency"] = {"warmup": 20, "iterations": 200, "batch_sizes": [1, 16]}
     det = copy.deepcopy(DETECTOR)
     det["evaluate"]["latency"] = {"warmup": 20, "iterations": 200, "batch_sizes": [1, 32]}
+    # all-MiniLM-L6-v2, real weights (issue 21's BERT-style encoder on an engine): the text project's
+    # shape, the package's tokenizer, 64 tokens; entropy here, minmax + SmoothQuant calibrated on the GPU host
+    minilm = copy.deepcopy(TEXT)
+    minilm["model"].update({"name": "all-minilm-l6-v2", "arch": "minilm_factory:make",
+                            "outputs": [{"name": "embedding"}]})
+    minilm["model"]["inputs"][0]["shape"] = ["batch", "seq"]
+    minilm["data"] = {"source": "factory", "path": "minilm_factory:batches",
+                      "split": {"train": 0.0, "calibration": 0.5, "evaluation": 0.5}}
+    minilm["validate"] = {"num_samples": 32}
+    minilm["calibration"] = {"method": "entropy", "num_samples": 64, "batch_size": 16}
+    minilm["build"] = {"profiles": [{"batch": [1, 16, 32], "seq": [8, 64, 128]}]}
+    minilm["evaluate"]["latency"] = {"warmup": 20, "iterations": 200, "batch_sizes": [1, 16]}
+    lite1 = image_model("efficientnet-lite1", "efficientnet_lite1_factory:make", 127.0, 128.0)
+    lite1["model"]["inputs"][0]["shape"] = [3, 240, 240]
+    lite1["data"].update({"path": "efficientnet_lite1_factory:eval_crops",
+                          "calibration_path": "efficientnet_lite1_factory:calib_crops"})
+    lite1["calibration"]["num_samples"] = 512
     img_mods = [ROOT / "bench/routes/routes_factory.py", ROOT / "configs/efficientnet_lite0_factory.py"]
     return {"resnet50": (resnet, img_mods), "efficientnet": (effnet, img_mods),
+            "efficientnet_lite1": (lite1, [ROOT / "bench/routes/efficientnet_lite1_factory.py",
+                                           ROOT / "configs/efficientnet_lite0_factory.py"]),
             "detector": (det, [ROOT / "tests/models/digit_detector.py"]),
-            "text": (text, [ROOT / "tests/models/text_encoder.py", ROOT / "tests/models/text_data.py"])}
+            "text": (text, [ROOT / "tests/models/text_encoder.py", ROOT / "tests/models/text_data.py"]),
+            "minilm": (minilm, [ROOT / "bench/routes/minilm_factory.py", ROOT / "tests/models/text_data.py"])}
 
 
 def make(name: str, work: Path) -> None:
@@ -76,6 +103,14 @@ def make(name: str, work: Path) -> None:
         from digit_detector import train  # type: ignore[import-not-found]
 
         train(str(root / "weights.pt"))
+    elif name == "efficientnet_lite1":
+        from efficientnet_lite1_factory import save_checkpoint as save_lite1  # type: ignore[import-not-found]
+
+        save_lite1(str(root / "weights.pt"))
+    elif name == "minilm":
+        from minilm_factory import save_checkpoint  # type: ignore[import-not-found]
+
+        save_checkpoint(str(root / "weights.pt"))
     elif name == "text":
         import torch
         from text_encoder import make as make_text  # type: ignore[import-not-found]
@@ -86,7 +121,15 @@ def make(name: str, work: Path) -> None:
     t0 = time.monotonic()
     for stage in ("prepare", "export", "validate", "calibrate"):
         _sh(trtpipe, stage, "-q", cwd=root)
-    (root / "artifacts/prepare/calib.npz").unlink()  # the GPU reads calibrate's cache, not the samples
+    after = AFTER.get(name)
+    if after is not None and name != "minilm":  # minilm's Q/DQ ONNX is 58 MB: the GPU host calibrates it
+        import yaml
+
+        (root / "params-after.yaml").write_text(yaml.safe_dump({"config": "configs/model.yaml", "override": True,
+                                                                 **after}))
+        _sh(trtpipe, "calibrate", "-q", "--params", "params-after.yaml", "--out", "artifacts/calibrate_after", cwd=root)
+    if name != "minilm":  # the GPU reads calibrate's cache, not the samples (minilm calibrates there again)
+        (root / "artifacts/prepare/calib.npz").unlink()
     print(f"{name}: prepare .. calibrate in {time.monotonic() - t0:.0f} s", flush=True)
 
 

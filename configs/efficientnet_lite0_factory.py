@@ -64,19 +64,19 @@ def _photos() -> list[np.ndarray]:
     return out
 
 
-def crops_uint8(n: int, seed: int) -> np.ndarray:
-    """``n`` crops, uint8 (n, 224, 224, 3)."""
+def crops_uint8(n: int, seed: int, size: int = SIZE) -> np.ndarray:
+    """``n`` crops, uint8 (n, size, size, 3)."""
     from PIL import Image
 
     photos = _photos()
     rng = np.random.default_rng(seed)
-    out = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         img = photos[i % len(photos)]
         h, w = img.shape[:2]
         side = int(rng.integers(min(h, w) // 3, min(h, w) + 1))
         y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        out[i] = np.asarray(Image.fromarray(img[y:y + side, x:x + side]).resize((SIZE, SIZE), Image.BILINEAR))
+        out[i] = np.asarray(Image.fromarray(img[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR))
     return out
 
 
@@ -86,8 +86,8 @@ def to_model_input(u8: np.ndarray) -> np.ndarray:
     return (x - np.float32(MEAN)) / np.float32(STD)
 
 
-def _batches(n: int, seed: int, batch: int = 64) -> Iterator[np.ndarray]:
-    u8 = crops_uint8(n, seed)
+def _batches(n: int, seed: int, batch: int = 64, size: int = SIZE) -> Iterator[np.ndarray]:
+    u8 = crops_uint8(n, seed, size)
     for i in range(0, n, batch):
         yield np.ascontiguousarray(u8[i:i + batch].astype(np.float32).transpose(0, 3, 1, 2))
 

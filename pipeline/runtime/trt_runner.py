@@ -101,6 +101,7 @@ class TrtRunner(Runner):
         self._dev: dict[str, DeviceBuffer] = {}
         self._host: dict[str, HostBuffer] = {}
         self._views: dict[str, np.ndarray] = {}
+        self._shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._shape_key: Optional[tuple] = None
         self._profile_index = 0
         try:
@@ -176,16 +177,33 @@ class TrtRunner(Runner):
                         "batch, or rebuild with wider build.profiles")
 
     def _ensure(self, spec: TensorSpec, shape: tuple[int, ...]) -> bool:
+        """A device buffer for `shape` (True when a new one was allocated). Inputs get their pinned
+        host buffer here; an output's is made on first use (`_view`): a forward whose outputs stay
+        on the GPU never pins host memory for them."""
         nbytes = int(math.prod(shape)) * spec.dtype.itemsize
         dev = self._dev.get(spec.name)
         if dev is not None and dev.nbytes >= nbytes:
             return False
         if dev is not None:
             dev.free()
-            self._host[spec.name].free()
+        host = self._host.pop(spec.name, None)
+        if host is not None:
+            host.free()
         self._dev[spec.name] = self._mem.alloc_device(nbytes)
-        self._host[spec.name] = self._mem.alloc_host(nbytes)
+        if spec.is_input:
+            self._host[spec.name] = self._mem.alloc_host(nbytes)
         return True
+
+    def _view(self, name: str) -> np.ndarray:
+        """The pinned host view of tensor `name` at the current shapes (an output's buffer is
+        allocated here, once per device buffer)."""
+        view = self._views.get(name)
+        if view is None:
+            if name not in self._host:
+                self._host[name] = self._mem.alloc_host(self._dev[name].nbytes)
+            shape, dtype = self._shapes[name]
+            view = self._views[name] = self._host[name].view(shape, dtype)
+        return view
 
     def _prepare(self, feeds: Mapping[str, np.ndarray]) -> tuple:
         missing = [n for n in self.input_names if n not in feeds]
@@ -221,17 +239,19 @@ class TrtRunner(Runner):
                     raise BackendError(f"output '{spec.name}' has a data-dependent shape {shape}; TrtRunner does not support it")
                 shapes[spec.name] = shape
                 grown |= self._ensure(spec, shape)
+            self._views.clear()
+            self._shapes = {spec.name: (shapes[spec.name], spec.dtype) for spec in self.specs}
             for spec in self.specs:
                 ctx.set_tensor_address(spec.name, self._dev[spec.name].ptr)
-                self._views[spec.name] = self._host[spec.name].view(shapes[spec.name], spec.dtype)
             if grown:
                 self._drop_graphs()
             self._shape_key = key
         for name, a in arrays.items():
+            view = self._view(name)
             try:
-                np.copyto(self._views[name], a, casting="same_kind")
+                np.copyto(view, a, casting="same_kind")
             except TypeError:
-                raise DataError(f"input '{name}' has dtype {a.dtype}; the engine takes {self._views[name].dtype}") from None
+                raise DataError(f"input '{name}' has dtype {a.dtype}; the engine takes {view.dtype}") from None
         return key
 
     # -- running ---------------------------------------------------------------------------
@@ -265,7 +285,7 @@ class TrtRunner(Runner):
         mem, s = self._mem, self._stream
         for spec in self.specs:
             if spec.is_input:
-                mem.htod_async(self._dev[spec.name].ptr, self._views[spec.name], s)
+                mem.htod_async(self._dev[spec.name].ptr, self._view(spec.name), s)
         if self.use_cuda_graph if graph is None else graph:
             graph = self._graph(key)
             if timed:
@@ -281,7 +301,7 @@ class TrtRunner(Runner):
             return
         for spec in self.specs:
             if not spec.is_input:
-                mem.dtoh_async(self._views[spec.name], self._dev[spec.name].ptr, s)
+                mem.dtoh_async(self._view(spec.name), self._dev[spec.name].ptr, s)
         mem.synchronize(s)
 
     def infer(self, feeds: Mapping[str, np.ndarray], copy: bool = True) -> dict[str, np.ndarray]:
@@ -291,7 +311,7 @@ class TrtRunner(Runner):
         with self._mem.activate():
             key = self._prepare(feeds)
             self._run(key, timed=False)
-            return {n: (self._views[n].copy() if copy else self._views[n]) for n in self.output_names}
+            return {n: (self._view(n).copy() if copy else self._view(n)) for n in self.output_names}
 
     def infer_on_device(self, feeds: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """The outputs for `feeds` left on the GPU: a `cuda_binning.DeviceTensor` per output over
@@ -307,17 +327,17 @@ class TrtRunner(Runner):
         out = {}
         for spec in self.specs:
             if not spec.is_input:
-                view = self._views[spec.name]
-                out[spec.name] = DeviceTensor(self._dev[spec.name].ptr, view.shape, view.dtype,
-                                              self._host_copy(spec.name))
+                shape, dtype = self._shapes[spec.name]
+                out[spec.name] = DeviceTensor(self._dev[spec.name].ptr, shape, dtype, self._host_copy(spec.name))
         return out
 
     def _host_copy(self, name: str) -> Callable[[], np.ndarray]:
         def copy() -> np.ndarray:
             with self._mem.activate():
-                self._mem.dtoh_async(self._views[name], self._dev[name].ptr, self._stream)
+                view = self._view(name)
+                self._mem.dtoh_async(view, self._dev[name].ptr, self._stream)
                 self._mem.synchronize(self._stream)
-            return self._views[name]
+            return view
         return copy
 
     def device_binner(self, cpu_kernel: Any) -> Any:

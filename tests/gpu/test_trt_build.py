@@ -113,3 +113,22 @@ def test_builder_options_reach_the_engine_and_are_recorded(env):
     assert default.details["builder_optimization_level"] == 3
     with pytest.raises(ConfigError, match="no preview feature 'warp_speed'.*faster_dynamic_shapes_0805"):
         env.build("fp32", "options_bad", timing_cache=None, preview_features={"warp_speed": True})
+
+
+def test_outputs_left_on_the_device_pin_no_host_memory_and_shapes_change(env, engines):
+    """infer_on_device allocates pinned host memory for the inputs only (ResNet-50's 72 calibrated
+    outputs at batch 32 would pin ~3 GB); a later infer, another batch size and a DeviceTensor's
+    host() still give onnxruntime's values."""
+    from pipeline.runtime.trt_runner import TrtRunner
+
+    engine, _ = engines["fp32"]
+    with TrtRunner(engine) as r:
+        dev = r.infer_on_device({"input": env.x7})
+        assert set(r._host) == {"input"}
+        np.testing.assert_allclose(dev["logits"].host(), env.ref7, atol=2e-2, rtol=2e-2)
+        assert set(r._host) == {"input", "logits"}
+        three = r.infer({"input": env.x7[:3]})["logits"]
+        np.testing.assert_allclose(three, env.ref7[:3], atol=2e-2, rtol=2e-2)
+        again = r.infer_on_device({"input": env.x7})
+        assert again["logits"].shape == env.ref7.shape
+        np.testing.assert_allclose(again["logits"].host(), env.ref7, atol=2e-2, rtol=2e-2)
