@@ -14,8 +14,9 @@ rest) and a weight whose matching rows are scaled up (per-output-channel INT8 ab
 * :func:`plan` + :func:`apply`: ``s`` for a migration strength, then a ``Mul(x, 1/s)`` before the
   consumers and their weights' rows scaled by ``s`` (a weight another node also reads is copied).
 * :func:`search`: the migration strength (or none) whose INT8 model has the smallest output error
-  against FP32 on the calibration batches, each candidate calibrated and quantized as the calibrate
-  stage does. One strength for the whole model: per-tensor choices by each MatMul's own output
+  against FP32 on calibration batches it was not calibrated on (two folds, even/odd batches: each
+  candidate smoothed, calibrated and quantized as the calibrate stage does on one fold, scored on the
+  other). One strength for the whole model: per-tensor choices by each MatMul's own output
   error were measured worse on MiniLM (they favour 0.9, the model as a whole 0.8).
 
 Only onnx and numpy (onnxruntime through :func:`calibration.ort_session.make_session`).
@@ -188,12 +189,15 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
            method: str = "entropy", rules: str = "tensorrt", percentile: float = 99.99,
            collect_options: Optional[Mapping[str, Any]] = None,
            threads: Optional[int] = None) -> tuple[Any, dict[str, Any]]:
-    """One migration strength for the model, chosen by the INT8 model's output error on the calibration
-    batches: for no smoothing and each ``alphas`` value, the model is smoothed (:func:`plan`,
-    :func:`apply`), calibrated as the calibrate stage does (histograms, ``method`` ranges under
-    ``rules``), quantized (Q/DQ) and run against FP32 on the same batches. ``batches()`` yields them
-    anew each time; ``work`` is a folder for the candidates. Returns (the chosen ONNX: ``onnx_path``
-    itself when no smoothing wins, report)."""
+    """One migration strength for the model, chosen by the INT8 model's output error on calibration batches
+    it was not calibrated on: for no smoothing and each ``alphas`` value, and for each of two folds (even and
+    odd batches), the model is smoothed with one fold's channel maxima (:func:`plan`, :func:`apply`),
+    calibrated on that fold as the calibrate stage does (histograms, ``method`` ranges under ``rules``),
+    quantized (Q/DQ) and run against FP32 on the other fold; a candidate's error is the worse of its two
+    folds' worst-sample errors. With one batch, it is scored on that batch. The chosen strength is then
+    applied with every batch's maxima. ``batches()`` yields the batches anew each time; ``work`` is a
+    folder for the candidates. Returns (the chosen ONNX: ``onnx_path`` itself when no smoothing wins,
+    report)."""
     from fnmatch import fnmatchcase
     from pathlib import Path
 
@@ -219,32 +223,56 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
     del model
     r = get_rules(rules)
     ref = make_session(onnx_path, threads=threads, what="the FP32 model")  # one session for every candidate
+    n_batches = sum(1 for _ in batches())
+    # Two folds (even / odd batches): a candidate is smoothed and calibrated on one fold and scored on the other,
+    # so its error is that of inputs whose activations did not set its scales or ranges (as in deployment);
+    # in-sample scoring favours the strength whose ranges fit the calibration batches' own extremes.
+    folds = [0, 1] if n_batches >= 2 else [None]
+
+    def fold(k: Optional[int], held: bool):
+        if k is None:
+            return batches()
+        return (b for i, b in enumerate(batches()) if (i % 2 == k) != held)
+
+    fold_maxima = {k: maxima if k is None else channel_maxima(load_model(onnx_path), fold(k, False), list(maxima),
+                                                              threads=threads,
+                                                              sentinel_abs=float(options.get("sentinel_abs") or 1e30))
+                   for k in folds}
     errors: dict[str, float] = {}
-    paths: dict[str, Path] = {}
     smoothed: dict[str, int] = {}
     for alpha in (None, *alphas):
         key = "none" if alpha is None else str(alpha)
-        path = onnx_path
-        if alpha is not None:
-            m = load_model(onnx_path)
-            smoothed[key] = len(apply(m, found, plan(m, found, maxima, float(alpha))))
-            path = work / f"smoothed_{key}.onnx"
-            save_model(m, path)
-            del m
-        col = collect_histograms(path, batches(), progress=False, growth=r.growth, **options)
-        amax, _, _ = ranges_under(r, col.histograms, method, col.node_ops, percentile)
-        q = work / f"q_{key}.onnx"
-        quantize_qdq(path, q, amax, exclude_nodes=consumers(path, col.excluded))
-        errors[key] = _output_error(ref, q, batches(), threads)
-        q.unlink(missing_ok=True)
-        paths[key] = path
+        worst = 0.0
+        for k in folds:
+            path = onnx_path
+            if alpha is not None:
+                m = load_model(onnx_path)
+                smoothed[key] = len(apply(m, found, plan(m, found, fold_maxima[k], float(alpha))))
+                path = work / f"smoothed_{key}.onnx"
+                save_model(m, path)
+                del m
+            col = collect_histograms(path, fold(k, False), progress=False, growth=r.growth, **options)
+            amax, _, _ = ranges_under(r, col.histograms, method, col.node_ops, percentile)
+            q = work / f"q_{key}.onnx"
+            quantize_qdq(path, q, amax, exclude_nodes=consumers(path, col.excluded))
+            worst = max(worst, _output_error(ref, q, fold(k, True), threads))
+            q.unlink(missing_ok=True)
+            if path != onnx_path:
+                path.unlink(missing_ok=True)
+        errors[key] = worst
     best = min(errors, key=lambda k: (errors[k], k != "none"))
-    for key, path in paths.items():
-        if key != best and path != onnx_path:
-            path.unlink(missing_ok=True)
-    return paths[best], {"tensors": len(found), "alpha": None if best == "none" else float(best),
-                         "smoothed": smoothed.get(best, 0), "left_out": left_out,
-                         "relative_output_error": {k: float(f"{v:.6g}") for k, v in errors.items()}}
+    chosen = onnx_path
+    if best != "none":  # the chosen strength, smoothed with every calibration batch's maxima
+        m = load_model(onnx_path)
+        smoothed[best] = len(apply(m, found, plan(m, found, maxima, float(best))))
+        chosen = work / f"smoothed_{best}.onnx"
+        save_model(m, chosen)
+    return chosen, {"tensors": len(found), "alpha": None if best == "none" else float(best),
+                    "smoothed": smoothed.get(best, 0), "left_out": left_out,
+                    "scored_on": ("the other fold: even/odd calibration batches, each fold smoothed and calibrated "
+                                  "on one and scored on the other (worst of both)") if folds != [None] else
+                                 "the calibration batches themselves (one batch: no second fold)",
+                    "relative_output_error": {k: float(f"{v:.6g}") for k, v in errors.items()}}
 
 
 __all__ = ["DEFAULT_ALPHAS", "Target", "targets", "channel_maxima", "plan", "apply", "scales_for", "search"]

@@ -17,17 +17,18 @@ from calibration import smooth
 IN, HID, OUT, SEQ = 16, 32, 4, 8
 
 
-def _model(path: Path, shared: bool = False) -> Path:
+def _model(path: Path, shared: bool = False, outlier: float = 40.0) -> Path:
     """x [N, SEQ, IN] -> MatMul W1 -> Relu -> MatMul W2 (-> out); hidden channels 3 and 7 run 40x larger
-    (W1's columns), the outliers SmoothQuant moves. ``shared``: a Gemm on a second input reads W2 too
+    (W1's columns) and meet rows of W2 as much smaller, the outliers SmoothQuant moves. ``shared``: a Gemm on a second input reads W2 too
     (and must keep the original W2)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.3, (IN, HID)).astype(np.float32)
-    w1[:, [3, 7]] *= 40.0
+    w1[:, [3, 7]] *= outlier
     w2 = rng.normal(0, 0.3, (HID, OUT)).astype(np.float32)
+    w2[[3, 7], :] /= outlier  # large channels meet small weights (as in transformers): every channel matters
     inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="/mm1"),
              helper.make_node("Relu", ["h"], ["r"], name="/relu"),
@@ -103,6 +104,33 @@ def test_search_smooths_outlier_channels_and_reports_every_candidate(tmp_path):
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [chosen.name]  # the losers are removed
     feeds = _feeds(4, seed=11)
     np.testing.assert_allclose(_run(chosen, feeds)[0], _run(path, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_each_candidate_is_scored_on_the_fold_it_was_not_calibrated_on(tmp_path):
+    """The unsmoothed candidate's error, worked by hand: minmax ranges from the even batches, its Q/DQ model's
+    worst-sample relative L2 error on the odd ones, and the other way round; the report gives the worse."""
+    from calibration.collect import collect_histograms
+    from calibration.qdq import quantize_qdq
+    from calibration.rules import get_rules, ranges_under
+
+    path = _model(tmp_path / "m.onnx")
+    batches = [_feeds(16, seed=s) for s in range(4)]
+    batches[3]["x"][0] *= 6.0  # one far sample in the odd fold: in-sample minmax would fit it
+    _, report = smooth.search(path, lambda: iter(batches), tmp_path / "work", method="minmax")
+    worst = []
+    for calib, scored in ((batches[0::2], batches[1::2]), (batches[1::2], batches[0::2])):
+        col = collect_histograms(path, iter(calib), progress=False, growth=get_rules("tensorrt").growth)
+        amax, _, _ = ranges_under(get_rules("tensorrt"), col.histograms, "minmax", col.node_ops, 99.99)
+        q = tmp_path / "q.onnx"
+        quantize_qdq(path, q, amax)
+        for feeds in scored:
+            ref, got = _run(path, feeds)[0].astype(np.float64), _run(q, feeds)[0].astype(np.float64)
+            rel = ((got - ref) ** 2).sum(axis=(1, 2)) / (ref ** 2).sum(axis=(1, 2))
+            worst.append(rel.max())
+    assert report["relative_output_error"]["none"] == pytest.approx(max(worst), rel=1e-4)
+    assert "other fold" in report["scored_on"]
+    _, one = smooth.search(path, lambda: iter(batches[:1]), tmp_path / "work1", method="minmax")
+    assert "themselves" in one["scored_on"] and set(one["relative_output_error"]) == set(report["relative_output_error"])
 
 
 def test_search_without_matmul_weights_changes_nothing(tmp_path):
