@@ -135,7 +135,9 @@ def _smooth_quant(onnx_path: Path, calib: dict[str, np.ndarray], held: dict[str,
         print(f"[bench] minmax+sq alpha {alpha}: {held_out[str(alpha)]}", flush=True)
     return {"per_method": report, "minmax_held_out_by_alpha": held_out,
             "note": "one migration strength per model from (0.3, 0.5, 0.65, 0.8, 0.9) or none, by the Q/DQ model's "
-                    "output error against FP32 on the calibration sentences only (calibration.smooth.search); "
+                    "worst-sample output error against FP32 on the calibration sentences only, each candidate "
+                    "calibrated on half the calibration batches and scored on the other half, both ways "
+                    "(calibration.smooth.search); "
                     "cosines on the held-out sentences"}
 
 

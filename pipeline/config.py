@@ -288,10 +288,11 @@ class CalibrationConfig(_Strict):
                                   "data (one more FP32 forward; measured: bench/results/ptq_methods_cpu.json). Off by "
                                   "default: tune's candidates and implicit engines do not carry it yet")
     smooth_quant: bool = Field(False, description="SmoothQuant: move the activation outliers of every MatMul/Gemm "
-                               "input into its weight (a Mul by 1/s before it, the weight's rows times s), the "
-                               "migration strength per tensor chosen on the calibration data by the INT8 output "
-                               "error; the Q/DQ ONNX (explicit route) carries it, implicit engines and tune's "
-                               "candidates do not (measured: bench/results/ptq_smoothquant_minilm_cpu.json)")
+                               "input into its weight (a Mul by 1/s before it, the weight's rows times s), one "
+                               "migration strength for the model chosen on the calibration data by the INT8 output "
+                               "error on batches it was not calibrated on; the Q/DQ ONNX (explicit route) carries "
+                               "it, implicit engines and tune's candidates do not (measured: "
+                               "bench/results/ptq_methods_minilm_cpu.json)")
     num_samples: int = Field(512, ge=1)
     batch_size: int = Field(32, ge=1)
     num_bins: int = Field(2048, ge=128)
