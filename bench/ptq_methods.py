@@ -15,6 +15,8 @@ with its Conv -> ReLU6 -> depthwise pairs equalized (calibration.ptq.equalize_de
 channels scaled to ``--cle-margin`` x 6 on the calibration data).
 
     nice -n 5 .venv/bin/python bench/ptq_methods.py      # ~3 minutes on 2 cores
+    # any folder with artifacts/export/model.onnx and artifacts/prepare/{calib,eval}.npz (input "input"), e.g.
+    # EfficientNet-Lite1 (bench/routes/efficientnet_lite1_factory.py): --work DIR --model ... --out ...
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/ptq_methods_cpu.json")
     ap.add_argument("--methods", default="", help="comma-separated subset of row names")
     ap.add_argument("--cle-margin", type=float, default=0.7, help="equalization target: this times the ReLU6 bound")
+    ap.add_argument("--model", default="EfficientNet-Lite0 (real ImageNet weights), configs/efficientnet_lite0.yaml",
+                    help="what --work holds, for the JSON")
+    ap.add_argument("--data", default="512 calibration / 256 held-out crops (bench/int8_exactness.py work folder)",
+                    help="what its samples are, for the JSON")
     a = ap.parse_args()
 
     from calibration.onnx_io import load_model
@@ -154,8 +160,7 @@ def main() -> None:
         results[name] = row
         print(f"[bench] {name:24s} top-1 {row['top1_agreement_pct']:6.2f}%  cos mean {row['cosine_mean']:.5f} "
               f"min {row['cosine_min']:.5f}", flush=True)
-    doc = {"model": "EfficientNet-Lite0 (real ImageNet weights), configs/efficientnet_lite0.yaml",
-           "data": "512 calibration / 256 held-out crops (bench/int8_exactness.py work folder)",
+    doc = {"model": a.model, "data": a.data,
            "simulation": "onnxruntime exact mode (calibration.ort_session), Q/DQ tensorrt placement, "
                          "per-channel weights; metrics against the FP32 ONNX",
            "rules": "tensorrt", "clip_bounded_tensors": len(bounds), "cpu": cpu_summary(),
