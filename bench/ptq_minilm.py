@@ -32,24 +32,17 @@ BATCH = 16
 
 
 def _export(model_dir: Path, onnx_path: Path) -> None:
+    import os
+
     import torch
-    from transformers import AutoModel
 
-    bert = AutoModel.from_pretrained(str(model_dir)).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    os.environ["MINILM_PKG"] = str(model_dir.parents[1])
+    sys.path.insert(0, str(ROOT / "bench/routes"))
+    from minilm_factory import pretrained  # type: ignore[import-not-found]
 
     ids = torch.ones(2, SEQ, dtype=torch.int64)
     with torch.no_grad():
-        torch.onnx.export(Encoder().eval(), (ids, ids), str(onnx_path), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(pretrained(), (ids, ids), str(onnx_path), input_names=["input_ids", "attention_mask"],
                           output_names=["embedding"], opset_version=17, dynamo=False,
                           dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
                                         "embedding": {0: "batch"}})

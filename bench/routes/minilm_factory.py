@@ -39,14 +39,20 @@ def make():
     return Encoder().eval()
 
 
-def save_checkpoint(path: str) -> None:
-    """The package's weights as the factory's state_dict."""
-    import torch
+def pretrained():
+    """The encoder with the package's weights."""
     from transformers import AutoModel
 
     enc = make()
     enc.bert.load_state_dict(AutoModel.from_pretrained(_model_dir()).state_dict())
-    torch.save(enc.state_dict(), path)
+    return enc
+
+
+def save_checkpoint(path: str) -> None:
+    """The package's weights as the factory's state_dict."""
+    import torch
+
+    torch.save(pretrained().state_dict(), path)
 
 
 def batches(batch_size: int = 16):
