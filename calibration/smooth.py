@@ -24,6 +24,7 @@ Only onnx and numpy (onnxruntime through :func:`calibration.ort_session.make_ses
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -84,8 +85,9 @@ def channel_maxima(model: Any, batches: Iterable[Mapping[str, np.ndarray]], tens
     session = make_session(augment(model, names), threads=threads, what="the model to smooth",
                            failure="onnxruntime cannot run it with the MatMul inputs exposed") if names else None
     maxima: dict[str, np.ndarray] = {}
-    seen: set[str] = set()
+    measured = 0
     for b, feeds in enumerate(batches):
+        measured += 1
         values = session.run(names, dict(feeds)) if session is not None else []
         for name, v in [*zip(names, values), *((n, feeds[n]) for n in fed)]:
             flat = np.asarray(v, np.float32).reshape(-1, v.shape[-1])
@@ -95,8 +97,7 @@ def channel_maxima(model: Any, batches: Iterable[Mapping[str, np.ndarray]], tens
                                        "finite on it), or turn calibration.smooth_quant off")
             m = np.abs(flat).max(0)
             maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
-            seen.add(name)
-    if not seen:
+    if not measured:
         raise CalibrationError("SmoothQuant: no calibration batch to measure the MatMul inputs on")
     return {n: m for n, m in maxima.items() if np.isfinite(m).all() and float(m.max()) < sentinel_abs}
 
@@ -216,14 +217,17 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
     globs = options.get("exclude") or []
     globs = [globs] if isinstance(globs, str) else list(globs)
     left_out = {t: f"calibration.exclude {g!r}" for t in found for g in globs if fnmatchcase(t, g)}
-    maxima = channel_maxima(model, batches(), [t for t in found if t not in left_out], threads=threads,
-                            sentinel_abs=float(options.get("sentinel_abs") or 1e30))
+    sentinel = float(options.get("sentinel_abs") or 1e30)
+    counter = itertools.count()  # zip draws a batch first: after the pass, next(counter) is the number of batches
+    maxima = channel_maxima(model, (b for b, _ in zip(batches(), counter)), [t for t in found if t not in left_out],
+                            threads=threads, sentinel_abs=sentinel)
+    n_batches = next(counter)
     left_out.update({t: "carries +-Inf or sentinel values (kept in higher precision)" for t in found
                      if t not in left_out and t not in maxima})
-    del model
-    r = get_rules(rules)
-    ref = make_session(onnx_path, threads=threads, what="the FP32 model")  # one session for every candidate
-    n_batches = sum(1 for _ in batches())
+    if not maxima:
+        return onnx_path, {"tensors": len(found), "alpha": None, "smoothed": 0, "left_out": left_out,
+                           "note": "every MatMul/Gemm input is left out (calibration.exclude or sentinels): "
+                                   "nothing to smooth"}
     # Two folds (even / odd batches): a candidate is smoothed and calibrated on one fold and scored on the other,
     # so its error is that of inputs whose activations did not set its scales or ranges (as in deployment);
     # in-sample scoring favours the strength whose ranges fit the calibration batches' own extremes.
@@ -234,10 +238,11 @@ def search(onnx_path: Any, batches: Any, work: Any, *, alphas: Sequence[float] =
             return batches()
         return (b for i, b in enumerate(batches()) if (i % 2 == k) != held)
 
-    fold_maxima = {k: maxima if k is None else channel_maxima(load_model(onnx_path), fold(k, False), list(maxima),
-                                                              threads=threads,
-                                                              sentinel_abs=float(options.get("sentinel_abs") or 1e30))
-                   for k in folds}
+    fold_maxima = {k: channel_maxima(model, fold(k, False), list(maxima), threads=threads, sentinel_abs=sentinel)
+                      if k is not None and maxima else maxima for k in folds}
+    del model
+    r = get_rules(rules)
+    ref = make_session(onnx_path, threads=threads, what="the FP32 model")  # one session for every candidate
     errors: dict[str, float] = {}
     smoothed: dict[str, int] = {}
     for alpha in (None, *alphas):

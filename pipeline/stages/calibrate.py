@@ -146,7 +146,7 @@ def calibrate(cfg: Config, onnx_path: Path, calib_data: Path, out_dir: Path, *, 
 def _smooth(cfg: Config, onnx_path: Path, calib_data: Path, samples: Any, indices: np.ndarray, tmp: Path,
             threads: Optional[int]) -> tuple[Path, dict[str, Any]]:
     """(the ONNX to calibrate, what SmoothQuant did): the migration strength (or none) whose INT8 model
-    has the smallest output error on the calibration batches (calibration.smooth.search)."""
+    has the smallest output error on calibration batches it was not calibrated on (calibration.smooth.search)."""
     from calibration import smooth
 
     c = cfg.calibration

@@ -133,6 +133,15 @@ def test_each_candidate_is_scored_on_the_fold_it_was_not_calibrated_on(tmp_path)
     assert "themselves" in one["scored_on"] and set(one["relative_output_error"]) == set(report["relative_output_error"])
 
 
+def test_search_with_every_matmul_input_excluded_changes_nothing(tmp_path):
+    path = _model(tmp_path / "m.onnx")
+    batches = [_feeds(16, seed=s) for s in range(4)]
+    chosen, report = smooth.search(path, lambda: iter(batches), tmp_path / "work", method="minmax",
+                                   collect_options={"exclude": "*"})
+    assert chosen == path and report["alpha"] is None and report["smoothed"] == 0
+    assert set(report["left_out"]) == {"x", "r"} and "nothing to smooth" in report["note"]
+
+
 def test_search_without_matmul_weights_changes_nothing(tmp_path):
     import onnx
     from onnx import TensorProto, helper
