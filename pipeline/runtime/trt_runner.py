@@ -178,8 +178,8 @@ class TrtRunner(Runner):
 
     def _ensure(self, spec: TensorSpec, shape: tuple[int, ...]) -> bool:
         """A device buffer for `shape` (True when a new one was allocated). Inputs get their pinned
-        host buffer here; an output's is made on first use (`_view`): a forward whose outputs stay
-        on the GPU never pins host memory for them."""
+        host buffer here; an output's is made by `_view` (in `_prepare`, or on first read after
+        `infer_on_device`): a forward whose outputs stay on the GPU never pins host memory for them."""
         nbytes = int(math.prod(shape)) * spec.dtype.itemsize
         dev = self._dev.get(spec.name)
         if dev is not None and dev.nbytes >= nbytes:
@@ -205,7 +205,9 @@ class TrtRunner(Runner):
             view = self._views[name] = self._host[name].view(shape, dtype)
         return view
 
-    def _prepare(self, feeds: Mapping[str, np.ndarray]) -> tuple:
+    def _prepare(self, feeds: Mapping[str, np.ndarray], host_outputs: bool = True) -> tuple:
+        """Shapes, buffers and the inputs copied into their pinned views; the outputs' pinned buffers
+        too unless `host_outputs` is off (the device path), so that no timed run allocates."""
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self.input_names]
         if missing or extra:
@@ -252,6 +254,9 @@ class TrtRunner(Runner):
                 np.copyto(view, a, casting="same_kind")
             except TypeError:
                 raise DataError(f"input '{name}' has dtype {a.dtype}; the engine takes {view.dtype}") from None
+        if host_outputs:
+            for name in self.output_names:
+                self._view(name)
         return key
 
     # -- running ---------------------------------------------------------------------------
@@ -323,7 +328,7 @@ class TrtRunner(Runner):
         self._check_open()
         with self._mem.activate():
             self._mem.synchronize(self._stream)  # the pinned input views are rewritten next
-            self._run(self._prepare(feeds), timed=False, graph=False, to_host=False)
+            self._run(self._prepare(feeds, host_outputs=False), timed=False, graph=False, to_host=False)
         out = {}
         for spec in self.specs:
             if not spec.is_input:
