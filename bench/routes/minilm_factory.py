@@ -55,16 +55,21 @@ def save_checkpoint(path: str) -> None:
     torch.save(pretrained().state_dict(), path)
 
 
-def batches(batch_size: int = 16):
+def tokenized() -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) of every sentence, int64, padded to SEQ tokens (text_data beside this
+    file in a project, or on sys.path)."""
     from transformers import AutoTokenizer
 
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from text_data import sentences  # type: ignore[import-not-found]
 
     text = [" ".join(s) for s in sentences()]
     enc = AutoTokenizer.from_pretrained(_model_dir())(text, padding="max_length", truncation=True, max_length=SEQ,
                                                       return_tensors="np")
-    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def batches(batch_size: int = 16):
+    ids, mask = tokenized()
     for i in range(0, len(ids), batch_size):
         yield {"input_ids": ids[i:i + batch_size], "attention_mask": mask[i:i + batch_size]}
