@@ -202,10 +202,12 @@ def _conv_mean_output(mean_in: np.ndarray, w: np.ndarray, node: Any) -> np.ndarr
 
 
 def bias_corrections(model: Any, weights: Sequence[tuple[str, int, str, Optional[int]]],
-                     means: Mapping[str, np.ndarray], per_channel: bool = True) -> dict[str, np.ndarray]:
+                     means: Mapping[str, np.ndarray], per_channel: bool = True,
+                     rounded: Optional[Mapping[tuple[str, Optional[int]], np.ndarray]] = None) -> dict[str, np.ndarray]:
     """``{node name: E[W_q x] - E[W x] per output channel}`` for the correctable nodes of
     ``weights`` whose input mean is in ``means`` (:func:`input_means`). ``W_q`` is what
-    :func:`calibration.qdq_insert.quantize_weight` writes into the Q/DQ model."""
+    :func:`calibration.qdq_insert.quantize_weight` writes into the Q/DQ model (its scale with
+    ``rounded``'s ``q`` where given, :mod:`calibration.rounding`)."""
     from onnx import numpy_helper
 
     from calibration.qdq_insert import quantize_weight
@@ -220,6 +222,8 @@ def bias_corrections(model: Any, weights: Sequence[tuple[str, int, str, Optional
         node = nodes[node_name]
         w = numpy_helper.to_array(inits[weight]).astype(np.float32)
         q, scale = quantize_weight(w, axis if per_channel else None)
+        if rounded is not None and (weight, axis if per_channel else None) in rounded:
+            q = rounded[(weight, axis if per_channel else None)]
         shape = [1] * w.ndim
         if scale.ndim:
             shape[axis] = -1  # type: ignore[index]

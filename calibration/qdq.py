@@ -49,7 +49,7 @@ from calibration.collect import QUANTIZABLE_OP_TYPES
 from calibration.errors import CalibrationError
 from calibration.onnx_io import save_model
 from calibration.ptq import apply_bias_corrections, bias_corrections
-from calibration.qdq_insert import drop_unused_initializers, insert_qdq
+from calibration.qdq_insert import drop_unused_initializers, insert_qdq, quantize_weight
 from calibration.qdq_placement import PLACEMENTS, GraphIndex, Placement, name_nodes, plan_placement
 
 MIN_OPSET = 13  # per-channel DequantizeLinear (axis) needs opset 13
@@ -112,7 +112,8 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
                  placement: str = "tensorrt", exclude_nodes: Iterable[str] = (),
                  op_types: Sequence[str] = QUANTIZABLE_OP_TYPES, per_channel: bool = True,
                  dedicated_pairs: bool = False,
-                 bias_means: Optional[Mapping[str, np.ndarray]] = None) -> dict[str, Any]:
+                 bias_means: Optional[Mapping[str, np.ndarray]] = None,
+                 weight_moments: Optional[Mapping[str, np.ndarray]] = None) -> dict[str, Any]:
     """Write the Q/DQ model of ``onnx_path`` to ``out_path`` with activation ranges ``amax``
     (tensor name -> amax). Returns the placement summary (see :func:`placement_summary`).
 
@@ -121,6 +122,12 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     given, every such node with a quantized weight gets its bias corrected by the mean error
     its weight quantization causes (:mod:`calibration.ptq`); the summary's
     ``bias_corrected`` lists them.
+
+    ``weight_moments``: ``{node: E[x x^T]}`` of the nodes' input patches
+    (:func:`calibration.rounding.second_moments` of :func:`weight_rounding_inputs`); given,
+    those nodes' weights are rounded by GPTQ instead of to nearest (same scales), before bias
+    correction measures what error is left; the summary's ``weight_rounding`` says how many
+    weights and elements it changed.
 
     Every activation the placement quantizes must have a range; missing ones raise
     CalibrationError naming them (calibrate with scope "all").
@@ -133,9 +140,16 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     index = GraphIndex.build(model)
     plan = plan_placement(model, rules=placement, op_types=op_types, exclude_nodes=exclude_nodes, index=index)
     scales, groups = _scales(plan, amax, onnx_path, op_types)
-    corrections = {} if bias_means is None else bias_corrections(model, plan.weights, bias_means, per_channel)
+    rounded = None
+    if weight_moments is not None:
+        from calibration.rounding import round_weights
+
+        rounded = round_weights(model, plan.weights, weight_moments, per_channel)
+    corrections = {} if bias_means is None else bias_corrections(model, plan.weights, bias_means, per_channel,
+                                                                 rounded=rounded)
+    changed = _changed_elements(model, rounded) if rounded else 0
     counts = insert_qdq(model, plan.edges, scales, plan.weights, per_channel=per_channel,
-                        dedicated_pairs=dedicated_pairs)
+                        dedicated_pairs=dedicated_pairs, rounded=rounded)
     if corrections:
         apply_bias_corrections(model, corrections)
         drop_unused_initializers(model)
@@ -143,10 +157,34 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     save_model(model, out_path)
     summary = placement_summary(plan, index, scales, groups, op_types=op_types, per_channel=per_channel)
     summary.update(q_nodes=counts.q_nodes, dq_nodes=counts.dq_nodes, renamed_nodes=renamed)
+    if weight_moments is not None:
+        summary["weight_rounding"] = {"method": "gptq", "weights": len(rounded or {}), "elements_changed": changed}
     if bias_means is not None:
         summary["bias_corrected"] = {n: round(float(np.abs(c).max()), 8) if c.size else 0.0
                                      for n, c in corrections.items()}
     return summary
+
+
+def _changed_elements(model: Any, rounded: Mapping[tuple[str, Optional[int]], np.ndarray]) -> int:
+    """How many weight elements ``rounded`` sets to another ``q`` than round-to-nearest."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    return sum(int((quantize_weight(numpy_helper.to_array(inits[w]), axis)[0] != q).sum())
+               for (w, axis), q in rounded.items())
+
+
+def weight_rounding_inputs(onnx_path: Union[str, Path], placement: str = "tensorrt",
+                           op_types: Sequence[str] = QUANTIZABLE_OP_TYPES) -> tuple[Any, dict[str, str]]:
+    """The loaded model and ``{node: its activation input}`` of the weights the Q/DQ plan
+    quantizes that GPTQ rounds (:func:`calibration.rounding.roundable`); what
+    :func:`calibration.rounding.second_moments` needs."""
+    from calibration.rounding import roundable
+
+    model = _load(Path(onnx_path))
+    name_nodes(model)
+    plan = plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
+    return model, roundable(model, plan.weights)
 
 
 def bias_correction_inputs(onnx_path: Union[str, Path]) -> dict[str, str]:

@@ -78,10 +78,13 @@ class _Names:
 
 def insert_qdq(model: Any, edges: Mapping[str, Sequence[tuple[str, int]]], scales: Mapping[str, np.floating],
                weights: Sequence[tuple[str, int, str, Optional[int]]], *, per_channel: bool = True,
-               dedicated_pairs: bool = False) -> InsertCounts:
+               dedicated_pairs: bool = False,
+               rounded: Optional[Mapping[tuple[str, Optional[int]], np.ndarray]] = None) -> InsertCounts:
     """Insert the Q/DQ pairs of ``edges`` (tensor -> ``[(node name, input index)]``) with
     ``scales`` (tensor -> float32 scale) and quantize ``weights`` (``(node, input index,
-    initializer, axis)``), in place. The graph stays topologically sorted."""
+    initializer, axis)``), in place. The graph stays topologically sorted. ``rounded``:
+    ``{(initializer, axis): q}`` to write instead of round-to-nearest's ``q`` (same scale;
+    :mod:`calibration.rounding`)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -122,6 +125,8 @@ def insert_qdq(model: Any, edges: Mapping[str, Sequence[tuple[str, int]]], scale
                 q, scale = quantize_weight(numpy_helper.to_array(initializer_arrays[weight]), axis)
             except ValueError as e:
                 raise CalibrationError(f"weight {weight!r} of node {node_name!r}: {e}; fix the checkpoint") from None
+            if rounded is not None and key in rounded:
+                q = np.asarray(rounded[key], dtype=np.int8).reshape(q.shape)
             q_name, scale_name = names.fresh(f"{weight}_quantized"), names.fresh(f"{weight}_scale")
             zp_name, dq_out = names.fresh(f"{weight}_zero_point"), names.fresh(f"{weight}_DequantizeLinear_Output")
             inits += [numpy_helper.from_array(q, q_name), numpy_helper.from_array(scale, scale_name),
