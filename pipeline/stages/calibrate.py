@@ -21,6 +21,10 @@ samples (prepare's ``calib.npz``: one array per model input, already preprocesse
    batches averages the input of every Conv/Gemm/MatMul; the Q/DQ ONNX's biases absorb the
    mean error weight quantization causes (:mod:`calibration.ptq`). The cache is unchanged
    by it (TensorRT quantizes the weights of an implicit engine itself).
+5. ``calibration.weight_rounding: gptq`` (default ``nearest``): one more FP32 forward
+   gathers each quantized Conv/Gemm/MatMul's input second moments, and the Q/DQ ONNX's
+   weights are rounded by GPTQ (:mod:`calibration.rounding`) on the same scales; bias
+   correction then measures the error that is left. The cache is unchanged by it.
 
 Outputs (``out_dir``, replaced atomically as a whole):
 
@@ -52,7 +56,7 @@ from calibration.collect import collect_histograms
 from calibration.errors import CalibrationError
 from calibration.onnx_io import consumers
 from calibration.ptq import clip_amax_bounds, input_means
-from calibration.qdq import bias_correction_inputs, quantize_qdq
+from calibration.qdq import bias_correction_inputs, quantize_qdq, weight_rounding_inputs
 from calibration.rules import get_rules, ranges_under
 
 from ..backends.trt_forward import resolve_forward
@@ -188,6 +192,14 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
         means = input_means(load_model(model_path), calibration_batches(samples.x, indices, c.batch_size, str(calib_data)),
                             bias_correction_inputs(model_path), threads=threads)
     t_means = time.perf_counter()
+    moments = None
+    if c.weight_rounding == "gptq":
+        from calibration.rounding import second_moments
+
+        rounding_model, rounding_nodes = weight_rounding_inputs(model_path)
+        moments = second_moments(rounding_model, calibration_batches(samples.x, indices, c.batch_size, str(calib_data)),
+                                 rounding_nodes, threads=threads)
+    t_moments = time.perf_counter()
     excluded = dict(collector.excluded)
     if not collector.histograms:
         raise CalibrationError(f"{onnx_path}: every floating-point tensor was excluded from calibration "
@@ -209,7 +221,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
     settings = {"method": c.method, **rules.describe(), "percentile": c.percentile if c.method == "percentile" else None,
                 "num_bins": c.num_bins, "batch_size": c.batch_size, "seed": c.seed, "exclude": list(c.exclude),
                 "sentinel_abs": c.sentinel_abs, "clip_aware": c.clip_aware, "bias_correction": c.bias_correction,
-                "smooth_quant": c.smooth_quant}
+                "weight_rounding": c.weight_rounding, "smooth_quant": c.smooth_quant}
     n_check = min(CHECK_SAMPLES, c.batch_size)
     first = {k: np.ascontiguousarray(v[indices[:n_check]]) for k, v in samples.x.items()}
     reference = {n: v[:n_check] for n, v in collector.first_outputs.items()}
@@ -223,7 +235,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
                                                      tensors=maxima))
         t_qdq = time.perf_counter()
         qdq = quantize_qdq(model_path, tmp / QDQ_FILE, amax, exclude_nodes=consumers(model_path, excluded),
-                           bias_means=means)
+                           bias_means=means, weight_moments=moments)
         check = _qdq_check(tmp / QDQ_FILE, first, reference)
         t_end = time.perf_counter()
         report = CalibrateReport(
@@ -238,6 +250,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
                    f"TensorRT has no {c.method} calibrator: {c.method} scales are written under "
                    "EntropyCalibration2 so that IInt8EntropyCalibrator2 reads and uses them as they are"},
             qdq={"file": QDQ_FILE, **{k: v for k, v in qdq.items() if k not in ("activations", "bias_corrected")},
+                 "weight_rounding": qdq.get("weight_rounding", {"method": "nearest"}),
                  "bias_corrected_nodes": None if means is None else len(qdq.get("bias_corrected", {})),
                  "activations": len(qdq["activations"]), "check_first_samples": check,
                  **({} if smoothing is None else {"smooth_quant": smoothing})},
@@ -255,6 +268,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
                 "collect": round(t_search - t_collect, 3),
                 "search": round(t_write - t_search, 3),
                 "bias_correction": round(t_means - t_write, 3),
+                "weight_rounding": round(t_moments - t_means, 3),
                 "qdq": round(t_end - t_qdq, 3),
             },
             search_ms_per_tensor={"mean": round(float(np.mean(search_ms)), 3),
