@@ -41,6 +41,8 @@ MAX_POSITIONS = 64
 #: GPTQ's damping: this fraction of ``H``'s mean diagonal added to its diagonal.
 DAMP = 0.01
 INT8_MAX = 127
+#: Columns rounded one by one before the rest of the row is updated with one matrix product.
+BLOCK = 128
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -160,17 +162,30 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = DAM
     hb = hb[:, order][:, :, order]
     w = w[:, order]
     upper = np.linalg.cholesky(np.linalg.inv(hb)).transpose(0, 2, 1)  # H^-1 = U^T U
-    if upper.shape[0] == 1:
-        upper = np.broadcast_to(upper, (rows, dim, dim))
+    shared = upper.shape[0] == 1
+    if shared:
+        upper_rows = np.broadcast_to(upper, (rows, dim, dim))
+    else:
+        upper_rows = upper
     fixed = np.abs(w) >= INT8_MAX * s[:, None] * (1 - 1e-6)
     kept = w[fixed]
     q = np.zeros((rows, dim))
-    for i in range(dim):
-        qi = np.clip(np.rint(w[:, i] / s), -INT8_MAX, INT8_MAX)
-        q[:, i] = qi
-        err = (w[:, i] - qi * s) / upper[:, i, i]
-        w[:, i:] -= err[:, None] * upper[:, i, i:]
-        w[fixed] = kept
+    for b0 in range(0, dim, BLOCK):  # GPTQ's lazy batch updates: a block column by column, then the rest at once
+        b1 = min(b0 + BLOCK, dim)
+        errs = np.zeros((rows, b1 - b0))
+        for i in range(b0, b1):
+            qi = np.clip(np.rint(w[:, i] / s), -INT8_MAX, INT8_MAX)
+            q[:, i] = qi
+            err = (w[:, i] - qi * s) / upper_rows[:, i, i]
+            w[:, i:b1] -= err[:, None] * upper_rows[:, i, i:b1]
+            errs[:, i - b0] = err
+            w[fixed] = kept
+        if b1 < dim:
+            if shared:
+                w[:, b1:] -= errs @ upper[0, b0:b1, b1:]
+            else:
+                w[:, b1:] -= np.einsum("rb,rbc->rc", errs, upper[:, b0:b1, b1:])
+            w[fixed] = kept
     out = np.empty_like(q)
     out[:, order] = q
     return out.astype(np.int8)

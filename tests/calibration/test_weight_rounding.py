@@ -219,3 +219,21 @@ def test_calibrate_stage_weight_rounding_gptq_on_digits(tmp_path_factory, tmp_pa
     err = {k: float(np.mean((make_session(o / "model.qdq.onnx").run(None, {name: x})[0] - ref) ** 2))
            for k, (o, _) in outs.items()}
     assert err["gptq"] < err["nearest"], err
+
+
+def test_lazy_block_updates_round_as_the_column_by_column_update_does(monkeypatch):
+    from calibration import rounding
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1, (3000, 300)) @ rng.normal(0, 1, (300, 300)) * 0.1  # correlated inputs, D = 300
+    h = (x.T @ x / len(x))[None]
+    w = rng.normal(0, 1, (40, 300))
+    s = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+    got = {}
+    for block in (7, 128, 10**6):  # 10**6: one block, every column updates the rest of its row itself
+        monkeypatch.setattr(rounding, "BLOCK", block)
+        got[block] = gptq_rows(w, h, s)
+    for block in (7, 128):
+        same = np.mean(got[block] == got[10**6])
+        assert same > 0.999 and np.abs(got[block].astype(int) - got[10**6]).max() <= 1, (block, same)
+    assert np.mean(got[10**6] != np.rint(w / s[:, None])) > 0.05  # and it is not round-to-nearest
