@@ -221,7 +221,10 @@ def bias_corrections(model: Any, weights: Sequence[tuple[str, int, str, Optional
             continue
         node = nodes[node_name]
         w = numpy_helper.to_array(inits[weight]).astype(np.float32)
-        q, scale = quantize_weight(w, axis if per_channel else None)
+        try:
+            q, scale = quantize_weight(w, axis if per_channel else None)
+        except ValueError:
+            continue  # NaN/Inf in the weight: insert_qdq names it in one line
         if rounded is not None and (weight, axis if per_channel else None) in rounded:
             q = rounded[(weight, axis if per_channel else None)]
         shape = [1] * w.ndim

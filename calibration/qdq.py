@@ -158,7 +158,10 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     summary = placement_summary(plan, index, scales, groups, op_types=op_types, per_channel=per_channel)
     summary.update(q_nodes=counts.q_nodes, dq_nodes=counts.dq_nodes, renamed_nodes=renamed)
     if weight_moments is not None:
-        summary["weight_rounding"] = {"method": "gptq", "weights": len(rounded or {}), "elements_changed": changed}
+        summary["weight_rounding"] = {"method": "gptq", "weights": len(rounded or {}),
+                                      "left_to_nearest": len({(w, a if per_channel else None) for _, _, w, a in plan.weights}
+                                                             - set(rounded or {})),
+                                      "elements_changed": changed}
     if bias_means is not None:
         summary["bias_corrected"] = {n: round(float(np.abs(c).max()), 8) if c.size else 0.0
                                      for n, c in corrections.items()}

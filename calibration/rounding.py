@@ -43,6 +43,8 @@ DAMP = 0.01
 INT8_MAX = 127
 #: Columns rounded one by one before the rest of the row is updated with one matrix product.
 BLOCK = 128
+#: The widest row GPTQ rounds (its H is D x D float64: 8192 -> 512 MiB); wider ones keep nearest.
+MAX_DIM = 8192
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -69,6 +71,11 @@ def roundable(model: Any, weights: Sequence[tuple[str, int, str, Optional[int]]]
             continue
         if node.op_type == "MatMul" and len(inits[weight].dims) != 2:
             continue
+        dims = list(inits[weight].dims)
+        row = math.prod(dims[1:]) if node.op_type == "Conv" else (
+            dims[1] if node.op_type == "Gemm" and a.get("transB", 0) else dims[0])
+        if row > MAX_DIM:
+            continue  # too wide a row for a D x D matrix: round to nearest
         out[node_name] = node.input[0]
     return out
 
@@ -170,6 +177,8 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = DAM
     fixed = np.abs(w) >= INT8_MAX * s[:, None] * (1 - 1e-6)
     kept = w[fixed]
     q = np.zeros((rows, dim))
+    if not (np.all(np.isfinite(upper)) and np.all(np.isfinite(w))):
+        raise np.linalg.LinAlgError("H is not positive definite to float64 precision")
     for b0 in range(0, dim, BLOCK):  # GPTQ's lazy batch updates: a block column by column, then the rest at once
         b1 = min(b0 + BLOCK, dim)
         errs = np.zeros((rows, b1 - b0))
@@ -186,6 +195,8 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = DAM
             else:
                 w[:, b1:] -= np.einsum("rb,rbc->rc", errs, upper[:, b0:b1, b1:])
             w[fixed] = kept
+    if not np.all(np.isfinite(q)):
+        raise np.linalg.LinAlgError("the rounding left the grid")
     out = np.empty_like(q)
     out[:, order] = q
     return out.astype(np.int8)
@@ -230,14 +241,22 @@ def round_weights(model: Any, weights: Sequence[tuple[str, int, str, Optional[in
     out: dict[tuple[str, Optional[int]], np.ndarray] = {}
     for (weight, axis), (node, h) in summed.items():
         w = numpy_helper.to_array(inits[weight]).astype(np.float32)
-        q_near, scale = quantize_weight(w, axis)
+        try:
+            q_near, scale = quantize_weight(w, axis)
+        except ValueError:
+            continue  # NaN/Inf in the weight: quantize_qdq names it in one line
+        if not np.all(np.isfinite(h)):
+            continue
         rows, back = _rows(w, node, axis)
         if node.op_type == "Conv" and h.shape[0] > 1:
             h = np.repeat(h, rows.shape[0] // h.shape[0], axis=0)  # a group's rows share its H
         if h.shape[-1] != rows.shape[1]:
             continue
         s = np.broadcast_to(np.asarray(scale, dtype=np.float32), (rows.shape[0],)) if scale.ndim == 0 else scale
-        q = back(gptq_rows(rows, h, s, damp))
+        try:
+            q = back(gptq_rows(rows, h, s, damp))
+        except np.linalg.LinAlgError:
+            continue  # H too ill-conditioned to invert: this weight keeps round-to-nearest
         assert q.shape == q_near.shape
         out[(weight, axis)] = q
     return out

@@ -237,3 +237,41 @@ def test_lazy_block_updates_round_as_the_column_by_column_update_does(monkeypatc
         same = np.mean(got[block] == got[10**6])
         assert same > 0.999 and np.abs(got[block].astype(int) - got[10**6]).max() <= 1, (block, same)
     assert np.mean(got[10**6] != np.rint(w / s[:, None])) > 0.05  # and it is not round-to-nearest
+
+
+def test_bad_weights_and_too_wide_rows_give_one_line_errors_or_nearest(small, tmp_path, monkeypatch):
+    import onnx
+
+    from calibration import rounding
+    from calibration.errors import CalibrationError
+    from calibration.ptq import input_means
+    from calibration.qdq import bias_correction_inputs
+
+    path, x = small
+    model, nodes = weight_rounding_inputs(path)
+    batches = lambda: ({"x": x[i:i + 8]} for i in range(0, 24, 8))  # noqa: E731
+    moments = second_moments(model, batches(), nodes)
+    means = input_means(onnx.load(str(path)), batches(), bias_correction_inputs(path))
+    amax = {t: 4.0 for t in ("x", "r", "f", "g", "a", "b", "p")}
+    # a NaN in a weight: the one-line error that names it, with GPTQ and with bias correction alike
+    bad = onnx.load(str(path))
+    for init in bad.graph.initializer:
+        if init.name == "wb":
+            w = numpy_helper.to_array(init).copy()
+            w[0, 0, 0, 0] = np.nan
+            init.CopyFrom(numpy_helper.from_array(w, "wb"))
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    for kwargs in ({"weight_moments": moments}, {"bias_means": means}, {"weight_moments": moments, "bias_means": means}):
+        with pytest.raises(CalibrationError, match="'wb'.*NaN or Inf"):
+            quantize_qdq(tmp_path / "bad.onnx", tmp_path / "q.onnx", amax, **kwargs)
+    assert not (tmp_path / "q.onnx").exists()
+    # rows wider than MAX_DIM keep round-to-nearest, and the summary counts them
+    monkeypatch.setattr(rounding, "MAX_DIM", 20)  # conv_a's rows are 27 wide
+    _, narrow = weight_rounding_inputs(path)
+    assert set(narrow) == {"conv_dw", "gemm", "matmul"}
+    summary = quantize_qdq(path, tmp_path / "q.onnx", amax, weight_moments=second_moments(model, batches(), narrow))
+    assert summary["weight_rounding"]["weights"] == 3 and summary["weight_rounding"]["left_to_nearest"] == 1
+    wa = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "q.onnx")).graph.initializer}["wa_quantized"]
+    near, _ = quantize_weight(numpy_helper.to_array(next(i for i in onnx.load(str(path)).graph.initializer
+                                                         if i.name == "wa")), 0)
+    assert np.array_equal(wa, near)
