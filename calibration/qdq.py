@@ -113,7 +113,8 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
                  op_types: Sequence[str] = QUANTIZABLE_OP_TYPES, per_channel: bool = True,
                  dedicated_pairs: bool = False,
                  bias_means: Optional[Mapping[str, np.ndarray]] = None,
-                 weight_moments: Optional[Mapping[str, np.ndarray]] = None) -> dict[str, Any]:
+                 weight_moments: Optional[Mapping[str, np.ndarray]] = None,
+                 rounded: Optional[Mapping[tuple[str, Optional[int]], np.ndarray]] = None) -> dict[str, Any]:
     """Write the Q/DQ model of ``onnx_path`` to ``out_path`` with activation ranges ``amax``
     (tensor name -> amax). Returns the placement summary (see :func:`placement_summary`).
 
@@ -140,11 +141,13 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     index = GraphIndex.build(model)
     plan = plan_placement(model, rules=placement, op_types=op_types, exclude_nodes=exclude_nodes, index=index)
     scales, groups = _scales(plan, amax, onnx_path, op_types)
-    rounded = None
     if weight_moments is not None:
         from calibration.rounding import round_weights
 
         rounded = round_weights(model, plan.weights, weight_moments, per_channel)
+    planned = {(w, a if per_channel else None) for _, _, w, a in plan.weights}
+    if rounded is not None:
+        rounded = {k: v for k, v in rounded.items() if k in planned}
     corrections = {} if bias_means is None else bias_corrections(model, plan.weights, bias_means, per_channel,
                                                                  rounded=rounded)
     changed = _changed_elements(model, rounded) if rounded else 0
@@ -157,11 +160,9 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     save_model(model, out_path)
     summary = placement_summary(plan, index, scales, groups, op_types=op_types, per_channel=per_channel)
     summary.update(q_nodes=counts.q_nodes, dq_nodes=counts.dq_nodes, renamed_nodes=renamed)
-    if weight_moments is not None:
-        summary["weight_rounding"] = {"method": "gptq", "weights": len(rounded or {}),
-                                      "left_to_nearest": len({(w, a if per_channel else None) for _, _, w, a in plan.weights}
-                                                             - set(rounded or {})),
-                                      "elements_changed": changed}
+    if rounded is not None:
+        summary["weight_rounding"] = {"method": "gptq", "weights": len(rounded),
+                                      "left_to_nearest": len(planned - set(rounded)), "elements_changed": changed}
     if bias_means is not None:
         summary["bias_corrected"] = {n: round(float(np.abs(c).max()), 8) if c.size else 0.0
                                      for n, c in corrections.items()}
@@ -175,6 +176,20 @@ def _changed_elements(model: Any, rounded: Mapping[tuple[str, Optional[int]], np
     inits = {i.name: i for i in model.graph.initializer}
     return sum(int((quantize_weight(numpy_helper.to_array(inits[w]), axis)[0] != q).sum())
                for (w, axis), q in rounded.items())
+
+
+def gptq_weights(onnx_path: Union[str, Path], moments: Mapping[str, np.ndarray], placement: str = "tensorrt",
+                 op_types: Sequence[str] = QUANTIZABLE_OP_TYPES,
+                 per_channel: bool = True) -> dict[tuple[str, Optional[int]], np.ndarray]:
+    """GPTQ's ``{(initializer, axis): q}`` for every weight the full placement quantizes
+    (:func:`calibration.rounding.round_weights`); what :func:`quantize_qdq`'s ``rounded``
+    takes, for this model with any nodes excluded."""
+    from calibration.rounding import round_weights
+
+    model = _load(Path(onnx_path))
+    name_nodes(model)
+    plan = plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
+    return round_weights(model, plan.weights, moments, per_channel)
 
 
 def weight_rounding_inputs(onnx_path: Union[str, Path], placement: str = "tensorrt",

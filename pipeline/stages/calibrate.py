@@ -36,6 +36,8 @@ Outputs (``out_dir``, replaced atomically as a whole):
   percentile (TensorRT has no percentile calibrator; written under EntropyCalibration2
   its scales are used as they are), ``MinMaxCalibration`` for minmax.
 * ``model.qdq.onnx``: the Q/DQ model (:mod:`calibration.qdq`).
+* ``ptq.npz`` (with bias correction or GPTQ on, SmoothQuant off): the rounded weights and the
+  input means (:mod:`calibration.ptq_file`), so that tune's candidates carry them.
 * ``calibrate.json`` (a CalibrateReport): settings, samples, batches and their shapes,
   seconds by phase, peak RSS, the excluded tensors, a Q/DQ-vs-FP32 check on the first
   samples, and the sha256 of every input and output.
@@ -56,7 +58,8 @@ from calibration.collect import collect_histograms
 from calibration.errors import CalibrationError
 from calibration.onnx_io import consumers
 from calibration.ptq import clip_amax_bounds, input_means
-from calibration.qdq import bias_correction_inputs, quantize_qdq, weight_rounding_inputs
+from calibration.ptq_file import PTQ_FILE, save_ptq
+from calibration.qdq import bias_correction_inputs, gptq_weights, quantize_qdq, weight_rounding_inputs
 from calibration.rules import get_rules, ranges_under
 
 from ..backends.trt_forward import resolve_forward
@@ -234,8 +237,14 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
         write_report(tmp / MAXIMA_FILE, TensorMaxima(onnx_sha256=sha256_of(onnx_path), samples=collector.stats.samples,
                                                      tensors=maxima))
         t_qdq = time.perf_counter()
+        rounded = gptq_weights(model_path, moments) if moments is not None else None
         qdq = quantize_qdq(model_path, tmp / QDQ_FILE, amax, exclude_nodes=consumers(model_path, excluded),
-                           bias_means=means, weight_moments=moments)
+                           bias_means=means, rounded=rounded)
+        # tune writes its candidates from the exported ONNX: it can carry the weight-side PTQ of
+        # that model (not of a smoothed copy, whose weights and inputs are other tensors)
+        ptq_file = PTQ_FILE if (means is not None or rounded is not None) and smoothing is None else None
+        if ptq_file:
+            save_ptq(tmp / ptq_file, rounded, means)
         check = _qdq_check(tmp / QDQ_FILE, first, reference)
         t_end = time.perf_counter()
         report = CalibrateReport(
@@ -250,7 +259,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
                    f"TensorRT has no {c.method} calibrator: {c.method} scales are written under "
                    "EntropyCalibration2 so that IInt8EntropyCalibrator2 reads and uses them as they are"},
             qdq={"file": QDQ_FILE, **{k: v for k, v in qdq.items() if k not in ("activations", "bias_corrected")},
-                 "weight_rounding": qdq.get("weight_rounding", {"method": "nearest"}),
+                 "weight_rounding": qdq.get("weight_rounding", {"method": "nearest"}), "ptq_file": ptq_file,
                  "bias_corrected_nodes": None if means is None else len(qdq.get("bias_corrected", {})),
                  "activations": len(qdq["activations"]), "check_first_samples": check,
                  **({} if smoothing is None else {"smooth_quant": smoothing})},
@@ -277,7 +286,8 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
             peak_rss_mb=peak_rss_mb(),
             software=_versions(),
             sha256={"onnx": sha256_of(onnx_path), "calib_data": sha256_of(calib_data),
-                    **{name: sha256_model(tmp / name) for name in OUTPUTS}},
+                    **{name: sha256_model(tmp / name) for name in OUTPUTS},
+                    **({ptq_file: sha256_of(tmp / ptq_file)} if ptq_file else {})},
         )
         write_report(tmp / CALIBRATE_REPORT, report)
     return report

@@ -157,6 +157,27 @@ def _sample_sets(cfg: Config, onnx_path: Path, samples: Any, reference: Path, se
     return budget, {"full": full, "search": search, "sensitivity": sensitivity}
 
 
+def _carried_ptq(cal: Any, calib_dir: Path) -> Any:
+    """Calibrate's weight-side PTQ (GPTQ's rounded weights, bias correction's means) that every
+    candidate and the result carry, read from its ``ptq.npz``."""
+    from calibration.ptq_file import load_ptq
+
+    from ..tuning.methods import WeightPTQ
+
+    settings = cal.settings or {}
+    if not (settings.get("bias_correction") or settings.get("weight_rounding") == "gptq"):
+        return WeightPTQ()
+    name = (cal.qdq or {}).get("ptq_file")
+    if not name:
+        return WeightPTQ(note="calibrate smoothed the model (calibration.smooth_quant): its bias correction and "
+                              "weight rounding are of the smoothed copy, which tune's candidates are not; they "
+                              "round to nearest, uncorrected")
+    if not (Path(calib_dir) / name).is_file():
+        raise ConfigError(f"{Path(calib_dir) / name}: calibrate's report names it but it is missing; re-run calibrate")
+    rounded, means = load_ptq(Path(calib_dir) / name)
+    return WeightPTQ(rounded=rounded, means=means)
+
+
 def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir: Path, *,
          calib_data: Optional[Path] = None, progress: bool = True, threads: Optional[int] = None,
          backend: str = "onnxruntime") -> TuneReport:
@@ -185,25 +206,27 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{calib_dir / 'ranges.json'}: not the calibrate stage's ranges ({e}); re-run calibrate") from None
 
+    ptq = _carried_ptq(cal, calib_dir)
     search_idx, sens_idx = _split(n, t.search_samples, t.sensitivity_samples, t.seed)
     forced = _forced_float(onnx_path, dict(cal.excluded), list(t.op_types))
 
     with staging_dir(out_dir) as tmp, scratch_dir(out_dir) as scratch:
         budget, sets = _sample_sets(cfg, onnx_path, samples, scratch / "fp32.npz", search_idx, sens_idx, threads)
-        placement = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=sorted(forced))
+        placement = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=sorted(forced), rounded=ptq.rounded,
+                                 bias_means=ptq.means)
         layers = find_layers(onnx_path, placement, list(t.op_types), {k: v[:1] for k, v in samples.x.items()}, forced)
         always = [layer.name for layer in layers if layer.forced_float]
         alternatives = {}
         if "minmax" in t.calibration_methods and cal.method != "minmax" and t.strategy == "sensitivity":
             alternatives = minmax_alternatives(placement, ranges["tensors"], [x.name for x in layers if not x.forced_float])
         sim = OrtCandidates(onnx_path, amax, layers, t.keep_precision, always, cfg.evaluate.batch_size, threads,
-                            alternatives)
+                            alternatives, ptq)
         runner: Any = sim
         if backend == "tensorrt":
             from ..tuning.trt_candidates import TrtCandidates
 
             runner = TrtCandidates(cfg, onnx_path, calib_dir, layers, t.keep_precision, calib_data, always, progress,
-                                   alternatives, amax=amax)
+                                   alternatives, amax=amax, ptq=ptq)
         sqnr_output = budget.output
         tuner = Tuner(layers, budget, runner, sets, t.max_candidates, t.max_seconds, sqnr_output, progress,
                       set(alternatives), t.objective)
@@ -240,12 +263,14 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
         minmax = list(chosen["minmax"])
         final_amax = tuned_amax(amax, alternatives, minmax)
         changed = overrides(amax, alternatives, minmax)
-        summary = quantize_qdq(onnx_path, tmp / QDQ_FILE, final_amax, exclude_nodes=sorted(kept_names))
+        summary = quantize_qdq(onnx_path, tmp / QDQ_FILE, final_amax, exclude_nodes=sorted(kept_names),
+                               rounded=ptq.rounded, bias_means=ptq.means)
         write_json(tmp / "layer_precisions.json", pins)
         if (calib_dir / CACHE_FILE).is_file():  # calibrate's cache with the tuned ranges (implicit route)
             write_tuned_cache(calib_dir / CACHE_FILE, tmp / CACHE_FILE,
                               {k: v["amax"] for k, v in changed.items()})
         methods = {"layers": {name: "minmax" for name in minmax}, "tensors": changed, "tried": sorted(alternatives),
+                   "weights": ptq.describe(),
                    "why": {name: (f"alone in INT8 the output SQNR is {rank[name]['int8_alone_sqnr_db']:.2f} dB with "
                                   f"the calibrated ranges, {rank[name]['int8_alone_minmax_sqnr_db']:.2f} dB with max|x|")
                            for name in minmax if name in rank and rank[name].get("int8_alone_minmax_sqnr_db") is not None}}

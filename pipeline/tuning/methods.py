@@ -19,8 +19,9 @@ of build@int8 then reads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 
 def minmax_alternatives(placement: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]],
@@ -50,17 +51,37 @@ def tuned_amax(base: Mapping[str, float], alternatives: Mapping[str, Mapping[str
     return amax
 
 
+@dataclass(frozen=True)
+class WeightPTQ:
+    """What calibrate did to the weights that a Q/DQ model written later must repeat:
+    GPTQ's rounded weights (None: round to nearest) and bias correction's input means (None:
+    no correction); `note` says why it is not carried when it cannot be."""
+
+    rounded: Optional[Mapping[tuple[str, Optional[int]], Any]] = None
+    means: Optional[Mapping[str, Any]] = None
+    note: Optional[str] = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"weight_rounding": "nearest" if self.rounded is None else "gptq",
+                "bias_correction": self.means is not None, "note": self.note}
+
+
 def write_candidate_qdq(onnx_path: Path, path: Path, amax: Mapping[str, float],
                         alternatives: Mapping[str, Mapping[str, float]], kept: Iterable[str],
-                        always_float: Iterable[str] = (), minmax: Iterable[str] = ()) -> dict[str, Any]:
+                        always_float: Iterable[str] = (), minmax: Iterable[str] = (),
+                        ptq: Optional[WeightPTQ] = None) -> dict[str, Any]:
     """A candidate's Q/DQ ONNX at `path`: the calibrate stage's ranges (the inputs of the
-    `minmax` layers at max|x|), the kept and always-float layers left float; returns
-    quantize_qdq's placement summary. The model every route of a candidate runs: onnxruntime's
-    simulation, and TensorRT's explicit (typed) build."""
+    `minmax` layers at max|x|), the kept and always-float layers left float, and calibrate's
+    weight-side PTQ (`ptq`: GPTQ's rounded weights, bias correction's means) on the layers it
+    quantizes; returns quantize_qdq's placement summary. The model every route of a candidate
+    runs: onnxruntime's simulation, and TensorRT's explicit (typed) build."""
     from calibration.qdq import quantize_qdq
 
+    ptq = ptq or WeightPTQ()
     return quantize_qdq(Path(onnx_path), Path(path), tuned_amax(amax, alternatives, minmax),
-                        exclude_nodes=sorted(set(kept) | set(always_float)))
+                        exclude_nodes=sorted(set(kept) | set(always_float)), rounded=ptq.rounded,
+                        bias_means=ptq.means)
+
 
 
 def overrides(base: Mapping[str, float], alternatives: Mapping[str, Mapping[str, float]],

@@ -25,8 +25,9 @@ class OrtCandidates:
 
     def __init__(self, onnx_path: Path, amax: Mapping[str, float], layers: list[Layer], keep_precision: str,
                  always_float: Iterable[str] = (), batch_size: int = 64, threads: Optional[int] = None,
-                 alternatives: Optional[Mapping[str, Mapping[str, float]]] = None) -> None:
+                 alternatives: Optional[Mapping[str, Mapping[str, float]]] = None, ptq: Any = None) -> None:
         self.onnx_path = Path(onnx_path)
+        self.ptq = ptq  # calibrate's weight-side PTQ (methods.WeightPTQ) carried into every candidate
         self.amax = dict(amax)
         self.alternatives = dict(alternatives or {})  # layer -> {input tensor: max|x|} (pipeline.tuning.methods)
         self.layers = layers
@@ -47,7 +48,8 @@ class OrtCandidates:
         max|x|); returns quantize_qdq's placement summary."""
         from .methods import write_candidate_qdq
 
-        return write_candidate_qdq(self.onnx_path, path, self.amax, self.alternatives, kept, self.always_float, minmax)
+        return write_candidate_qdq(self.onnx_path, path, self.amax, self.alternatives, kept, self.always_float, minmax,
+                                   self.ptq)
 
     def _session_for(self, kept: frozenset[str], minmax: frozenset[str]) -> Any:
         from ..onnx_utils import ort_session

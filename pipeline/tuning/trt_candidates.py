@@ -47,8 +47,9 @@ class TrtCandidates:
     def __init__(self, cfg: Config, onnx_path: Path, calib_dir: Path, layers: list[Layer], keep_precision: str,
                  calib_data: Optional[Path] = None, always_float: Iterable[str] = (), progress: bool = True,
                  alternatives: Optional[Mapping[str, Mapping[str, float]]] = None,
-                 amax: Optional[Mapping[str, float]] = None) -> None:
+                 amax: Optional[Mapping[str, float]] = None, ptq: Any = None) -> None:
         self.cfg = cfg
+        self.ptq = ptq  # calibrate's weight-side PTQ (methods.WeightPTQ): explicit-route candidates carry it
         self.onnx_path = Path(onnx_path)
         self.calib_dir = Path(calib_dir)
         self.calib_data = Path(calib_data) if calib_data else None
@@ -93,7 +94,7 @@ class TrtCandidates:
             d = Path(self._tmp.name) / "candidate-qdq"
             d.mkdir(exist_ok=True)
             write_candidate_qdq(self.onnx_path, d / QDQ_FILE, self.amax, self.alternatives, kept, self.always_float,
-                                minmax)
+                                minmax, self.ptq)
             build = self.cfg.build.model_copy(update={"int8_route": "explicit"})
             cfg = self.cfg.model_copy(update={"build": build})
             typed = self._typed_int8(cfg, d / QDQ_FILE, kept)
