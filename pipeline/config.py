@@ -286,12 +286,13 @@ class CalibrationConfig(_Strict):
     bias_correction: bool = Field(False, description="subtract from each quantized Conv/Gemm/MatMul's bias in the "
                                   "Q/DQ ONNX the mean error its weight quantization causes on the calibration "
                                   "data (one more FP32 forward; measured: bench/results/ptq_methods_cpu.json). Off by "
-                                  "default: tune's candidates and implicit engines do not carry it yet")
+                                  "default: implicit engines (FP32 ONNX + cache) cannot carry it; tune's candidates "
+                                  "do, except on the implicit route")
     weight_rounding: Literal["nearest", "gptq"] = Field(
         "nearest", description="how the Q/DQ ONNX rounds weights to INT8 (same per-channel scales either way): "
         "nearest, what TensorRT does with float weights; gptq, each row rounded one weight at a time, the rest "
         "moved to undo the error on the calibration inputs (GPTQ; one more FP32 forward). The Q/DQ ONNX "
-        "(explicit route) carries it, implicit engines and tune's candidates do not (measured: "
+        "(explicit route) and tune's candidates carry it, implicit engines do not (measured: "
         "bench/results/ptq_methods_efficientnet_lite1_cpu.json)")
     smooth_quant: bool = Field(False, description="SmoothQuant: move the activation outliers of every MatMul/Gemm "
                                "input into its weight (a Mul by 1/s before it, the weight's rows times s), one "
