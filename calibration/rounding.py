@@ -118,7 +118,8 @@ def second_moments(model: Any, batches: Iterable[Mapping[str, np.ndarray]], node
                    threads: Optional[int] = None, max_positions: int = MAX_POSITIONS) -> dict[str, np.ndarray]:
     """``{node: E[x x^T]}`` (``(groups, D, D)``, float64) of each node's input patches over the
     calibration batches; ``nodes`` is :func:`roundable`'s map. The FP32 model runs in
-    onnxruntime (exact mode) with the inputs as extra outputs."""
+    onnxruntime (exact mode) with the inputs as extra outputs. A node whose input holds NaN or
+    Inf on some batch (sentinels) gets none: its weight keeps round-to-nearest."""
     from calibration.collect import augment
     from calibration.ort_session import make_session
 
@@ -132,15 +133,18 @@ def second_moments(model: Any, batches: Iterable[Mapping[str, np.ndarray]], node
     session = make_session(augment(model, exposed), threads=threads, what="weight rounding's FP32 forward")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
+    unseen: set[str] = set()
     for batch in batches:
         values = dict(zip(exposed, session.run(exposed, dict(batch)) if exposed else []))
         values.update({t: batch[t] for t in tensors if t in batch})
         for name, tensor in nodes.items():
             node = by_name[name]
+            if name in unseen:
+                continue
             x = np.asarray(values[tensor])
-            if not np.isfinite(x).all():
-                raise CalibrationError(f"weight rounding: the input {tensor!r} of {name!r} holds NaN or Inf on the "
-                                       "calibration data; set calibration.weight_rounding: nearest")
+            if not np.isfinite(x).all():  # sentinels (masks) or an overflow: this weight keeps round-to-nearest
+                unseen.add(name)
+                continue
             p = _patches(x, node, inits[node.input[1]], max_positions)
             h = np.matmul(p, p.swapaxes(-1, -2)).sum(axis=0)  # (G, D, D)
             if name in sums and sums[name].shape != h.shape:
@@ -148,7 +152,7 @@ def second_moments(model: Any, batches: Iterable[Mapping[str, np.ndarray]], node
                                        f"batches ({sums[name].shape} then {h.shape})")
             sums[name] = sums[name] + h if name in sums else h
             counts[name] = counts.get(name, 0) + p.shape[0] * p.shape[3]
-    return {n: sums[n] / counts[n] for n in sums}
+    return {n: sums[n] / counts[n] for n in sums if n not in unseen}
 
 
 def gptq_rows(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = DAMP) -> np.ndarray:

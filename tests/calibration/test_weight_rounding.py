@@ -275,3 +275,16 @@ def test_bad_weights_and_too_wide_rows_give_one_line_errors_or_nearest(small, tm
     near, _ = quantize_weight(numpy_helper.to_array(next(i for i in onnx.load(str(path)).graph.initializer
                                                          if i.name == "wa")), 0)
     assert np.array_equal(wa, near)
+
+
+def test_an_input_with_sentinels_leaves_its_weight_to_nearest(small, tmp_path):
+    path, x = small
+    model, nodes = weight_rounding_inputs(path)
+    poisoned = x[:16].copy()
+    poisoned[3, 0, 0, 0] = -np.inf  # a sentinel in the first Conv's input, on one batch of two
+    moments = second_moments(model, iter([{"x": x[16:32]}, {"x": poisoned}]), {"conv_a": "x", "gemm": "f"})
+    assert "conv_a" not in moments
+    assert "gemm" not in moments  # the -inf reaches the pooled features as NaN/Inf too
+    summary = quantize_qdq(path, tmp_path / "q.onnx", {t: 4.0 for t in ("x", "r", "f", "g", "b")},
+                           weight_moments=moments)
+    assert summary["weight_rounding"]["weights"] == 0 and summary["weight_rounding"]["left_to_nearest"] == 4
