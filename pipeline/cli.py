@@ -108,7 +108,12 @@ def cmd_calibrate(a: argparse.Namespace) -> None:
     r = calibrate.run(_cfg(a), a.onnx, a.calib_data, _out(a.out), validation=a.validation)
     _timings(a, r)
     skipped = f", {len(r.excluded)} left in higher precision" if r.excluded else ""
-    _print(r, a.json, f"calibrate: {r.method} over {r.samples} samples, {r.tensors} tensors{skipped}; cache "
+    wr = r.qdq.get("weight_rounding") or {}
+    weights = [f"GPTQ rounding of {wr.get('weights', 0)} weights"] if wr.get("method") == "gptq" else []
+    if r.qdq.get("bias_corrected_nodes") is not None:
+        weights.append(f"bias correction of {r.qdq['bias_corrected_nodes']} nodes")
+    extra = f"; {', '.join(weights)} in the Q/DQ ONNX" if weights else ""
+    _print(r, a.json, f"calibrate: {r.method} over {r.samples} samples, {r.tensors} tensors{skipped}{extra}; cache "
            f"{r.cache['header']} -> {a.out}")
 
 

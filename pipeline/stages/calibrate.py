@@ -192,7 +192,9 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
     if c.bias_correction:
         from calibration.onnx_io import load_model
 
-        means = input_means(load_model(model_path), calibration_batches(samples.x, indices, c.batch_size, str(calib_data)),
+        means = input_means(load_model(model_path), _bar(calibration_batches(samples.x, indices, c.batch_size,
+                                                                            str(calib_data)),
+                                                         num_batches, "bias correction", progress),
                             bias_correction_inputs(model_path), threads=threads)
     t_means = time.perf_counter()
     moments = None
@@ -200,7 +202,9 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
         from calibration.rounding import second_moments
 
         rounding_model, rounding_nodes = weight_rounding_inputs(model_path)
-        moments = second_moments(rounding_model, calibration_batches(samples.x, indices, c.batch_size, str(calib_data)),
+        moments = second_moments(rounding_model, _bar(calibration_batches(samples.x, indices, c.batch_size,
+                                                                          str(calib_data)),
+                                                      num_batches, "weight rounding", progress),
                                  rounding_nodes, threads=threads)
     t_moments = time.perf_counter()
     excluded = dict(collector.excluded)
@@ -291,6 +295,15 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
         )
         write_report(tmp / CALIBRATE_REPORT, report)
     return report
+
+
+def _bar(batches: Any, total: int, what: str, progress: bool) -> Any:
+    """``batches`` with a progress bar (one more pass over the calibration data)."""
+    if not progress:
+        return batches
+    from ..log import progress_bar
+
+    return progress_bar(batches, total=total, desc=what, unit="batch")
 
 
 def _exported_only(scales: dict[str, Any], onnx_path: Path) -> dict[str, Any]:
