@@ -167,7 +167,11 @@ def _carried_ptq(cal: Any, calib_dir: Path) -> Any:
     settings = cal.settings or {}
     if not (settings.get("bias_correction") or settings.get("weight_rounding") == "gptq"):
         return WeightPTQ()
-    name = (cal.qdq or {}).get("ptq_file")
+    qdq = cal.qdq or {}
+    if "ptq_file" not in qdq:
+        return WeightPTQ(note="calibrate's output predates ptq.npz (an older trtpipe): tune's candidates round to "
+                              "nearest, uncorrected; re-run calibrate to carry its weight-side PTQ")
+    name = qdq["ptq_file"]
     if not name:
         return WeightPTQ(note="calibrate smoothed the model (calibration.smooth_quant): its bias correction and "
                               "weight rounding are of the smoothed copy, which tune's candidates are not; they "

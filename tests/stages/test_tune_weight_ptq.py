@@ -113,3 +113,21 @@ def test_a_missing_or_foreign_ptq_file_is_one_line(calibrated, tmp_path):
     with pytest.raises(CalibrationError, match="not the calibrate stage's weight PTQ file"):
         tune.tune(cfg, d / "export" / "model.onnx", calib, d / "prepare" / "eval.npz", tmp_path / "t2", progress=False)
     assert not (tmp_path / "t1").exists() and not (tmp_path / "t2").exists()
+
+
+def test_tune_says_why_it_cannot_carry_calibrates_weight_ptq(calibrated):
+    from pipeline.reports import CalibrateReport, read_report
+    from pipeline.stages.tune import _carried_ptq
+
+    _, d = calibrated
+    report = read_report(d / "calibrate" / "calibrate.json", CalibrateReport, "calibration report", "calibrate")
+    assert _carried_ptq(report, d / "calibrate").rounded is not None
+    smoothed = report.model_copy(update={"qdq": {**report.qdq, "ptq_file": None}})
+    assert "smooth_quant" in _carried_ptq(smoothed, d / "calibrate").note
+    older = report.model_copy(update={"qdq": {k: v for k, v in report.qdq.items() if k != "ptq_file"}})
+    ptq = _carried_ptq(older, d / "calibrate")
+    assert ptq.rounded is None and ptq.means is None and "re-run calibrate" in ptq.note
+    plain = report.model_copy(update={"settings": {**report.settings, "bias_correction": False,
+                                                   "weight_rounding": "nearest"}})
+    assert _carried_ptq(plain, d / "calibrate").describe() == {"weight_rounding": "nearest", "bias_correction": False,
+                                                              "note": None}
