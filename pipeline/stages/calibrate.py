@@ -206,6 +206,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
                                                                           str(calib_data)),
                                                       num_batches, "weight rounding", progress),
                                  rounding_nodes, threads=threads)
+    rounded = gptq_weights(model_path, moments) if moments is not None else None
     t_moments = time.perf_counter()
     excluded = dict(collector.excluded)
     if not collector.histograms:
@@ -241,7 +242,6 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
         write_report(tmp / MAXIMA_FILE, TensorMaxima(onnx_sha256=sha256_of(onnx_path), samples=collector.stats.samples,
                                                      tensors=maxima))
         t_qdq = time.perf_counter()
-        rounded = gptq_weights(model_path, moments) if moments is not None else None
         qdq = quantize_qdq(model_path, tmp / QDQ_FILE, amax, exclude_nodes=consumers(model_path, excluded),
                            bias_means=means, rounded=rounded)
         # tune writes its candidates from the exported ONNX: it can carry the weight-side PTQ of

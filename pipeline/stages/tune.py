@@ -178,7 +178,14 @@ def _carried_ptq(cal: Any, calib_dir: Path) -> Any:
                               "round to nearest, uncorrected")
     if not (Path(calib_dir) / name).is_file():
         raise ConfigError(f"{Path(calib_dir) / name}: calibrate's report names it but it is missing; re-run calibrate")
-    rounded, means = load_ptq(Path(calib_dir) / name)
+    from ..provenance import sha256_of
+
+    path = Path(calib_dir) / name
+    want = (cal.sha256 or {}).get(name)
+    if want and sha256_of(path) != want:
+        raise ConfigError(f"{path}: changed since calibrate wrote it (sha256 differs from calibrate.json's); "
+                          "re-run calibrate")
+    rounded, means = load_ptq(path)
     return WeightPTQ(rounded=rounded, means=means)
 
 

@@ -96,7 +96,8 @@ def test_a_candidate_keeps_its_kept_layers_float_and_uncorrected(calibrated, tmp
     assert len(summary["bias_corrected"]) == len(nodes) - 1
 
 
-def test_a_missing_or_foreign_ptq_file_is_one_line(calibrated, tmp_path):
+def test_a_missing_changed_or_foreign_ptq_file_is_one_line(calibrated, tmp_path):
+    import json
     import shutil
 
     from calibration.errors import CalibrationError
@@ -110,9 +111,15 @@ def test_a_missing_or_foreign_ptq_file_is_one_line(calibrated, tmp_path):
     with pytest.raises(ConfigError, match="ptq.npz: calibrate's report names it but it is missing; re-run calibrate"):
         tune.tune(cfg, d / "export" / "model.onnx", calib, d / "prepare" / "eval.npz", tmp_path / "t1", progress=False)
     np.savez(calib / "ptq.npz", something=np.zeros(3))
-    with pytest.raises(CalibrationError, match="not the calibrate stage's weight PTQ file"):
+    with pytest.raises(ConfigError, match="ptq.npz: changed since calibrate wrote it"):
         tune.tune(cfg, d / "export" / "model.onnx", calib, d / "prepare" / "eval.npz", tmp_path / "t2", progress=False)
-    assert not (tmp_path / "t1").exists() and not (tmp_path / "t2").exists()
+    # a file no report vouches for (sha256 taken out of calibrate.json): read, and refused if foreign
+    report = json.loads((calib / "calibrate.json").read_text())
+    del report["sha256"]["ptq.npz"]
+    (calib / "calibrate.json").write_text(json.dumps(report))
+    with pytest.raises(CalibrationError, match="not the calibrate stage's weight PTQ file"):
+        tune.tune(cfg, d / "export" / "model.onnx", calib, d / "prepare" / "eval.npz", tmp_path / "t3", progress=False)
+    assert not any((tmp_path / t).exists() for t in ("t1", "t2", "t3"))
 
 
 def test_tune_says_why_it_cannot_carry_calibrates_weight_ptq(calibrated):
