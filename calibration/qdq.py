@@ -48,7 +48,7 @@ from calibration.algorithms import amax_to_scale
 from calibration.collect import QUANTIZABLE_OP_TYPES
 from calibration.errors import CalibrationError
 from calibration.onnx_io import save_model
-from calibration.ptq import apply_bias_corrections, bias_corrections
+from calibration.ptq import apply_bias_corrections, bias_corrections, correctable_nodes
 from calibration.qdq_insert import drop_unused_initializers, insert_qdq, quantize_weight
 from calibration.qdq_placement import PLACEMENTS, GraphIndex, Placement, name_nodes, plan_placement
 
@@ -114,7 +114,8 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
                  dedicated_pairs: bool = False,
                  bias_means: Optional[Mapping[str, np.ndarray]] = None,
                  weight_moments: Optional[Mapping[str, np.ndarray]] = None,
-                 rounded: Optional[Mapping[tuple[str, Optional[int]], np.ndarray]] = None) -> dict[str, Any]:
+                 rounded: Optional[Mapping[tuple[str, Optional[int]], np.ndarray]] = None,
+                 corrections: Optional[Mapping[str, np.ndarray]] = None) -> dict[str, Any]:
     """Write the Q/DQ model of ``onnx_path`` to ``out_path`` with activation ranges ``amax``
     (tensor name -> amax). Returns the placement summary (see :func:`placement_summary`).
 
@@ -148,8 +149,13 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     planned = {(w, a if per_channel else None) for _, _, w, a in plan.weights}
     if rounded is not None:
         rounded = {k: v for k, v in rounded.items() if k in planned}
-    corrections = {} if bias_means is None else bias_corrections(model, plan.weights, bias_means, per_channel,
-                                                                 rounded=rounded)
+    if bias_means is not None:
+        corrections = bias_corrections(model, plan.weights, bias_means, per_channel, rounded=rounded)
+    elif corrections is not None:
+        targets = correctable_nodes(model, plan.weights)
+        corrections = {n: np.asarray(c, dtype=np.float64) for n, c in corrections.items() if n in targets}
+    corrected = corrections is not None
+    corrections = corrections or {}
     changed = _changed_elements(model, rounded) if rounded else 0
     counts = insert_qdq(model, plan.edges, scales, plan.weights, per_channel=per_channel,
                         dedicated_pairs=dedicated_pairs, rounded=rounded)
@@ -163,7 +169,7 @@ def quantize_qdq(onnx_path: Union[str, Path], out_path: Union[str, Path], amax: 
     if rounded is not None:
         summary["weight_rounding"] = {"method": "gptq", "weights": len(rounded),
                                       "left_to_nearest": len(planned - set(rounded)), "elements_changed": changed}
-    if bias_means is not None:
+    if corrected:
         summary["bias_corrected"] = {n: round(float(np.abs(c).max()), 8) if c.size else 0.0
                                      for n, c in corrections.items()}
     return summary
@@ -190,6 +196,19 @@ def gptq_weights(onnx_path: Union[str, Path], moments: Mapping[str, np.ndarray],
     name_nodes(model)
     plan = plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
     return round_weights(model, plan.weights, moments, per_channel)
+
+
+def bias_correction_table(onnx_path: Union[str, Path], means: Mapping[str, np.ndarray],
+                          rounded: Optional[Mapping[tuple[str, Optional[int]], np.ndarray]] = None,
+                          placement: str = "tensorrt", op_types: Sequence[str] = QUANTIZABLE_OP_TYPES,
+                          per_channel: bool = True) -> dict[str, np.ndarray]:
+    """Bias correction per node (``{node: E[W_q x] - E[W x]}``) for every weight the full
+    placement quantizes, rounded as ``rounded`` says; what :func:`quantize_qdq`'s
+    ``corrections`` takes (a node's correction does not depend on which others are quantized)."""
+    model = _load(Path(onnx_path))
+    name_nodes(model)
+    plan = plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
+    return bias_corrections(model, plan.weights, means, per_channel, rounded=rounded)
 
 
 def weight_rounding_inputs(onnx_path: Union[str, Path], placement: str = "tensorrt",

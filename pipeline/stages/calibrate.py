@@ -37,7 +37,7 @@ Outputs (``out_dir``, replaced atomically as a whole):
   its scales are used as they are), ``MinMaxCalibration`` for minmax.
 * ``model.qdq.onnx``: the Q/DQ model (:mod:`calibration.qdq`).
 * ``ptq.npz`` (with bias correction or GPTQ on, SmoothQuant off): the rounded weights and the
-  input means (:mod:`calibration.ptq_file`), so that tune's candidates carry them.
+  bias corrections per node (:mod:`calibration.ptq_file`), so that tune's candidates carry them.
 * ``calibrate.json`` (a CalibrateReport): settings, samples, batches and their shapes,
   seconds by phase, peak RSS, the excluded tensors, a Q/DQ-vs-FP32 check on the first
   samples, and the sha256 of every input and output.
@@ -59,7 +59,8 @@ from calibration.errors import CalibrationError
 from calibration.onnx_io import consumers
 from calibration.ptq import clip_amax_bounds, input_means
 from calibration.ptq_file import PTQ_FILE, save_ptq
-from calibration.qdq import bias_correction_inputs, gptq_weights, quantize_qdq, weight_rounding_inputs
+from calibration.qdq import (bias_correction_inputs, bias_correction_table, gptq_weights, quantize_qdq,
+                             weight_rounding_inputs)
 from calibration.rules import get_rules, ranges_under
 
 from ..backends.trt_forward import resolve_forward
@@ -248,7 +249,7 @@ def _calibrate(cfg: Config, onnx_path: Path, model_path: Path, smoothing: Option
         # that model (not of a smoothed copy, whose weights and inputs are other tensors)
         ptq_file = PTQ_FILE if (means is not None or rounded is not None) and smoothing is None else None
         if ptq_file:
-            save_ptq(tmp / ptq_file, rounded, means)
+            save_ptq(tmp / ptq_file, rounded, None if means is None else bias_correction_table(model_path, means, rounded))
         check = _qdq_check(tmp / QDQ_FILE, first, reference)
         t_end = time.perf_counter()
         report = CalibrateReport(

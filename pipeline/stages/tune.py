@@ -158,7 +158,7 @@ def _sample_sets(cfg: Config, onnx_path: Path, samples: Any, reference: Path, se
 
 
 def _carried_ptq(cal: Any, calib_dir: Path) -> Any:
-    """Calibrate's weight-side PTQ (GPTQ's rounded weights, bias correction's means) that every
+    """Calibrate's weight-side PTQ (GPTQ's rounded weights, bias corrections) that every
     candidate and the result carry, read from its ``ptq.npz``."""
     from calibration.ptq_file import load_ptq
 
@@ -185,8 +185,8 @@ def _carried_ptq(cal: Any, calib_dir: Path) -> Any:
     if want and sha256_of(path) != want:
         raise ConfigError(f"{path}: changed since calibrate wrote it (sha256 differs from calibrate.json's); "
                           "re-run calibrate")
-    rounded, means = load_ptq(path)
-    return WeightPTQ(rounded=rounded, means=means)
+    rounded, corrections = load_ptq(path)
+    return WeightPTQ(rounded=rounded, corrections=corrections)
 
 
 def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir: Path, *,
@@ -224,7 +224,7 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
     with staging_dir(out_dir) as tmp, scratch_dir(out_dir) as scratch:
         budget, sets = _sample_sets(cfg, onnx_path, samples, scratch / "fp32.npz", search_idx, sens_idx, threads)
         placement = quantize_qdq(onnx_path, tmp / QDQ_FILE, amax, exclude_nodes=sorted(forced), rounded=ptq.rounded,
-                                 bias_means=ptq.means)
+                                 corrections=ptq.corrections)
         layers = find_layers(onnx_path, placement, list(t.op_types), {k: v[:1] for k, v in samples.x.items()}, forced)
         always = [layer.name for layer in layers if layer.forced_float]
         alternatives = {}
@@ -275,7 +275,7 @@ def tune(cfg: Config, onnx_path: Path, calib_dir: Path, eval_data: Path, out_dir
         final_amax = tuned_amax(amax, alternatives, minmax)
         changed = overrides(amax, alternatives, minmax)
         summary = quantize_qdq(onnx_path, tmp / QDQ_FILE, final_amax, exclude_nodes=sorted(kept_names),
-                               rounded=ptq.rounded, bias_means=ptq.means)
+                               rounded=ptq.rounded, corrections=ptq.corrections)
         write_json(tmp / "layer_precisions.json", pins)
         if (calib_dir / CACHE_FILE).is_file():  # calibrate's cache with the tuned ranges (implicit route)
             write_tuned_cache(calib_dir / CACHE_FILE, tmp / CACHE_FILE,

@@ -54,16 +54,16 @@ def tuned_amax(base: Mapping[str, float], alternatives: Mapping[str, Mapping[str
 @dataclass(frozen=True)
 class WeightPTQ:
     """What calibrate did to the weights that a Q/DQ model written later must repeat:
-    GPTQ's rounded weights (None: round to nearest) and bias correction's input means (None:
-    no correction); `note` says why it is not carried when it cannot be."""
+    GPTQ's rounded weights (None: round to nearest) and bias correction per node (None: no
+    correction); `note` says why it is not carried when it cannot be."""
 
     rounded: Optional[Mapping[tuple[str, Optional[int]], Any]] = None
-    means: Optional[Mapping[str, Any]] = None
+    corrections: Optional[Mapping[str, Any]] = None
     note: Optional[str] = None
 
     def describe(self) -> dict[str, Any]:
         return {"weight_rounding": "nearest" if self.rounded is None else "gptq",
-                "bias_correction": self.means is not None, "note": self.note}
+                "bias_correction": self.corrections is not None, "note": self.note}
 
 
 def write_candidate_qdq(onnx_path: Path, path: Path, amax: Mapping[str, float],
@@ -72,7 +72,7 @@ def write_candidate_qdq(onnx_path: Path, path: Path, amax: Mapping[str, float],
                         ptq: Optional[WeightPTQ] = None) -> dict[str, Any]:
     """A candidate's Q/DQ ONNX at `path`: the calibrate stage's ranges (the inputs of the
     `minmax` layers at max|x|), the kept and always-float layers left float, and calibrate's
-    weight-side PTQ (`ptq`: GPTQ's rounded weights, bias correction's means) on the layers it
+    weight-side PTQ (`ptq`: GPTQ's rounded weights, bias corrections) on the layers it
     quantizes; returns quantize_qdq's placement summary. The model every route of a candidate
     runs: onnxruntime's simulation, and TensorRT's explicit (typed) build."""
     from calibration.qdq import quantize_qdq
@@ -80,7 +80,7 @@ def write_candidate_qdq(onnx_path: Path, path: Path, amax: Mapping[str, float],
     ptq = ptq or WeightPTQ()
     return quantize_qdq(Path(onnx_path), Path(path), tuned_amax(amax, alternatives, minmax),
                         exclude_nodes=sorted(set(kept) | set(always_float)), rounded=ptq.rounded,
-                        bias_means=ptq.means)
+                        corrections=ptq.corrections)
 
 
 

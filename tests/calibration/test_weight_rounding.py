@@ -288,3 +288,28 @@ def test_an_input_with_sentinels_leaves_its_weight_to_nearest(small, tmp_path):
     summary = quantize_qdq(path, tmp_path / "q.onnx", {t: 4.0 for t in ("x", "r", "f", "g", "b")},
                            weight_moments=moments)
     assert summary["weight_rounding"]["weights"] == 0 and summary["weight_rounding"]["left_to_nearest"] == 4
+
+
+def test_a_correction_table_made_once_equals_the_means_applied_per_placement(small, tmp_path):
+    """tune writes candidates from calibrate's per-node corrections; they must equal what the
+    input means give for any set of quantized nodes."""
+    import onnx
+
+    from calibration.ptq import input_means
+    from calibration.qdq import bias_correction_inputs, bias_correction_table, gptq_weights
+
+    path, x = small
+    model, nodes = weight_rounding_inputs(path)
+    batches = lambda: ({"x": x[i:i + 8]} for i in range(0, 24, 8))  # noqa: E731
+    moments = second_moments(model, batches(), nodes)
+    means = input_means(onnx.load(str(path)), batches(), bias_correction_inputs(path))
+    rounded = gptq_weights(path, moments)
+    table = bias_correction_table(path, means, rounded)
+    amax = {t: 4.0 for t in ("x", "r", "f", "g", "a", "b", "p")}
+    for exclude in ([], ["conv_dw"], ["conv_a", "matmul"]):
+        a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+        sa = quantize_qdq(path, a, amax, exclude_nodes=exclude, rounded=rounded, bias_means=means)
+        sb = quantize_qdq(path, b, amax, exclude_nodes=exclude, rounded=rounded, corrections=table)
+        assert sa["bias_corrected"] == sb["bias_corrected"] and not set(exclude) & set(sb["bias_corrected"])
+        ia, ib = (({i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer}) for p in (a, b))
+        assert ia.keys() == ib.keys() and all(np.array_equal(ia[k], ib[k]) for k in ia)

@@ -50,8 +50,10 @@ def test_calibrate_writes_its_weight_ptq_and_tune_carries_it_into_the_result(cal
     cfg, d = calibrated
     report = json.loads((d / "calibrate" / "calibrate.json").read_text())
     assert report["qdq"]["ptq_file"] == "ptq.npz" and "ptq.npz" in report["sha256"]
-    rounded, means = load_ptq(d / "calibrate" / "ptq.npz")
-    assert rounded and means
+    rounded, corrections = load_ptq(d / "calibrate" / "ptq.npz")
+    assert rounded and corrections
+    # the corrections are per output channel (a few numbers a node), the rounded weights int8
+    assert all(c.ndim == 1 for c in corrections.values()) and all(q.dtype == np.int8 for q in rounded.values())
     fp32 = _inits(d / "export" / "model.onnx")
     assert any(not np.array_equal(q, quantize_weight(fp32[w], a)[0]) for (w, a), q in rounded.items())
 
@@ -79,7 +81,7 @@ def test_a_candidate_keeps_its_kept_layers_float_and_uncorrected(calibrated, tmp
     from pipeline.tuning.methods import WeightPTQ, write_candidate_qdq
 
     _, d = calibrated
-    rounded, means = load_ptq(d / "calibrate" / "ptq.npz")
+    rounded, corrections = load_ptq(d / "calibrate" / "ptq.npz")
     import json
 
     amax = {k: v["amax"] for k, v in json.loads((d / "calibrate" / "ranges.json").read_text())["tensors"].items()}
@@ -87,7 +89,7 @@ def test_a_candidate_keeps_its_kept_layers_float_and_uncorrected(calibrated, tmp
     keep = next(iter(nodes))  # the first Conv
     path = tmp_path / "candidate.qdq.onnx"
     summary = write_candidate_qdq(d / "export" / "model.onnx", path, amax, {}, [keep], (), (),
-                                  WeightPTQ(rounded=rounded, means=means))
+                                  WeightPTQ(rounded=rounded, corrections=corrections))
     got, fp32 = _inits(path), _inits(d / "export" / "model.onnx")
     cand = _conv_gemm(path)
     assert cand[keep][1] == nodes[keep][1] and np.array_equal(got[cand[keep][1]], fp32[nodes[keep][1]])
@@ -133,7 +135,7 @@ def test_tune_says_why_it_cannot_carry_calibrates_weight_ptq(calibrated):
     assert "smooth_quant" in _carried_ptq(smoothed, d / "calibrate").note
     older = report.model_copy(update={"qdq": {k: v for k, v in report.qdq.items() if k != "ptq_file"}})
     ptq = _carried_ptq(older, d / "calibrate")
-    assert ptq.rounded is None and ptq.means is None and "re-run calibrate" in ptq.note
+    assert ptq.rounded is None and ptq.corrections is None and "re-run calibrate" in ptq.note
     plain = report.model_copy(update={"settings": {**report.settings, "bias_correction": False,
                                                    "weight_rounding": "nearest"}})
     assert _carried_ptq(plain, d / "calibrate").describe() == {"weight_rounding": "nearest", "bias_correction": False,
