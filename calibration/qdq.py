@@ -184,6 +184,14 @@ def _changed_elements(model: Any, rounded: Mapping[tuple[str, Optional[int]], np
                for (w, axis), q in rounded.items())
 
 
+def _full_plan(onnx_path: Union[str, Path], placement: str, op_types: Sequence[str]) -> tuple[Any, Placement]:
+    """The model (nodes named as :func:`quantize_qdq` names them) and its placement with nothing
+    excluded: what the weight-side PTQ is computed on once for every later placement."""
+    model = _load(Path(onnx_path))
+    name_nodes(model)
+    return model, plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
+
+
 def gptq_weights(onnx_path: Union[str, Path], moments: Mapping[str, np.ndarray], placement: str = "tensorrt",
                  op_types: Sequence[str] = QUANTIZABLE_OP_TYPES,
                  per_channel: bool = True) -> dict[tuple[str, Optional[int]], np.ndarray]:
@@ -192,9 +200,7 @@ def gptq_weights(onnx_path: Union[str, Path], moments: Mapping[str, np.ndarray],
     takes, for this model with any nodes excluded."""
     from calibration.rounding import round_weights
 
-    model = _load(Path(onnx_path))
-    name_nodes(model)
-    plan = plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
+    model, plan = _full_plan(onnx_path, placement, op_types)
     return round_weights(model, plan.weights, moments, per_channel)
 
 
@@ -205,9 +211,7 @@ def bias_correction_table(onnx_path: Union[str, Path], means: Mapping[str, np.nd
     """Bias correction per node (``{node: E[W_q x] - E[W x]}``) for every weight the full
     placement quantizes, rounded as ``rounded`` says; what :func:`quantize_qdq`'s
     ``corrections`` takes (a node's correction does not depend on which others are quantized)."""
-    model = _load(Path(onnx_path))
-    name_nodes(model)
-    plan = plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
+    model, plan = _full_plan(onnx_path, placement, op_types)
     return bias_corrections(model, plan.weights, means, per_channel, rounded=rounded)
 
 
@@ -218,9 +222,7 @@ def weight_rounding_inputs(onnx_path: Union[str, Path], placement: str = "tensor
     :func:`calibration.rounding.second_moments` needs."""
     from calibration.rounding import roundable
 
-    model = _load(Path(onnx_path))
-    name_nodes(model)
-    plan = plan_placement(model, rules=placement, op_types=op_types, index=GraphIndex.build(model))
+    model, plan = _full_plan(onnx_path, placement, op_types)
     return model, roundable(model, plan.weights)
 
 

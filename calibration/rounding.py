@@ -206,7 +206,7 @@ def gptq_rows(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = DAM
     return out.astype(np.int8)
 
 
-def _rows(w: np.ndarray, node: Any, axis: Optional[int]) -> tuple[np.ndarray, Any]:
+def _rows(w: np.ndarray, node: Any) -> tuple[np.ndarray, Any]:
     """The weight as ``(R, D)`` rows (one per output channel) and how to put rows back."""
     if node.op_type == "Conv":
         return w.reshape(w.shape[0], -1), lambda q: q.reshape(w.shape)
@@ -251,7 +251,7 @@ def round_weights(model: Any, weights: Sequence[tuple[str, int, str, Optional[in
             continue  # NaN/Inf in the weight: quantize_qdq names it in one line
         if not np.all(np.isfinite(h)):
             continue
-        rows, back = _rows(w, node, axis)
+        rows, back = _rows(w, node)
         if node.op_type == "Conv" and h.shape[0] > 1:
             h = np.repeat(h, rows.shape[0] // h.shape[0], axis=0)  # a group's rows share its H
         if h.shape[-1] != rows.shape[1]:
